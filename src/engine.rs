@@ -1,0 +1,558 @@
+//! The decision loop: handle, hold, defer or dead-letter each delivery.
+//!
+//! One task owns all state (the hold, the per-key lanes, the counters), so decisions need no
+//! locks and happen in a well-defined order. Handlers and broker settlements run in spawned
+//! tasks and report back to the loop. The loop knows nothing of AMQP: it speaks the
+//! [`Transport`] seam only.
+//!
+//! A *lane* is the queue of a known key: messages of one key run one at a time, in order.
+//! Lanes with work wait in `runnable` for one of the `concurrency` handler slots.
+
+use std::collections::{HashMap, VecDeque};
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+
+use futures::FutureExt;
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::{Id, JoinSet};
+use tokio::time::Instant;
+
+use crate::consumer::{Config, Key, Report};
+use crate::error::{Error, HandlerError};
+use crate::event::{Decision, DeferCause, Event};
+use crate::hold::Hold;
+use crate::retry::seed_of;
+use crate::transport::{
+    DeadLetter, DeadLetterKind, Delivery, DeliveryId, Settle, Source, Transport,
+};
+
+/// A decoded message on its way through the engine.
+struct Pending<M> {
+    id: DeliveryId,
+    msg: M,
+    attempt: u32,
+    max_attempts: Option<u32>,
+    message_id: Option<String>,
+    seed: u64,
+    held_at: Option<Instant>,
+}
+
+struct Lane<M> {
+    queue: VecDeque<Pending<M>>,
+    running: bool,
+    runnable: bool,
+}
+
+impl<M> Default for Lane<M> {
+    fn default() -> Self {
+        Self {
+            queue: VecDeque::new(),
+            running: false,
+            runnable: false,
+        }
+    }
+}
+
+pub(crate) struct Engine<K, M, T> {
+    cfg: Arc<Config<K, M>>,
+    transport: Arc<T>,
+    wake_rx: mpsc::UnboundedReceiver<K>,
+    hold: Hold<K, Pending<M>>,
+    lanes: HashMap<K, Lane<M>>,
+    runnable: VecDeque<K>,
+    /// Messages in lanes, not yet running.
+    queued: usize,
+    handlers: JoinSet<Event<K>>,
+    handler_lanes: HashMap<Id, K>,
+    settles: JoinSet<Event<K>>,
+    report: Report,
+}
+
+impl<K: Key, M: Send + 'static, T: Transport> Engine<K, M, T> {
+    pub(crate) fn new(
+        cfg: Arc<Config<K, M>>,
+        transport: Arc<T>,
+        wake_rx: mpsc::UnboundedReceiver<K>,
+    ) -> Self {
+        let budget = cfg.budget;
+        Self {
+            cfg,
+            transport,
+            wake_rx,
+            hold: Hold::new(budget),
+            lanes: HashMap::new(),
+            runnable: VecDeque::new(),
+            queued: 0,
+            handlers: JoinSet::new(),
+            handler_lanes: HashMap::new(),
+            settles: JoinSet::new(),
+            report: Report::default(),
+        }
+    }
+
+    pub(crate) async fn run(
+        mut self,
+        shutdown: impl Future<Output = ()> + Send,
+    ) -> Result<Report, Error<T::Error>> {
+        let (tx, mut inbox) = mpsc::channel(1);
+        let (stop_tx, stop_rx) = oneshot::channel();
+        let pump = tokio::spawn(pump(Arc::clone(&self.transport), tx, stop_rx));
+        tokio::pin!(shutdown);
+        // Stop taking deliveries while this many are already waiting for a handler slot.
+        let backlog = self.cfg.concurrency.saturating_mul(4).max(16);
+        let mut failure = None;
+        loop {
+            let deadline = self.hold.next_deadline();
+            tokio::select! {
+                biased;
+                () = &mut shutdown => break,
+                Some(key) = self.wake_rx.recv() => self.release(&key),
+                Some(done) = self.handlers.join_next_with_id(), if !self.handlers.is_empty() => {
+                    self.handler_done(done);
+                }
+                Some(done) = self.settles.join_next(), if !self.settles.is_empty() => {
+                    if let Ok(event) = done { self.emit(event); }
+                }
+                () = sleep_until_opt(deadline), if deadline.is_some() => self.expire(),
+                got = inbox.recv(), if self.queued < backlog => match got {
+                    Some(Ok(Some(d))) => self.on_delivery(d),
+                    Some(Ok(None)) | None => break,
+                    Some(Err(e)) => { failure = Some(e); break; }
+                },
+            }
+            self.start_runnable();
+        }
+        // Stop taking deliveries; give back what the pump had taken.
+        let _ = stop_tx.send(());
+        inbox.close();
+        while let Some(got) = inbox.recv().await {
+            if let Ok(Some(d)) = got {
+                self.requeue_delivery(d);
+            }
+        }
+        let _ = pump.await;
+        // Let running handlers finish (they settle their own messages), start nothing new.
+        while let Some(done) = self.handlers.join_next_with_id().await {
+            self.handler_done(done);
+        }
+        // Give back every held or queued message.
+        for (key, p) in self.hold.drain() {
+            self.requeue(Some(key), p);
+        }
+        let lanes: Vec<_> = self.lanes.drain().collect();
+        for (key, lane) in lanes {
+            for p in lane.queue {
+                self.requeue(Some(key.clone()), p);
+            }
+        }
+        while let Some(done) = self.settles.join_next().await {
+            if let Ok(event) = done {
+                self.emit(event);
+            }
+        }
+        match failure {
+            Some(e) => Err(Error::Transport(e)),
+            None => Ok(self.report),
+        }
+    }
+
+    fn on_delivery(&mut self, d: Delivery) {
+        match d.source {
+            Source::Registration => self.on_registration(d),
+            Source::Message => self.on_message(d),
+        }
+    }
+
+    fn on_registration(&mut self, d: Delivery) {
+        let decoded = match &self.cfg.registration {
+            Some(decode) => decode(&d.body),
+            None => Err("this consumer has no registration decoder".to_owned()),
+        };
+        match decoded {
+            Ok(key) => {
+                self.cfg.keys.insert(key.clone());
+                self.report.registered += 1;
+                let event = self.event(d.id, d.message_id.clone(), Some(key.clone()), d.attempt);
+                self.emit(Event {
+                    decision: Decision::Registered,
+                    ..event.clone()
+                });
+                self.settle(event, Settle::Ack);
+                self.release(&key);
+            }
+            Err(reason) => self.dead_letter_undecodable(d, reason),
+        }
+    }
+
+    fn on_message(&mut self, d: Delivery) {
+        let msg = match (self.cfg.decode)(&d.body) {
+            Ok(m) => m,
+            Err(reason) => return self.dead_letter_undecodable(d, reason),
+        };
+        let key = (self.cfg.key)(&msg);
+        let message_id = self.cfg.id.as_ref().map(|f| f(&msg)).or(d.message_id);
+        let seed = message_id
+            .as_deref()
+            .map_or_else(|| seed_of(&d.body), |id| seed_of(id.as_bytes()));
+        let mut p = Pending {
+            id: d.id,
+            msg,
+            attempt: d.attempt,
+            max_attempts: d.max_attempts,
+            message_id,
+            seed,
+            held_at: None,
+        };
+        if self.cfg.keys.contains(&key) {
+            // A key inserted through a KeyHandle may not have woken its messages yet: they
+            // were received earlier, so they go first.
+            self.release(&key);
+            self.enqueue(key, p);
+        } else if self.hold.fits(d.body.len()) {
+            let now = Instant::now();
+            p.held_at = Some(now);
+            self.report.held += 1;
+            let event = self.pending_event(&p, Some(key.clone()), Decision::Held);
+            self.hold.insert(key, p, d.body.len(), now);
+            self.report.peak_held = self.report.peak_held.max(self.hold.len());
+            self.emit(event);
+        } else {
+            self.defer(key, p, DeferCause::HoldFull);
+        }
+    }
+
+    /// The key is known: move its held messages, in arrival order, to its lane.
+    fn release(&mut self, key: &K) {
+        let now = Instant::now();
+        for p in self.hold.take(key) {
+            let waited = p.held_at.map(|t| now - t).unwrap_or_default();
+            self.report.released += 1;
+            self.emit(self.pending_event(&p, Some(key.clone()), Decision::Released { waited }));
+            self.enqueue(key.clone(), p);
+        }
+    }
+
+    /// Held too long: defer the expired messages through the broker.
+    fn expire(&mut self) {
+        while let Some((key, p)) = self.hold.pop_expired(Instant::now()) {
+            self.defer(key, p, DeferCause::HoldExpired);
+        }
+    }
+
+    fn enqueue(&mut self, key: K, p: Pending<M>) {
+        let lane = self.lanes.entry(key.clone()).or_default();
+        lane.queue.push_back(p);
+        self.queued += 1;
+        if !lane.running && !lane.runnable {
+            lane.runnable = true;
+            self.runnable.push_back(key);
+        }
+    }
+
+    fn start_runnable(&mut self) {
+        while self.handlers.len() < self.cfg.concurrency {
+            let Some(key) = self.runnable.pop_front() else {
+                return;
+            };
+            let Some(lane) = self.lanes.get_mut(&key) else {
+                continue;
+            };
+            lane.runnable = false;
+            let Some(p) = lane.queue.pop_front() else {
+                continue;
+            };
+            lane.running = true;
+            self.queued -= 1;
+            let handle = self.handlers.spawn(handle(
+                Arc::clone(&self.cfg),
+                Arc::clone(&self.transport),
+                key.clone(),
+                p,
+            ));
+            self.handler_lanes.insert(handle.id(), key);
+        }
+    }
+
+    fn handler_done(&mut self, done: Result<(Id, Event<K>), tokio::task::JoinError>) {
+        let (id, event) = match done {
+            Ok((id, event)) => (id, Some(event)),
+            // The task itself cannot panic (the handler's panic is caught inside it); if it was
+            // cancelled, its message stays unsettled and the broker redelivers it.
+            Err(e) => (e.id(), None),
+        };
+        if let Some(event) = event {
+            self.emit(event);
+        }
+        let Some(key) = self.handler_lanes.remove(&id) else {
+            return;
+        };
+        if let Some(lane) = self.lanes.get_mut(&key) {
+            lane.running = false;
+            if lane.queue.is_empty() {
+                self.lanes.remove(&key);
+            } else if !lane.runnable {
+                lane.runnable = true;
+                self.runnable.push_back(key);
+            }
+        }
+    }
+
+    /// Defer through the broker by the policy, or dead-letter if it gives up.
+    fn defer(&mut self, key: K, p: Pending<M>, cause: DeferCause) {
+        let (settle, decision) = defer_decision(&self.cfg, &key, &p, cause, None);
+        let event = self.pending_event(&p, Some(key), decision);
+        self.settle(event.clone(), settle);
+    }
+
+    fn dead_letter_undecodable(&mut self, d: Delivery, reason: String) {
+        let dl = DeadLetter {
+            kind: DeadLetterKind::Undecodable,
+            reason,
+            attempts: d.attempt,
+        };
+        let event = self.event(d.id, d.message_id, None, d.attempt);
+        self.settle(event, Settle::DeadLetter(dl));
+    }
+
+    fn requeue_delivery(&mut self, d: Delivery) {
+        let event = self.event(d.id, d.message_id, None, d.attempt);
+        self.settle(event, Settle::Requeue);
+    }
+
+    fn requeue(&mut self, key: Option<K>, p: Pending<M>) {
+        let event = self.pending_event(&p, key, Decision::Requeued);
+        self.settle(event, Settle::Requeue);
+    }
+
+    /// Carry out `settle` in a task; emit `event` (with the decision matching `settle`) once
+    /// the transport confirmed it, or a `SettleFailed` event if it did not.
+    fn settle(&mut self, mut event: Event<K>, settle: Settle) {
+        event.decision = decision_for(&settle, event.decision);
+        let transport = Arc::clone(&self.transport);
+        self.settles
+            .spawn(async move { settle_with(&*transport, event, settle).await });
+    }
+
+    fn event(
+        &self,
+        delivery: DeliveryId,
+        message_id: Option<String>,
+        key: Option<K>,
+        attempt: u32,
+    ) -> Event<K> {
+        Event {
+            at: Instant::now(),
+            delivery,
+            message_id,
+            key,
+            attempt,
+            decision: Decision::Requeued,
+        }
+    }
+
+    fn pending_event(&self, p: &Pending<M>, key: Option<K>, decision: Decision) -> Event<K> {
+        Event {
+            decision,
+            ..self.event(p.id, p.message_id.clone(), key, p.attempt)
+        }
+    }
+
+    fn emit(&mut self, event: Event<K>) {
+        match &event.decision {
+            Decision::Handled => self.report.handled += 1,
+            Decision::Deferred { .. } => self.report.deferred += 1,
+            Decision::DeadLettered(_) => self.report.dead_lettered += 1,
+            Decision::Requeued => self.report.requeued += 1,
+            Decision::SettleFailed { .. } => self.report.settle_failures += 1,
+            Decision::Registered | Decision::Held | Decision::Released { .. } => {}
+        }
+        trace(&event);
+        if let Some(observer) = &self.cfg.observer {
+            observer(&event);
+        }
+    }
+}
+
+/// The decision that a `settle` carries out, for its event.
+fn decision_for(settle: &Settle, planned: Decision) -> Decision {
+    match settle {
+        Settle::Ack => planned,
+        Settle::Defer { .. } => planned,
+        Settle::DeadLetter(dl) => Decision::DeadLettered(dl.clone()),
+        Settle::Requeue => Decision::Requeued,
+    }
+}
+
+async fn settle_with<K, T: Transport>(
+    transport: &T,
+    mut event: Event<K>,
+    settle: Settle,
+) -> Event<K> {
+    if let Err(e) = transport.settle(event.delivery, settle).await {
+        event.decision = Decision::SettleFailed {
+            error: e.to_string(),
+        };
+    }
+    event.at = Instant::now();
+    event
+}
+
+/// Run the handler for one message and settle it by the outcome.
+async fn handle<K: Key, M: Send + 'static, T: Transport>(
+    cfg: Arc<Config<K, M>>,
+    transport: Arc<T>,
+    key: K,
+    p: Pending<M>,
+) -> Event<K> {
+    let Pending {
+        id,
+        msg,
+        attempt,
+        max_attempts,
+        ref message_id,
+        seed,
+        held_at,
+    } = p;
+    let outcome = match std::panic::catch_unwind(AssertUnwindSafe(|| (cfg.handler)(msg))) {
+        Ok(fut) => AssertUnwindSafe(fut)
+            .catch_unwind()
+            .await
+            .unwrap_or_else(|_| Err(HandlerError::retry("handler panicked"))),
+        Err(_) => Err(HandlerError::retry("handler panicked")),
+    };
+    let stub = Pending {
+        id,
+        msg: (),
+        attempt,
+        max_attempts,
+        message_id: message_id.clone(),
+        seed,
+        held_at,
+    };
+    let (settle, decision) = match outcome {
+        Ok(()) => (Settle::Ack, Decision::Handled),
+        Err(HandlerError::Retry(e)) => {
+            defer_decision(&cfg, &key, &stub, DeferCause::HandlerRetry, Some(e))
+        }
+        Err(HandlerError::Permanent(e)) => {
+            let dl = DeadLetter {
+                kind: DeadLetterKind::Rejected,
+                reason: e,
+                attempts: attempt,
+            };
+            (Settle::DeadLetter(dl.clone()), Decision::DeadLettered(dl))
+        }
+    };
+    let event = Event {
+        at: Instant::now(),
+        delivery: id,
+        message_id: stub.message_id,
+        key: Some(key),
+        attempt,
+        decision,
+    };
+    settle_with(&*transport, event, settle).await
+}
+
+/// Defer by the policy, or dead-letter once it (or the message's own limit) gives up.
+///
+/// A message's own limit (`max_attempts`, e.g. the `x-retry-limit` header) overrides the
+/// policy's; past the policy's last attempt, its last delay repeats.
+fn defer_decision<K: Key, M, X>(
+    cfg: &Config<K, M>,
+    key: &K,
+    p: &Pending<X>,
+    cause: DeferCause,
+    last_error: Option<String>,
+) -> (Settle, Decision) {
+    let next = p.attempt.saturating_add(1);
+    let policy_max = cfg.policy.max_attempts();
+    let limit = p.max_attempts.unwrap_or(policy_max);
+    let delay = if next <= limit && p.attempt < u32::MAX {
+        cfg.policy.delay_for(next.min(policy_max), p.seed)
+    } else {
+        None
+    };
+    match delay {
+        Some(delay) => (
+            Settle::Defer {
+                delay,
+                attempt: next,
+            },
+            Decision::Deferred { delay, cause },
+        ),
+        None => {
+            let dl = match last_error {
+                Some(e) => DeadLetter {
+                    kind: DeadLetterKind::RetriesExhausted,
+                    reason: format!("handler still failing after {} deferrals: {e}", p.attempt),
+                    attempts: p.attempt,
+                },
+                None => DeadLetter {
+                    kind: DeadLetterKind::KeyNeverArrived,
+                    reason: format!(
+                        "prerequisite key {key:?} still unknown after {} deferrals",
+                        p.attempt
+                    ),
+                    attempts: p.attempt,
+                },
+            };
+            (Settle::DeadLetter(dl.clone()), Decision::DeadLettered(dl))
+        }
+    }
+}
+
+/// Take deliveries from the transport and pass them to the loop, until told to stop. A delivery
+/// the loop no longer accepts goes back to the transport.
+async fn pump<T: Transport>(
+    transport: Arc<T>,
+    tx: mpsc::Sender<Result<Option<Delivery>, T::Error>>,
+    mut stop: oneshot::Receiver<()>,
+) {
+    loop {
+        let got = tokio::select! {
+            biased;
+            _ = &mut stop => return,
+            got = transport.recv() => got,
+        };
+        let last = !matches!(got, Ok(Some(_)));
+        if let Err(mpsc::error::SendError(Ok(Some(d)))) = tx.send(got).await {
+            let _ = transport.settle(d.id, Settle::Requeue).await;
+            return;
+        }
+        if last {
+            return;
+        }
+    }
+}
+
+async fn sleep_until_opt(deadline: Option<Instant>) {
+    match deadline {
+        Some(t) => tokio::time::sleep_until(t).await,
+        None => std::future::pending().await,
+    }
+}
+
+fn trace<K: Key>(e: &Event<K>) {
+    let key = e.key.as_ref().map(|k| format!("{k:?}"));
+    let id = e.message_id.as_deref();
+    match &e.decision {
+        Decision::DeadLettered(dl) => tracing::warn!(
+            target: "prereq", delivery = e.delivery.0, message_id = id, key, attempt = e.attempt,
+            reason_kind = dl.kind.as_str(), reason = %dl.reason, "dead-lettered"
+        ),
+        Decision::SettleFailed { error } => tracing::warn!(
+            target: "prereq", delivery = e.delivery.0, message_id = id, key, attempt = e.attempt,
+            %error, "settle failed; the broker will redeliver"
+        ),
+        Decision::Deferred { delay, cause } => tracing::info!(
+            target: "prereq", delivery = e.delivery.0, message_id = id, key, attempt = e.attempt,
+            delay_ms = delay.as_millis() as u64, cause = ?cause, "deferred"
+        ),
+        other => tracing::debug!(
+            target: "prereq", delivery = e.delivery.0, message_id = id, key, attempt = e.attempt,
+            decision = ?other, "decided"
+        ),
+    }
+}

@@ -1,0 +1,385 @@
+//! An in-memory broker and its transport: test your services (and prereq's engine) without
+//! RabbitMQ, under tokio's paused clock.
+//!
+//! It behaves like a broker where it matters to prereq:
+//! - one FIFO queue carrying both messages and registrations, in publish order;
+//! - an optional prefetch: at most that many unsettled deliveries per transport;
+//! - deferred copies wait on tokio time, then join the back of the queue;
+//! - unsettled deliveries go back to the front of the queue, marked redelivered, when their
+//!   transport is dropped (a consumer that goes away loses nothing);
+//! - dead letters are kept in a list with their reasons.
+//!
+//! ```
+//! use prereq::memory::MemoryBroker;
+//! use prereq::transport::{Transport, Settle};
+//!
+//! # #[tokio::main(flavor = "current_thread")] async fn main() {
+//! let broker = MemoryBroker::new();
+//! broker.publish(br#"{"id":1}"#.to_vec());
+//! let transport = broker.transport();
+//! let d = transport.recv().await.unwrap().unwrap();
+//! transport.settle(d.id, Settle::Ack).await.unwrap();
+//! assert_eq!(broker.stats().acked, 1);
+//! # }
+//! ```
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+use crate::transport::{DeadLetter, Delivery, DeliveryId, Settle, Source, Transport};
+
+/// A message as stored by the in-memory broker.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Stored {
+    /// Message or registration.
+    pub source: Source,
+    /// The body.
+    pub body: Vec<u8>,
+    /// Deferrals so far.
+    pub attempt: u32,
+    /// The per-message limit on deferrals, if any.
+    pub max_attempts: Option<u32>,
+    /// The message id, if any.
+    pub message_id: Option<String>,
+    /// Delivered before and not settled.
+    pub redelivered: bool,
+}
+
+impl Stored {
+    /// A new dependent message with this body.
+    pub fn message(body: impl Into<Vec<u8>>) -> Self {
+        Self {
+            source: Source::Message,
+            body: body.into(),
+            attempt: 0,
+            max_attempts: None,
+            message_id: None,
+            redelivered: false,
+        }
+    }
+
+    /// A new registration with this body.
+    pub fn registration(body: impl Into<Vec<u8>>) -> Self {
+        Self {
+            source: Source::Registration,
+            ..Self::message(body)
+        }
+    }
+
+    /// With this message id.
+    pub fn with_id(mut self, id: impl Into<String>) -> Self {
+        self.message_id = Some(id.into());
+        self
+    }
+
+    /// With this per-message deferral limit.
+    pub fn with_max_attempts(mut self, n: u32) -> Self {
+        self.max_attempts = Some(n);
+        self
+    }
+}
+
+/// A dead-lettered message and why.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DeadLettered {
+    /// The message as it was delivered.
+    pub message: Stored,
+    /// The reason.
+    pub dead_letter: DeadLetter,
+}
+
+/// Counters of what the broker did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Messages and registrations published from outside.
+    pub published: u64,
+    /// Deliveries handed to transports (redeliveries included).
+    pub delivered: u64,
+    /// Deliveries acknowledged.
+    pub acked: u64,
+    /// Delayed copies stored (broker re-publishes).
+    pub deferred: u64,
+    /// Messages dead-lettered.
+    pub dead_lettered: u64,
+    /// Deliveries given back (requeue or a transport dropped).
+    pub requeued: u64,
+}
+
+#[derive(Default)]
+struct State {
+    ready: VecDeque<Stored>,
+    delayed: BTreeMap<(Instant, u64), Stored>,
+    unacked: BTreeMap<u64, (u64, Stored)>,
+    dead: Vec<DeadLettered>,
+    stats: Stats,
+    next_id: u64,
+    next_transport: u64,
+    closed: bool,
+}
+
+impl State {
+    /// Move the delayed copies that are due into the ready queue.
+    fn promote_due(&mut self, now: Instant) {
+        while let Some(entry) = self.delayed.first_entry() {
+            if entry.key().0 > now {
+                break;
+            }
+            self.ready.push_back(entry.remove());
+        }
+    }
+
+    fn unacked_of(&self, transport: u64) -> usize {
+        self.unacked
+            .values()
+            .filter(|(t, _)| *t == transport)
+            .count()
+    }
+}
+
+struct Shared {
+    state: Mutex<State>,
+    changed: Notify,
+}
+
+/// The in-memory broker. Clones share the same queues.
+#[derive(Clone)]
+pub struct MemoryBroker {
+    shared: Arc<Shared>,
+    prefetch: Option<usize>,
+}
+
+impl Default for MemoryBroker {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl std::fmt::Debug for MemoryBroker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MemoryBroker")
+            .field("stats", &self.stats())
+            .finish_non_exhaustive()
+    }
+}
+
+impl MemoryBroker {
+    /// An empty broker with no prefetch limit.
+    pub fn new() -> Self {
+        Self {
+            shared: Arc::new(Shared {
+                state: Mutex::new(State::default()),
+                changed: Notify::new(),
+            }),
+            prefetch: None,
+        }
+    }
+
+    /// Transports made from now on hold at most `n` unsettled deliveries each (like AMQP
+    /// `basic.qos`).
+    pub fn with_prefetch(mut self, n: usize) -> Self {
+        self.prefetch = Some(n);
+        self
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.shared
+            .state
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Publish a stored message (a message or a registration).
+    pub fn publish_stored(&self, message: Stored) {
+        let mut s = self.lock();
+        s.stats.published += 1;
+        s.ready.push_back(message);
+        drop(s);
+        self.shared.changed.notify_waiters();
+    }
+
+    /// Publish a dependent message with this body.
+    pub fn publish(&self, body: impl Into<Vec<u8>>) {
+        self.publish_stored(Stored::message(body));
+    }
+
+    /// Publish a registration with this body.
+    pub fn register(&self, body: impl Into<Vec<u8>>) {
+        self.publish_stored(Stored::registration(body));
+    }
+
+    /// A transport (a consumer's connection) on this broker.
+    pub fn transport(&self) -> MemoryTransport {
+        let id = {
+            let mut s = self.lock();
+            s.next_transport += 1;
+            s.next_transport
+        };
+        MemoryTransport {
+            broker: self.clone(),
+            id,
+        }
+    }
+
+    /// Close the broker: transports' `recv` returns `Ok(None)` from now on.
+    pub fn close(&self) {
+        self.lock().closed = true;
+        self.shared.changed.notify_waiters();
+    }
+
+    /// The dead letters so far.
+    pub fn dead_letters(&self) -> Vec<DeadLettered> {
+        self.lock().dead.clone()
+    }
+
+    /// The counters so far.
+    pub fn stats(&self) -> Stats {
+        self.lock().stats
+    }
+
+    /// Messages waiting: ready, delayed, and delivered but unsettled.
+    pub fn pending(&self) -> usize {
+        let s = self.lock();
+        s.ready.len() + s.delayed.len() + s.unacked.len()
+    }
+}
+
+/// A consumer's connection to a [`MemoryBroker`]. Dropping it gives back every delivery it did
+/// not settle.
+pub struct MemoryTransport {
+    broker: MemoryBroker,
+    id: u64,
+}
+
+impl std::fmt::Debug for MemoryTransport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MemoryTransport")
+            .field("id", &self.id)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Errors of the in-memory transport.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum MemoryError {
+    /// The delivery is not (or no longer) held by this transport.
+    #[error("unknown delivery {0:?}")]
+    UnknownDelivery(DeliveryId),
+}
+
+impl Drop for MemoryTransport {
+    fn drop(&mut self) {
+        let mut s = self.broker.lock();
+        let mine: Vec<u64> = s
+            .unacked
+            .iter()
+            .filter(|(_, (t, _))| *t == self.id)
+            .map(|(k, _)| *k)
+            .collect();
+        // Give back in delivery order, ahead of everything else, as a broker requeues.
+        for tag in mine.into_iter().rev() {
+            if let Some((_, mut m)) = s.unacked.remove(&tag) {
+                m.redelivered = true;
+                s.stats.requeued += 1;
+                s.ready.push_front(m);
+            }
+        }
+        drop(s);
+        self.broker.shared.changed.notify_waiters();
+    }
+}
+
+impl Transport for MemoryTransport {
+    type Error = MemoryError;
+
+    /// Cancel-safe: a delivery is taken from the queue only when it is returned.
+    async fn recv(&self) -> Result<Option<Delivery>, MemoryError> {
+        loop {
+            let changed = self.broker.shared.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            let next_due = {
+                let mut s = self.broker.lock();
+                if s.closed {
+                    return Ok(None);
+                }
+                s.promote_due(Instant::now());
+                let room = self
+                    .broker
+                    .prefetch
+                    .is_none_or(|p| s.unacked_of(self.id) < p);
+                if room {
+                    if let Some(m) = s.ready.pop_front() {
+                        s.next_id += 1;
+                        let tag = s.next_id;
+                        s.stats.delivered += 1;
+                        let d = Delivery {
+                            id: DeliveryId(tag),
+                            source: m.source,
+                            body: m.body.clone(),
+                            attempt: m.attempt,
+                            max_attempts: m.max_attempts,
+                            message_id: m.message_id.clone(),
+                            redelivered: m.redelivered,
+                        };
+                        s.unacked.insert(tag, (self.id, m));
+                        return Ok(Some(d));
+                    }
+                }
+                s.delayed.keys().next().map(|(due, _)| *due)
+            };
+            match next_due {
+                Some(due) => {
+                    tokio::select! {
+                        _ = changed => {}
+                        _ = tokio::time::sleep_until(due) => {}
+                    }
+                }
+                None => changed.await,
+            }
+        }
+    }
+
+    async fn settle(&self, id: DeliveryId, settle: Settle) -> Result<(), MemoryError> {
+        let mut s = self.broker.lock();
+        let (owner, mut m) = match s.unacked.remove(&id.0) {
+            Some(entry) if entry.0 == self.id => entry,
+            Some(entry) => {
+                s.unacked.insert(id.0, entry);
+                return Err(MemoryError::UnknownDelivery(id));
+            }
+            None => return Err(MemoryError::UnknownDelivery(id)),
+        };
+        debug_assert_eq!(owner, self.id);
+        match settle {
+            Settle::Ack => s.stats.acked += 1,
+            Settle::Defer { delay, attempt } => {
+                m.attempt = attempt;
+                m.redelivered = false;
+                s.stats.deferred += 1;
+                s.stats.acked += 1;
+                s.next_id += 1;
+                let seq = s.next_id;
+                s.delayed.insert((Instant::now() + delay, seq), m);
+            }
+            Settle::DeadLetter(dead_letter) => {
+                s.stats.dead_lettered += 1;
+                s.stats.acked += 1;
+                s.dead.push(DeadLettered {
+                    message: m,
+                    dead_letter,
+                });
+            }
+            Settle::Requeue => {
+                m.redelivered = true;
+                s.stats.requeued += 1;
+                s.ready.push_front(m);
+            }
+        }
+        drop(s);
+        self.broker.shared.changed.notify_waiters();
+        Ok(())
+    }
+}
