@@ -65,7 +65,8 @@ pub(crate) struct Engine<K, M, T> {
     queued: usize,
     handlers: JoinSet<Event<K>>,
     handler_lanes: HashMap<Id, K>,
-    settles: JoinSet<Event<K>>,
+    /// Settlements in flight; each yields the event to emit, if any.
+    settles: JoinSet<Option<Event<K>>>,
     report: Report,
 }
 
@@ -112,7 +113,7 @@ impl<K: Key, M: Send + 'static, T: Transport> Engine<K, M, T> {
                     self.handler_done(done);
                 }
                 Some(done) = self.settles.join_next(), if !self.settles.is_empty() => {
-                    if let Ok(event) = done { self.emit(event); }
+                    if let Ok(Some(event)) = done { self.emit(event); }
                 }
                 () = sleep_until_opt(deadline), if deadline.is_some() => self.expire(),
                 got = inbox.recv(), if self.queued < backlog => match got {
@@ -147,7 +148,7 @@ impl<K: Key, M: Send + 'static, T: Transport> Engine<K, M, T> {
             }
         }
         while let Some(done) = self.settles.join_next().await {
-            if let Ok(event) = done {
+            if let Ok(Some(event)) = done {
                 self.emit(event);
             }
         }
@@ -173,12 +174,16 @@ impl<K: Key, M: Send + 'static, T: Transport> Engine<K, M, T> {
             Ok(key) => {
                 self.cfg.keys.insert(key.clone());
                 self.report.registered += 1;
-                let event = self.event(d.id, d.message_id.clone(), Some(key.clone()), d.attempt);
-                self.emit(Event {
-                    decision: Decision::Registered,
-                    ..event.clone()
-                });
-                self.settle(event, Settle::Ack);
+                let event = self.event(
+                    d.id,
+                    d.message_id,
+                    Some(key.clone()),
+                    d.attempt,
+                    Decision::Registered,
+                );
+                self.emit(event.clone());
+                // The key is known from now on; the acknowledgement only reports failure.
+                self.settle_quietly(event, Settle::Ack);
                 self.release(&key);
             }
             Err(reason) => self.dead_letter_undecodable(d, reason),
@@ -311,12 +316,18 @@ impl<K: Key, M: Send + 'static, T: Transport> Engine<K, M, T> {
             reason,
             attempts: d.attempt,
         };
-        let event = self.event(d.id, d.message_id, None, d.attempt);
+        let event = self.event(
+            d.id,
+            d.message_id,
+            None,
+            d.attempt,
+            Decision::DeadLettered(dl.clone()),
+        );
         self.settle(event, Settle::DeadLetter(dl));
     }
 
     fn requeue_delivery(&mut self, d: Delivery) {
-        let event = self.event(d.id, d.message_id, None, d.attempt);
+        let event = self.event(d.id, d.message_id, None, d.attempt, Decision::Requeued);
         self.settle(event, Settle::Requeue);
     }
 
@@ -325,13 +336,21 @@ impl<K: Key, M: Send + 'static, T: Transport> Engine<K, M, T> {
         self.settle(event, Settle::Requeue);
     }
 
-    /// Carry out `settle` in a task; emit `event` (with the decision matching `settle`) once
-    /// the transport confirmed it, or a `SettleFailed` event if it did not.
-    fn settle(&mut self, mut event: Event<K>, settle: Settle) {
-        event.decision = decision_for(&settle, event.decision);
+    /// Carry out `settle` in a task; emit `event` once the transport confirmed it, or a
+    /// `SettleFailed` event if it did not.
+    fn settle(&mut self, event: Event<K>, settle: Settle) {
         let transport = Arc::clone(&self.transport);
         self.settles
-            .spawn(async move { settle_with(&*transport, event, settle).await });
+            .spawn(async move { Some(settle_with(&*transport, event, settle).await) });
+    }
+
+    /// Like [`Engine::settle`], but emit an event only if the transport failed.
+    fn settle_quietly(&mut self, event: Event<K>, settle: Settle) {
+        let transport = Arc::clone(&self.transport);
+        self.settles.spawn(async move {
+            let done = settle_with(&*transport, event, settle).await;
+            matches!(done.decision, Decision::SettleFailed { .. }).then_some(done)
+        });
     }
 
     fn event(
@@ -340,6 +359,7 @@ impl<K: Key, M: Send + 'static, T: Transport> Engine<K, M, T> {
         message_id: Option<String>,
         key: Option<K>,
         attempt: u32,
+        decision: Decision,
     ) -> Event<K> {
         Event {
             at: Instant::now(),
@@ -347,15 +367,12 @@ impl<K: Key, M: Send + 'static, T: Transport> Engine<K, M, T> {
             message_id,
             key,
             attempt,
-            decision: Decision::Requeued,
+            decision,
         }
     }
 
     fn pending_event(&self, p: &Pending<M>, key: Option<K>, decision: Decision) -> Event<K> {
-        Event {
-            decision,
-            ..self.event(p.id, p.message_id.clone(), key, p.attempt)
-        }
+        self.event(p.id, p.message_id.clone(), key, p.attempt, decision)
     }
 
     fn emit(&mut self, event: Event<K>) {
@@ -371,16 +388,6 @@ impl<K: Key, M: Send + 'static, T: Transport> Engine<K, M, T> {
         if let Some(observer) = &self.cfg.observer {
             observer(&event);
         }
-    }
-}
-
-/// The decision that a `settle` carries out, for its event.
-fn decision_for(settle: &Settle, planned: Decision) -> Decision {
-    match settle {
-        Settle::Ack => planned,
-        Settle::Defer { .. } => planned,
-        Settle::DeadLetter(dl) => Decision::DeadLettered(dl.clone()),
-        Settle::Requeue => Decision::Requeued,
     }
 }
 

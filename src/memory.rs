@@ -239,10 +239,19 @@ impl MemoryBroker {
         self.lock().stats
     }
 
-    /// Messages waiting: ready, delayed, and delivered but unsettled.
+    /// Messages and registrations waiting: ready, delayed, and delivered but unsettled.
     pub fn pending(&self) -> usize {
         let s = self.lock();
         s.ready.len() + s.delayed.len() + s.unacked.len()
+    }
+
+    /// Like [`MemoryBroker::pending`], counting only those from `source`.
+    pub fn pending_of(&self, source: Source) -> usize {
+        let s = self.lock();
+        let of = |m: &Stored| m.source == source;
+        s.ready.iter().filter(|m| of(m)).count()
+            + s.delayed.values().filter(|m| of(m)).count()
+            + s.unacked.values().filter(|(_, m)| of(m)).count()
     }
 }
 
