@@ -38,6 +38,16 @@ pub enum DeferCause {
     HandlerRetry,
 }
 
+impl fmt::Display for DeferCause {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::HoldFull => "hold full",
+            Self::HoldExpired => "key still unknown",
+            Self::HandlerRetry => "handler asked to retry",
+        })
+    }
+}
+
 /// The engine's decisions.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Decision {
@@ -86,14 +96,7 @@ impl<K: fmt::Debug> fmt::Display for Event<K> {
             Decision::Held => write!(f, "held (key unknown)"),
             Decision::Released { waited } => write!(f, "released after {waited:?}"),
             Decision::Handled => write!(f, "handled"),
-            Decision::Deferred { delay, cause } => {
-                let why = match cause {
-                    DeferCause::HoldFull => "hold full",
-                    DeferCause::HoldExpired => "key still unknown",
-                    DeferCause::HandlerRetry => "handler asked to retry",
-                };
-                write!(f, "deferred {delay:?} ({why})")
-            }
+            Decision::Deferred { delay, cause } => write!(f, "deferred {delay:?} ({cause})"),
             Decision::DeadLettered(dl) => write!(
                 f,
                 "dead-lettered ({}: {}) after {} attempts",

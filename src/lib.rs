@@ -34,3 +34,8 @@ pub use hold::HoldBudget;
 pub use keys::{KeyHandle, KeyStore, MemoryKeys};
 pub use retry::{Backoff, BackoffBuilder, BackoffError, Policy};
 pub use transport::{DeadLetter, DeadLetterKind, Delivery, DeliveryId, Settle, Source, Transport};
+
+/// The README's example is compiled and run as a doctest.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;

@@ -1,0 +1,160 @@
+//! The payment race on the in-memory broker, under tokio's paused clock: a minute of broker
+//! time runs in milliseconds, and the timeline is exactly the same on every run.
+//!
+//! `cargo run --example demo`
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use prereq::memory::{MemoryBroker, Stored};
+use prereq::{Backoff, Decision, DependentConsumer, Event, HandlerError, HoldBudget};
+use tokio::time::{Instant, sleep};
+
+#[derive(serde::Deserialize)]
+struct Payment {
+    id: String,
+    #[serde(rename = "clientId")]
+    client_id: u64,
+    value: f64,
+}
+
+#[derive(serde::Deserialize)]
+struct Client {
+    id: u64,
+}
+
+fn payment(id: &str, client: u64) -> Stored {
+    Stored::message(format!(
+        r#"{{"id":"{id}","clientId":{client},"value":10.5,"operationDate":"2026-11-26T10:00:00Z"}}"#
+    ))
+    .with_id(id)
+}
+
+fn client(id: u64) -> Stored {
+    Stored::registration(format!(r#"{{"id":{id},"name":"client {id}"}}"#))
+}
+
+#[tokio::main(flavor = "current_thread", start_paused = true)]
+async fn main() {
+    let broker = MemoryBroker::new();
+    let start = Instant::now();
+    let policy = Backoff::linear(Duration::from_secs(1))
+        .with_max_attempts(3)
+        .build()
+        .expect("a valid policy");
+    let budget = HoldBudget::default().with_max_time(Duration::from_secs(2));
+    println!(
+        "prereq demo: payments racing their clients (linear 1 s backoff, 3 attempts, hold 2 s)\n"
+    );
+    println!(
+        "{:>8}  {:<10} {:<8} {:<7} decision",
+        "time", "message", "client", "attempt"
+    );
+
+    let flaky_once = Arc::new(AtomicBool::new(true));
+    let consumer = DependentConsumer::<u64, Payment>::builder()
+        .key(|p: &Payment| p.client_id)
+        .id(|p: &Payment| p.id.clone())
+        .registrations(|c: &Client| c.id)
+        .policy(policy)
+        .budget(budget)
+        .handler(move |p: Payment| {
+            // p5's database is busy the first time: a retryable error.
+            let fail = p.id == "p5" && flaky_once.swap(false, Ordering::SeqCst);
+            async move {
+                if fail {
+                    return Err(HandlerError::retry("database busy"));
+                }
+                let _ = p.value;
+                Ok(())
+            }
+        })
+        .on_event(move |e: &Event<u64>| print_line(start, e))
+        .build()
+        .expect("a valid consumer");
+
+    let producer = {
+        let broker = broker.clone();
+        async move {
+            broker.publish_stored(payment("p1", 1)); // before its client
+            broker.publish_stored(client(2));
+            sleep(Duration::from_millis(200)).await;
+            broker.publish_stored(payment("p2", 2)); // after its client
+            broker.publish_stored(payment("p3", 3)); // client 3 never comes
+            broker.publish(b"{\"id\": \"p4\", \"clientId\": ".to_vec()); // malformed
+            broker.publish_stored(payment("p5", 2)); // fails once
+            broker.publish_stored(payment("p6", 4)); // client 4 comes late
+            sleep(Duration::from_millis(300)).await;
+            broker.publish_stored(client(1)); // p1 is released at once
+            sleep(Duration::from_millis(3500)).await;
+            broker.publish_stored(client(4)); // p6 was deferred once, then held again
+        }
+    };
+    let shutdown = {
+        let broker = broker.clone();
+        async move {
+            // Run until the broker is empty, checking once per virtual second.
+            loop {
+                sleep(Duration::from_secs(1)).await;
+                if broker.pending() == 0 {
+                    break;
+                }
+            }
+        }
+    };
+    let (report, ()) = tokio::join!(consumer.run(broker.transport(), shutdown), producer);
+    let report = report.expect("the in-memory transport does not fail");
+
+    println!(
+        "\nsummary after {:.1} s of broker time:",
+        start.elapsed().as_secs_f64()
+    );
+    println!(
+        "  handled {}, held {}, released {}, deferred {}, dead-lettered {}, peak held {}",
+        report.handled,
+        report.held,
+        report.released,
+        report.deferred,
+        report.dead_lettered,
+        report.peak_held
+    );
+    let stats = broker.stats();
+    println!(
+        "  broker: {} published, {} delayed re-publishes",
+        stats.published, stats.deferred
+    );
+    for dl in broker.dead_letters() {
+        let id = dl.message.message_id.as_deref().unwrap_or("(no id)");
+        println!(
+            "  dead letter {id}: {} — {} (after {} attempts)",
+            dl.dead_letter.kind, dl.dead_letter.reason, dl.dead_letter.attempts
+        );
+    }
+}
+
+fn print_line(start: Instant, e: &Event<u64>) {
+    let message = e.message_id.as_deref().unwrap_or(match e.decision {
+        Decision::Registered => "-",
+        _ => "(none)",
+    });
+    let client = e.key.map_or_else(|| "?".to_owned(), |k| k.to_string());
+    let decision = match &e.decision {
+        Decision::Registered => format!("client {client} registered"),
+        Decision::Held => "held: client unknown".to_owned(),
+        Decision::Released { waited } => format!("released after {waited:?}"),
+        Decision::Handled => "processed".to_owned(),
+        Decision::Deferred { delay, cause } => format!("deferred {delay:?} ({cause})"),
+        Decision::DeadLettered(dl) => format!("dead-lettered: {}: {}", dl.kind, dl.reason),
+        Decision::Requeued => "given back to the broker".to_owned(),
+        Decision::SettleFailed { error } => format!("settle failed: {error}"),
+    };
+    println!(
+        "{:>7.3}s  {:<10} {:<8} {:<7} {}",
+        (e.at - start).as_secs_f64(),
+        message,
+        client,
+        e.attempt,
+        decision
+    );
+}
