@@ -311,11 +311,7 @@ impl<K: Key, M: Send + 'static, T: Transport> Engine<K, M, T> {
     }
 
     fn dead_letter_undecodable(&mut self, d: Delivery, reason: String) {
-        let dl = DeadLetter {
-            kind: DeadLetterKind::Undecodable,
-            reason,
-            attempts: d.attempt,
-        };
+        let dl = dead_letter(DeadLetterKind::Undecodable, reason, d.attempt);
         let event = self.event(
             d.id,
             d.message_id,
@@ -385,6 +381,8 @@ impl<K: Key, M: Send + 'static, T: Transport> Engine<K, M, T> {
             Decision::Registered | Decision::Held | Decision::Released { .. } => {}
         }
         trace(&event);
+        #[cfg(feature = "metrics")]
+        crate::metrics::record(&event.decision, self.hold.len());
         if let Some(observer) = &self.cfg.observer {
             observer(&event);
         }
@@ -443,11 +441,7 @@ async fn handle<K: Key, M: Send + 'static, T: Transport>(
             defer_decision(&cfg, &key, &stub, DeferCause::HandlerRetry, Some(e))
         }
         Err(HandlerError::Permanent(e)) => {
-            let dl = DeadLetter {
-                kind: DeadLetterKind::Rejected,
-                reason: e,
-                attempts: attempt,
-            };
+            let dl = dead_letter(DeadLetterKind::Rejected, e, attempt);
             (Settle::DeadLetter(dl.clone()), Decision::DeadLettered(dl))
         }
     };
@@ -491,23 +485,60 @@ fn defer_decision<K: Key, M, X>(
         ),
         None => {
             let dl = match last_error {
-                Some(e) => DeadLetter {
-                    kind: DeadLetterKind::RetriesExhausted,
-                    reason: format!("handler still failing after {} deferrals: {e}", p.attempt),
-                    attempts: p.attempt,
-                },
-                None => DeadLetter {
-                    kind: DeadLetterKind::KeyNeverArrived,
-                    reason: format!(
+                Some(e) => dead_letter(
+                    DeadLetterKind::RetriesExhausted,
+                    format!("handler still failing after {} deferrals: {e}", p.attempt),
+                    p.attempt,
+                ),
+                None => dead_letter(
+                    DeadLetterKind::KeyNeverArrived,
+                    format!(
                         "prerequisite key {key:?} still unknown after {} deferrals",
                         p.attempt
                     ),
-                    attempts: p.attempt,
-                },
+                    p.attempt,
+                ),
             };
             (Settle::DeadLetter(dl.clone()), Decision::DeadLettered(dl))
         }
     }
+}
+
+/// The longest dead-letter reason, in bytes. A reason travels in a broker header and in log
+/// lines, and a decode error can quote a whole body (serde quotes the offending string): a
+/// 10 MB body must not make a 10 MB header, which the broker would refuse.
+pub(crate) const MAX_REASON: usize = 1024;
+
+/// A dead letter whose reason is at most [`MAX_REASON`] bytes: a longer one keeps its head and
+/// its tail (where a decode error says the line and column) around a note of what was cut.
+fn dead_letter(kind: DeadLetterKind, reason: String, attempts: u32) -> DeadLetter {
+    DeadLetter {
+        kind,
+        reason: bounded(reason),
+        attempts,
+    }
+}
+
+fn bounded(reason: String) -> String {
+    if reason.len() <= MAX_REASON {
+        return reason;
+    }
+    // " … (18446744073709551615 bytes cut) … " is at most 44 bytes.
+    let keep = MAX_REASON - 44;
+    let mut head = keep * 3 / 5;
+    while !reason.is_char_boundary(head) {
+        head -= 1;
+    }
+    let mut tail = reason.len() - (keep - head);
+    while !reason.is_char_boundary(tail) {
+        tail += 1;
+    }
+    format!(
+        "{} … ({} bytes cut) … {}",
+        &reason[..head],
+        tail - head,
+        &reason[tail..]
+    )
 }
 
 /// Take deliveries from the transport and pass them to the loop, until told to stop. A delivery

@@ -21,6 +21,8 @@ mod event;
 mod hold;
 pub mod keys;
 pub mod memory;
+#[cfg(feature = "metrics")]
+pub mod metrics;
 pub mod retry;
 pub mod transport;
 
