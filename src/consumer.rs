@@ -25,6 +25,11 @@ pub(crate) type Decode<T> = Arc<dyn Fn(&[u8]) -> Result<T, String> + Send + Sync
 pub(crate) type Handler<M> =
     Arc<dyn Fn(M) -> BoxFuture<'static, Result<(), HandlerError>> + Send + Sync>;
 pub(crate) type Observer<K> = Arc<dyn Fn(&Event<K>) + Send + Sync>;
+pub(crate) type KeyFn<M, K> = Arc<dyn Fn(&M) -> K + Send + Sync>;
+pub(crate) type IdFn<M> = Arc<dyn Fn(&M) -> String + Send + Sync>;
+
+/// How long shutdown waits for running handlers by default.
+pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 
 /// The default broker acknowledgement timeout (RabbitMQ's `consumer_timeout`, 30 minutes).
 pub const DEFAULT_ACK_TIMEOUT: Duration = Duration::from_secs(30 * 60);
@@ -32,8 +37,8 @@ pub const DEFAULT_ACK_TIMEOUT: Duration = Duration::from_secs(30 * 60);
 /// Everything the engine needs, fixed at build time.
 pub(crate) struct Config<K, M> {
     pub(crate) decode: Decode<M>,
-    pub(crate) key: Arc<dyn Fn(&M) -> K + Send + Sync>,
-    pub(crate) id: Option<Arc<dyn Fn(&M) -> String + Send + Sync>>,
+    pub(crate) key: KeyFn<M, K>,
+    pub(crate) id: Option<IdFn<M>>,
     pub(crate) registration: Option<Decode<K>>,
     pub(crate) handler: Handler<M>,
     pub(crate) policy: Arc<dyn Policy>,
@@ -41,6 +46,7 @@ pub(crate) struct Config<K, M> {
     pub(crate) concurrency: usize,
     pub(crate) observer: Option<Observer<K>>,
     pub(crate) keys: Arc<dyn KeyStore<K>>,
+    pub(crate) shutdown_grace: Duration,
 }
 
 /// Consumes messages of type `M` that may only be handled once their prerequisite key `K` is
@@ -153,6 +159,7 @@ impl<K: Key, M: Send + 'static> DependentConsumer<K, M> {
             observer: None,
             keys: Arc::new(MemoryKeys::new()),
             ack_timeout: DEFAULT_ACK_TIMEOUT,
+            shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
         }
     }
 
@@ -168,8 +175,9 @@ impl<K: Key, M: Send + 'static> DependentConsumer<K, M> {
 
     /// Consume from `transport` until `shutdown` completes or the transport closes.
     ///
-    /// On the way out: stop taking deliveries, let running handlers finish, give every held or
-    /// queued message back to the transport, and return what was done. On a transport error,
+    /// On the way out: stop taking deliveries, let running handlers finish (for up to the
+    /// shutdown grace), give every held or queued message back to the transport, and return
+    /// what was done. On a transport error,
     /// the same, then `Err`.
     pub async fn run<T, S>(self, transport: T, shutdown: S) -> Result<Report, Error<T::Error>>
     where
@@ -184,12 +192,12 @@ impl<K: Key, M: Send + 'static> DependentConsumer<K, M> {
 
 /// Builds a [`DependentConsumer`]. Defaults: the linear 1 s policy with 10 attempts,
 /// [`HoldBudget::default`], 8 concurrent handlers, an in-memory key store, no registrations
-/// stream, a broker acknowledgement timeout of 30 minutes.
+/// stream, a broker acknowledgement timeout of 30 minutes, a shutdown grace of 30 seconds.
 #[must_use = "call build()"]
 pub struct ConsumerBuilder<K, M> {
     decode: Decode<M>,
-    key: Option<Arc<dyn Fn(&M) -> K + Send + Sync>>,
-    id: Option<Arc<dyn Fn(&M) -> String + Send + Sync>>,
+    key: Option<KeyFn<M, K>>,
+    id: Option<IdFn<M>>,
     registration: Option<Decode<K>>,
     handler: Option<Handler<M>>,
     policy: Arc<dyn Policy>,
@@ -198,6 +206,7 @@ pub struct ConsumerBuilder<K, M> {
     observer: Option<Observer<K>>,
     keys: Arc<dyn KeyStore<K>>,
     ack_timeout: Duration,
+    shutdown_grace: Duration,
 }
 
 impl<K, M> fmt::Debug for ConsumerBuilder<K, M> {
@@ -295,6 +304,13 @@ impl<K: Key, M: Send + 'static> ConsumerBuilder<K, M> {
         self
     }
 
+    /// How long shutdown waits for running handlers (default 30 s). A handler still running
+    /// then is abandoned: its message stays unacknowledged, so the broker delivers it again.
+    pub fn shutdown_grace(mut self, grace: Duration) -> Self {
+        self.shutdown_grace = grace;
+        self
+    }
+
     /// Validate and build.
     pub fn build(self) -> Result<DependentConsumer<K, M>, BuildError> {
         let key = self.key.ok_or(BuildError::MissingKey)?;
@@ -317,6 +333,7 @@ impl<K: Key, M: Send + 'static> ConsumerBuilder<K, M> {
                 concurrency: self.concurrency,
                 observer: self.observer,
                 keys: self.keys,
+                shutdown_grace: self.shutdown_grace,
             }),
             wake_tx,
             wake_rx,

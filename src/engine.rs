@@ -134,8 +134,27 @@ impl<K: Key, M: Send + 'static, T: Transport> Engine<K, M, T> {
         }
         let _ = pump.await;
         // Let running handlers finish (they settle their own messages), start nothing new.
-        while let Some(done) = self.handlers.join_next_with_id().await {
-            self.handler_done(done);
+        let grace = tokio::time::sleep(self.cfg.shutdown_grace);
+        tokio::pin!(grace);
+        loop {
+            tokio::select! {
+                done = self.handlers.join_next_with_id() => match done {
+                    Some(done) => self.handler_done(done),
+                    None => break,
+                },
+                () = &mut grace => {
+                    tracing::warn!(
+                        target: "prereq",
+                        running = self.handlers.len(),
+                        "shutdown grace over: abandoning running handlers; the broker redelivers their messages"
+                    );
+                    self.handlers.abort_all();
+                    while let Some(done) = self.handlers.join_next_with_id().await {
+                        self.handler_done(done);
+                    }
+                    break;
+                }
+            }
         }
         // Give back every held or queued message.
         for (key, p) in self.hold.drain() {
@@ -172,8 +191,9 @@ impl<K: Key, M: Send + 'static, T: Transport> Engine<K, M, T> {
         };
         match decoded {
             Ok(key) => {
-                self.cfg.keys.insert(key.clone());
-                self.report.registered += 1;
+                if self.cfg.keys.insert(key.clone()) {
+                    self.report.registered += 1;
+                }
                 let event = self.event(
                     d.id,
                     d.message_id,
@@ -423,8 +443,8 @@ async fn handle<K: Key, M: Send + 'static, T: Transport>(
         Ok(fut) => AssertUnwindSafe(fut)
             .catch_unwind()
             .await
-            .unwrap_or_else(|_| Err(HandlerError::retry("handler panicked"))),
-        Err(_) => Err(HandlerError::retry("handler panicked")),
+            .unwrap_or_else(|payload| Err(panicked(&*payload))),
+        Err(payload) => Err(panicked(&*payload)),
     };
     let stub = Pending {
         id,
@@ -454,6 +474,16 @@ async fn handle<K: Key, M: Send + 'static, T: Transport>(
         decision,
     };
     settle_with(&*transport, event, settle).await
+}
+
+/// A panicking handler counts as a retryable error, with the panic's message as the reason.
+fn panicked(payload: &(dyn std::any::Any + Send)) -> HandlerError {
+    let message = payload
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| payload.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("(no message)");
+    HandlerError::retry(format!("handler panicked: {message}"))
 }
 
 /// Defer by the policy, or dead-letter once it (or the message's own limit) gives up.
@@ -592,5 +622,25 @@ fn trace<K: Key>(e: &Event<K>) {
             target: "prereq", delivery = e.delivery.0, message_id = id, key, attempt = e.attempt,
             decision = ?other, "decided"
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn short_reasons_are_kept_and_long_ones_bounded_on_char_boundaries() {
+        assert_eq!(bounded("short".into()), "short");
+        let exact = "x".repeat(MAX_REASON);
+        assert_eq!(bounded(exact.clone()), exact);
+        for unit in ["a", "é", "€", "😀"] {
+            let long = format!("start {} end at line 1 column 9", unit.repeat(100_000));
+            let b = bounded(long.clone());
+            assert!(b.len() <= MAX_REASON, "{} bytes", b.len());
+            assert!(b.starts_with("start "));
+            assert!(b.ends_with(" end at line 1 column 9"));
+            assert!(b.contains(" bytes cut) "));
+        }
     }
 }

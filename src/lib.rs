@@ -29,7 +29,9 @@ pub mod transport;
 #[cfg(feature = "amqp")]
 pub mod amqp;
 
-pub use consumer::{ConsumerBuilder, DEFAULT_ACK_TIMEOUT, DependentConsumer, Key, Report};
+pub use consumer::{
+    ConsumerBuilder, DEFAULT_ACK_TIMEOUT, DEFAULT_SHUTDOWN_GRACE, DependentConsumer, Key, Report,
+};
 pub use error::{BuildError, Error, HandlerError};
 pub use event::{Decision, DeferCause, Event};
 pub use hold::HoldBudget;

@@ -5,8 +5,9 @@
 //! - one FIFO queue carrying both messages and registrations, in publish order;
 //! - an optional prefetch: at most that many unsettled deliveries per transport;
 //! - deferred copies wait on tokio time, then join the back of the queue;
-//! - unsettled deliveries go back to the front of the queue, marked redelivered, when their
-//!   transport is dropped (a consumer that goes away loses nothing);
+//! - unsettled deliveries go back to the front of the queue, marked redelivered, in the order
+//!   they were delivered, when they are requeued or their transport is dropped (a consumer that
+//!   goes away loses nothing, and a key's messages keep their order);
 //! - dead letters are kept in a list with their reasons.
 //!
 //! ```
@@ -111,6 +112,10 @@ pub struct Stats {
 #[derive(Default)]
 struct State {
     ready: VecDeque<Stored>,
+    /// Given back (requeued, or their transport dropped), by delivery tag: they go out before
+    /// `ready`, in the order they were first delivered, as a broker puts a requeued message
+    /// back at its position (one `push_front` per requeue would reverse a batch).
+    requeued: BTreeMap<u64, Stored>,
     delayed: BTreeMap<(Instant, u64), Stored>,
     unacked: BTreeMap<u64, (u64, Stored)>,
     dead: Vec<DeadLettered>,
@@ -129,6 +134,13 @@ impl State {
             }
             self.ready.push_back(entry.remove());
         }
+    }
+
+    /// Give back a delivery: ahead of `ready`, in delivery order.
+    fn requeue(&mut self, tag: u64, mut m: Stored) {
+        m.redelivered = true;
+        self.stats.requeued += 1;
+        self.requeued.insert(tag, m);
     }
 
     fn unacked_of(&self, transport: u64) -> usize {
@@ -242,7 +254,7 @@ impl MemoryBroker {
     /// Messages and registrations waiting: ready, delayed, and delivered but unsettled.
     pub fn pending(&self) -> usize {
         let s = self.lock();
-        s.ready.len() + s.delayed.len() + s.unacked.len()
+        s.ready.len() + s.requeued.len() + s.delayed.len() + s.unacked.len()
     }
 
     /// Like [`MemoryBroker::pending`], counting only those from `source`.
@@ -250,6 +262,7 @@ impl MemoryBroker {
         let s = self.lock();
         let of = |m: &Stored| m.source == source;
         s.ready.iter().filter(|m| of(m)).count()
+            + s.requeued.values().filter(|m| of(m)).count()
             + s.delayed.values().filter(|m| of(m)).count()
             + s.unacked.values().filter(|(_, m)| of(m)).count()
     }
@@ -287,12 +300,9 @@ impl Drop for MemoryTransport {
             .filter(|(_, (t, _))| *t == self.id)
             .map(|(k, _)| *k)
             .collect();
-        // Give back in delivery order, ahead of everything else, as a broker requeues.
-        for tag in mine.into_iter().rev() {
-            if let Some((_, mut m)) = s.unacked.remove(&tag) {
-                m.redelivered = true;
-                s.stats.requeued += 1;
-                s.ready.push_front(m);
+        for tag in mine {
+            if let Some((_, m)) = s.unacked.remove(&tag) {
+                s.requeue(tag, m);
             }
         }
         drop(s);
@@ -320,7 +330,11 @@ impl Transport for MemoryTransport {
                     .prefetch
                     .is_none_or(|p| s.unacked_of(self.id) < p);
                 if room {
-                    if let Some(m) = s.ready.pop_front() {
+                    let next = match s.requeued.pop_first() {
+                        Some((_, m)) => Some(m),
+                        None => s.ready.pop_front(),
+                    };
+                    if let Some(m) = next {
                         s.next_id += 1;
                         let tag = s.next_id;
                         s.stats.delivered += 1;
@@ -381,11 +395,7 @@ impl Transport for MemoryTransport {
                     dead_letter,
                 });
             }
-            Settle::Requeue => {
-                m.redelivered = true;
-                s.stats.requeued += 1;
-                s.ready.push_front(m);
-            }
+            Settle::Requeue => s.requeue(id.0, m),
         }
         drop(s);
         self.broker.shared.changed.notify_waiters();

@@ -1,0 +1,163 @@
+//! Messages of one key never run two handlers at once (and run in receive order); different
+//! keys run concurrently, up to the concurrency limit and never above it.
+//!
+//! Handlers count themselves in flight and then wait on a gate the test opens. Before opening
+//! it, the test lets virtual time pass: the paused clock only moves when every task is idle, so
+//! by then the engine has started every handler it was going to start.
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use common::*;
+use prereq::memory::MemoryBroker;
+use prereq::{Decision, HandlerError};
+use tokio::sync::watch;
+
+/// Counts handlers in flight and the most ever seen at once, and holds them at a gate.
+#[derive(Clone)]
+struct Gauge {
+    now: Arc<AtomicUsize>,
+    peak: Arc<AtomicUsize>,
+    gate: watch::Sender<bool>,
+    started: Log<u64>,
+}
+
+impl Gauge {
+    fn new() -> Self {
+        Self {
+            now: Arc::default(),
+            peak: Arc::default(),
+            gate: watch::channel(false).0,
+            started: Log::new(),
+        }
+    }
+
+    fn consumer(
+        &self,
+        rec: &Recorder<u64>,
+        limit: usize,
+    ) -> prereq::DependentConsumer<u64, Payment> {
+        let g = self.clone();
+        builder(rec)
+            .concurrency(limit)
+            .handler(move |p: Payment| {
+                let g = g.clone();
+                async move {
+                    g.started.push(p.id);
+                    let n = g.now.fetch_add(1, Ordering::SeqCst) + 1;
+                    g.peak.fetch_max(n, Ordering::SeqCst);
+                    let mut open = g.gate.subscribe();
+                    let _ = open.wait_for(|o| *o).await;
+                    // Stay in flight a little longer, so overlaps would show.
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                    g.now.fetch_sub(1, Ordering::SeqCst);
+                    Ok::<_, HandlerError>(())
+                }
+            })
+            .build()
+            .unwrap()
+    }
+
+    /// Let every task run until idle (virtual time passes only then).
+    async fn settle(&self) {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+
+    fn open(&self) {
+        self.gate.send_replace(true);
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn one_key_never_runs_two_handlers_at_once() {
+    let broker = MemoryBroker::new();
+    broker.publish(payment(1, 7)); // held…
+    broker.publish(payment(2, 7));
+    broker.register(client(7)); // …released together
+    for id in 3..=6 {
+        broker.publish(payment(id, 7)); // queued behind them
+    }
+
+    let rec = Recorder::new();
+    let gauge = Gauge::new();
+    let done = rec.until(|ev| count(ev, |e| e.decision == Decision::Handled) == 6);
+    let run = tokio::spawn(gauge.consumer(&rec, 4).run(broker.transport(), done));
+
+    gauge.settle().await;
+    assert_eq!(gauge.now.load(Ordering::SeqCst), 1, "one handler for key 7");
+    assert_eq!(gauge.started.get(), vec![1]);
+    assert_eq!(
+        broker.stats().delivered,
+        7,
+        "the engine took all the deliveries"
+    );
+    gauge.open();
+
+    run.await.unwrap().unwrap();
+    assert_eq!(gauge.peak.load(Ordering::SeqCst), 1);
+    assert_eq!(gauge.started.get(), vec![1, 2, 3, 4, 5, 6], "receive order");
+}
+
+#[tokio::test(start_paused = true)]
+async fn different_keys_run_concurrently_up_to_the_limit() {
+    const LIMIT: usize = 3;
+    let broker = MemoryBroker::new();
+    for key in 1..=10 {
+        broker.register(client(key));
+    }
+    for id in 1..=10 {
+        broker.publish(payment(id, id)); // ten different keys
+    }
+
+    let rec = Recorder::new();
+    let gauge = Gauge::new();
+    let done = rec.until(|ev| count(ev, |e| e.decision == Decision::Handled) == 10);
+    let run = tokio::spawn(gauge.consumer(&rec, LIMIT).run(broker.transport(), done));
+
+    gauge.settle().await;
+    assert_eq!(
+        gauge.now.load(Ordering::SeqCst),
+        LIMIT,
+        "exactly the limit at once"
+    );
+    assert_eq!(gauge.started.len(), LIMIT);
+    gauge.open();
+
+    let report = run.await.unwrap().unwrap();
+    assert_eq!(report.handled, 10);
+    assert_eq!(
+        gauge.peak.load(Ordering::SeqCst),
+        LIMIT,
+        "never above the limit"
+    );
+    let mut started = gauge.started.get();
+    started.sort_unstable();
+    assert_eq!(started, (1..=10).collect::<Vec<_>>());
+}
+
+/// A busy key does not take the other keys' slots: with two keys and a limit of two, the
+/// second key runs while the first one's messages wait their turn.
+#[tokio::test(start_paused = true)]
+async fn a_busy_key_does_not_block_other_keys() {
+    let broker = MemoryBroker::new();
+    broker.register(client(1));
+    broker.register(client(2));
+    for id in 1..=5 {
+        broker.publish(payment(id, 1));
+    }
+    broker.publish(payment(6, 2));
+
+    let rec = Recorder::new();
+    let gauge = Gauge::new();
+    let done = rec.until(|ev| count(ev, |e| e.decision == Decision::Handled) == 6);
+    let run = tokio::spawn(gauge.consumer(&rec, 2).run(broker.transport(), done));
+
+    gauge.settle().await;
+    assert_eq!(gauge.started.get(), vec![1, 6]);
+    gauge.open();
+    run.await.unwrap().unwrap();
+    assert_eq!(gauge.peak.load(Ordering::SeqCst), 2);
+}

@@ -1,0 +1,118 @@
+//! A message whose key is already known is handled at once, acknowledged, and never held.
+
+mod common;
+
+use common::*;
+use prereq::memory::MemoryBroker;
+use prereq::{Decision, HandlerError};
+use tokio::time::Instant;
+
+#[tokio::test(start_paused = true)]
+async fn known_key_is_handled_at_once_and_acked_without_hold() {
+    let broker = MemoryBroker::new();
+    broker.register(client(1));
+    broker.publish(payment(10, 1));
+    broker.publish(payment(11, 1));
+
+    let rec = Recorder::new();
+    let seen = Log::new();
+    let log = seen.clone();
+    let consumer = builder(&rec)
+        .handler(move |p: Payment| {
+            log.push((p.id, Instant::now()));
+            async { Ok::<_, HandlerError>(()) }
+        })
+        .build()
+        .unwrap();
+
+    let start = Instant::now();
+    let report = run_until(consumer, &broker, &rec, |ev| {
+        count(ev, |e| e.decision == Decision::Handled) == 2
+    })
+    .await;
+
+    // Handled once each, in order, with no virtual time passing.
+    assert_eq!(seen.get(), vec![(10, start), (11, start)]);
+    for id in ["10", "11"] {
+        assert_eq!(
+            rec.decisions_of(id),
+            vec![Decision::Handled],
+            "message {id}"
+        );
+    }
+    assert_eq!(report.handled, 2);
+    assert_eq!(report.registered, 1);
+    assert_eq!(
+        (report.held, report.released, report.peak_held),
+        (0, 0, 0),
+        "{report:?}"
+    );
+    assert_eq!(
+        (report.deferred, report.dead_lettered),
+        (0, 0),
+        "{report:?}"
+    );
+
+    // The broker saw three acks (the registration and both payments) and has nothing left.
+    let stats = broker.stats();
+    assert_eq!(stats.acked, 3, "{stats:?}");
+    assert_eq!(
+        (stats.deferred, stats.dead_lettered, stats.requeued),
+        (0, 0, 0),
+        "{stats:?}"
+    );
+    assert_eq!(broker.pending(), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn key_inserted_before_run_counts_as_known() {
+    let broker = MemoryBroker::new();
+    broker.publish(payment(10, 1));
+
+    let rec = Recorder::new();
+    let consumer = builder(&rec)
+        .handler(|_p: Payment| async { Ok::<_, HandlerError>(()) })
+        .build()
+        .unwrap();
+    assert!(consumer.keys().insert(1));
+
+    let report = run_until(consumer, &broker, &rec, |ev| {
+        count(ev, |e| e.decision == Decision::Handled) == 1
+    })
+    .await;
+    assert_eq!(rec.decisions_of("10"), vec![Decision::Handled]);
+    assert_eq!(report.held, 0);
+    assert_eq!(broker.stats().acked, 1);
+    assert_eq!(broker.pending(), 0);
+}
+
+/// Acknowledging a registration is not a requeue: the report and the event stream must say
+/// exactly what happened to each delivery.
+#[tokio::test(start_paused = true)]
+async fn registration_ack_is_reported_as_registered_only() {
+    let broker = MemoryBroker::new();
+    broker.register(client(1));
+    broker.register(client(2));
+    broker.publish(payment(10, 2));
+
+    let rec = Recorder::new();
+    let consumer = builder(&rec)
+        .handler(|_p: Payment| async { Ok::<_, HandlerError>(()) })
+        .build()
+        .unwrap();
+    let report = run_until(consumer, &broker, &rec, |ev| {
+        count(ev, |e| e.decision == Decision::Handled) == 1
+    })
+    .await;
+
+    assert_eq!(report.registered, 2);
+    assert_eq!(report.requeued, 0, "{report:?}");
+    assert_eq!(
+        rec.count(|e| e.decision == Decision::Requeued),
+        0,
+        "{:#?}",
+        rec.events()
+    );
+    assert_eq!(rec.count(|e| e.decision == Decision::Registered), 2);
+    assert_eq!(broker.stats().requeued, 0);
+}
