@@ -139,22 +139,12 @@ fn print_line(start: Instant, e: &Event<u64>) {
         _ => "(none)",
     });
     let client = e.key.map_or_else(|| "?".to_owned(), |k| k.to_string());
-    let decision = match &e.decision {
-        Decision::Registered => format!("client {client} registered"),
-        Decision::Held => "held: client unknown".to_owned(),
-        Decision::Released { waited } => format!("released after {waited:?}"),
-        Decision::Handled => "processed".to_owned(),
-        Decision::Deferred { delay, cause } => format!("deferred {delay:?} ({cause})"),
-        Decision::DeadLettered(dl) => format!("dead-lettered: {}: {}", dl.kind, dl.reason),
-        Decision::Requeued => "given back to the broker".to_owned(),
-        Decision::SettleFailed { error } => format!("settle failed: {error}"),
-    };
     println!(
         "{:>7.3}s  {:<10} {:<8} {:<7} {}",
         (e.at - start).as_secs_f64(),
         message,
         client,
         e.attempt,
-        decision
+        e.decision
     );
 }

@@ -90,20 +90,25 @@ impl<K: fmt::Debug> fmt::Display for Event<K> {
         if let Some(k) = &self.key {
             write!(f, " key {k:?}")?;
         }
-        write!(f, " attempt {}: ", self.attempt)?;
-        match &self.decision {
-            Decision::Registered => write!(f, "registered"),
-            Decision::Held => write!(f, "held (key unknown)"),
-            Decision::Released { waited } => write!(f, "released after {waited:?}"),
-            Decision::Handled => write!(f, "handled"),
-            Decision::Deferred { delay, cause } => write!(f, "deferred {delay:?} ({cause})"),
-            Decision::DeadLettered(dl) => write!(
+        write!(f, " attempt {}: {}", self.attempt, self.decision)
+    }
+}
+
+impl fmt::Display for Decision {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Registered => write!(f, "registered"),
+            Self::Held => write!(f, "held (key unknown)"),
+            Self::Released { waited } => write!(f, "released after {waited:?}"),
+            Self::Handled => write!(f, "handled"),
+            Self::Deferred { delay, cause } => write!(f, "deferred {delay:?} ({cause})"),
+            Self::DeadLettered(dl) => write!(
                 f,
                 "dead-lettered ({}: {}) after {} attempts",
                 dl.kind, dl.reason, dl.attempts
             ),
-            Decision::Requeued => write!(f, "given back to the broker"),
-            Decision::SettleFailed { error } => write!(f, "settle failed: {error}"),
+            Self::Requeued => write!(f, "given back to the broker"),
+            Self::SettleFailed { error } => write!(f, "settle failed: {error}"),
         }
     }
 }

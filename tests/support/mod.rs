@@ -1,0 +1,531 @@
+//! Shared helpers for the RabbitMQ integration tests: connect-or-skip, unique names, cleanup
+//! that runs even when a test fails, a TCP proxy that can cut connections, and a publisher.
+#![allow(dead_code)]
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use lapin::options::{
+    BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions, ExchangeDeleteOptions,
+    QueueDeleteOptions,
+};
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties};
+use prereq::amqp::AmqpAddr;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinHandle;
+
+/// The broker address for tests (`AMQP_ADDR`, else the local default).
+pub fn addr() -> AmqpAddr {
+    AmqpAddr::from_env()
+}
+
+/// Connect to the broker, or explain why the test is skipped. Under
+/// `PREREQ_REQUIRE_BROKER=1` an unreachable broker fails the test instead.
+pub async fn broker() -> Option<Connection> {
+    let addr = addr();
+    let attempt = tokio::time::timeout(
+        Duration::from_secs(10),
+        Connection::connect(addr.expose(), ConnectionProperties::default()),
+    )
+    .await;
+    let error = match attempt {
+        Ok(Ok(conn)) => return Some(conn),
+        Ok(Err(e)) => addr.scrub(&e.to_string()),
+        Err(_) => "timed out after 10 s".to_owned(),
+    };
+    let reason = format!("RabbitMQ at {addr} unreachable: {error}");
+    if std::env::var("PREREQ_REQUIRE_BROKER").as_deref() == Ok("1") {
+        panic!("PREREQ_REQUIRE_BROKER=1 but {reason}");
+    }
+    eprintln!("skipping: {reason} (set PREREQ_REQUIRE_BROKER=1 to make this a failure)");
+    None
+}
+
+/// A name prefix unique to this run and call: `prereq-test.<tag>.<pid>.<nanos>.<n>.`.
+pub fn unique(tag: &str) -> String {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    format!(
+        "prereq-test.{tag}.{}.{nanos}.{}.",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// Deletes every queue and exchange registered with it when dropped — also when the test
+/// panics. Deletion runs on its own thread and runtime, so it works from any context.
+#[derive(Default)]
+pub struct Cleanup {
+    queues: Mutex<Vec<String>>,
+    exchanges: Mutex<Vec<String>>,
+}
+
+impl Cleanup {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn queue(&self, name: impl Into<String>) -> &Self {
+        self.queues.lock().unwrap().push(name.into());
+        self
+    }
+
+    pub fn exchange(&self, name: impl Into<String>) -> &Self {
+        self.exchanges.lock().unwrap().push(name.into());
+        self
+    }
+
+    /// Register everything a transport configuration declares (not its delay queues).
+    pub fn config(&self, config: &prereq::amqp::AmqpConfig) -> &Self {
+        for q in config.queues() {
+            self.queue(q.clone());
+        }
+        self.queue(config.registration_queue());
+        self.queue(config.dead_letter_queue());
+        self.exchange(config.retry_exchange());
+        let t = config.topology();
+        for e in &t.exchanges {
+            self.exchange(e.clone());
+        }
+        for (q, _) in &t.queues {
+            self.queue(q.clone());
+        }
+        self
+    }
+}
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        let mut queues =
+            std::mem::take(&mut *self.queues.lock().unwrap_or_else(|e| e.into_inner()));
+        let mut exchanges =
+            std::mem::take(&mut *self.exchanges.lock().unwrap_or_else(|e| e.into_inner()));
+        queues.sort();
+        queues.dedup();
+        exchanges.sort();
+        exchanges.dedup();
+        if queues.is_empty() && exchanges.is_empty() {
+            return;
+        }
+        let worker = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("cleanup runtime");
+            rt.block_on(async move {
+                let addr = addr();
+                let Ok(conn) =
+                    Connection::connect(addr.expose(), ConnectionProperties::default()).await
+                else {
+                    eprintln!("cleanup: broker unreachable, left {queues:?} {exchanges:?}");
+                    return;
+                };
+                for q in &queues {
+                    // A fresh channel each time: a failed delete closes its channel.
+                    if let Ok(ch) = conn.create_channel().await
+                        && let Err(e) = ch
+                            .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
+                            .await
+                    {
+                        eprintln!("cleanup: queue {q}: {e}");
+                    }
+                }
+                for x in &exchanges {
+                    if let Ok(ch) = conn.create_channel().await
+                        && let Err(e) = ch
+                            .exchange_delete(x.as_str().into(), ExchangeDeleteOptions::default())
+                            .await
+                    {
+                        eprintln!("cleanup: exchange {x}: {e}");
+                    }
+                }
+                let _ = conn.close(200, "cleanup".into()).await;
+            });
+        });
+        let _ = worker.join();
+    }
+}
+
+/// A channel in confirm mode, for publishing test messages.
+pub async fn confirm_channel(conn: &Connection) -> Channel {
+    let ch = conn.create_channel().await.expect("channel");
+    ch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .expect("confirm_select");
+    ch
+}
+
+/// Publish and wait for the broker's confirm; panics if the message is unroutable or nacked.
+pub async fn publish(
+    ch: &Channel,
+    exchange: &str,
+    routing_key: &str,
+    body: &[u8],
+    properties: BasicProperties,
+) {
+    let confirm = ch
+        .basic_publish(
+            exchange.into(),
+            routing_key.into(),
+            BasicPublishOptions {
+                mandatory: true,
+                ..BasicPublishOptions::default()
+            },
+            body,
+            properties,
+        )
+        .await
+        .expect("publish")
+        .await
+        .expect("confirm");
+    assert_eq!(
+        confirm,
+        Confirmation::Ack(None),
+        "publish to {exchange:?}/{routing_key:?} not confirmed"
+    );
+}
+
+/// Poll a queue with `basic.get` until a message arrives or `timeout` passes.
+pub async fn get_one(
+    ch: &Channel,
+    queue: &str,
+    timeout: Duration,
+) -> Option<lapin::message::BasicGetMessage> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let got = ch
+            .basic_get(queue.into(), BasicGetOptions { no_ack: true })
+            .await
+            .expect("basic_get");
+        if got.is_some() || tokio::time::Instant::now() >= deadline {
+            return got;
+        }
+        // Polling interval of basic.get: there is no event to wait on for an empty queue.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// How many ready messages a queue holds.
+pub async fn ready_count(ch: &Channel, queue: &str) -> u32 {
+    ch.queue_declare(
+        queue.into(),
+        lapin::options::QueueDeclareOptions {
+            passive: true,
+            ..Default::default()
+        },
+        FieldTable::default(),
+    )
+    .await
+    .expect("passive declare")
+    .message_count()
+}
+
+/// A TCP proxy in front of the broker whose connections can be cut, to drop a client's
+/// connection the way a network failure would.
+pub struct Proxy {
+    pub port: u16,
+    links: Arc<Mutex<Vec<JoinHandle<()>>>>,
+    accept: JoinHandle<()>,
+}
+
+impl Proxy {
+    /// Listen on a free local port and forward to the broker of `addr`.
+    pub async fn start(addr: &AmqpAddr) -> Self {
+        let target = host_port(addr.expose());
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
+        let port = listener.local_addr().expect("proxy addr").port();
+        let links: Arc<Mutex<Vec<JoinHandle<()>>>> = Arc::default();
+        let accept_links = links.clone();
+        let accept = tokio::spawn(async move {
+            while let Ok((mut client, _)) = listener.accept().await {
+                let target = target.clone();
+                let link = tokio::spawn(async move {
+                    if let Ok(mut upstream) = TcpStream::connect(&target).await {
+                        let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+                    }
+                });
+                accept_links.lock().unwrap().push(link);
+            }
+        });
+        Self {
+            port,
+            links,
+            accept,
+        }
+    }
+
+    /// `addr` with its host and port replaced by this proxy's.
+    pub fn addr(&self, addr: &AmqpAddr) -> AmqpAddr {
+        let uri = addr.expose();
+        let hp = host_port(uri);
+        AmqpAddr::new(uri.replacen(&hp, &format!("127.0.0.1:{}", self.port), 1))
+    }
+
+    /// Close every connection that goes through the proxy (new ones are still accepted).
+    pub fn cut(&self) -> usize {
+        let links: Vec<_> = self.links.lock().unwrap().drain(..).collect();
+        let n = links.len();
+        for l in links {
+            l.abort();
+        }
+        n
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.accept.abort();
+        self.cut();
+    }
+}
+
+/// `host:port` of an AMQP URI (port 5672 when absent).
+fn host_port(uri: &str) -> String {
+    let rest = uri.split_once("://").map(|(_, r)| r).unwrap_or(uri);
+    let authority = rest.split(['/', '?']).next().unwrap_or(rest);
+    let hostport = authority
+        .rsplit_once('@')
+        .map(|(_, h)| h)
+        .unwrap_or(authority);
+    if hostport.contains(':') {
+        hostport.to_owned()
+    } else {
+        format!("{hostport}:5672")
+    }
+}
+
+/// Wait for the first item of `rx` that `pred` accepts, up to `timeout`; every item seen is
+/// returned too (in order), for diagnostics.
+pub async fn wait_for<T: Clone + std::fmt::Debug>(
+    rx: &mut tokio::sync::mpsc::UnboundedReceiver<T>,
+    timeout: Duration,
+    mut pred: impl FnMut(&T) -> bool,
+    seen: &mut Vec<T>,
+) -> T {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        match tokio::time::timeout_at(deadline, rx.recv()).await {
+            Ok(Some(item)) => {
+                seen.push(item.clone());
+                if pred(&item) {
+                    return item;
+                }
+            }
+            Ok(None) => panic!("event stream closed; seen: {seen:#?}"),
+            Err(_) => panic!("timed out after {timeout:?}; seen: {seen:#?}"),
+        }
+    }
+}
+
+/// Log to stderr under `RUST_LOG` (for diagnosing a failing test); harmless if called twice.
+pub fn init_tracing() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+}
+
+pub mod payments {
+    //! The payment scenario against the real broker: the demo's topology under a unique
+    //! prefix, a publisher, and a running `DependentConsumer` whose events a test can await.
+
+    use std::sync::{Arc, Mutex};
+    use std::time::Duration;
+
+    use lapin::types::FieldTable;
+    use lapin::{BasicProperties, Channel, Connection};
+    use prereq::amqp::delay::{delay_bucket, delay_queue_name};
+    use prereq::amqp::headers::demo_new_message_headers;
+    use prereq::amqp::topology::{self, CLIENT_KEY, PROCESS_KEY, PaymentNames};
+    use prereq::amqp::{AmqpConfig, AmqpTransport, DelayMechanism, DelayMode, prefetch_for};
+    use prereq::{Backoff, DependentConsumer, Event, HandlerError, HoldBudget, Report};
+    use serde::{Deserialize, Serialize};
+    use tokio::sync::{mpsc, oneshot};
+
+    use super::Cleanup;
+
+    /// A payment as the original demo sends it.
+    #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+    #[serde(rename_all = "camelCase")]
+    pub struct Payment {
+        pub id: String,
+        pub client_id: u64,
+        pub value: f64,
+        pub operation_date: String,
+    }
+
+    /// A client registration as the original demo sends it.
+    #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+    pub struct Client {
+        pub id: u64,
+        pub name: String,
+    }
+
+    pub fn payment(id: &str, client_id: u64) -> Payment {
+        Payment {
+            id: id.to_owned(),
+            client_id,
+            value: 12.5,
+            operation_date: "2024-05-01T12:00:00Z".to_owned(),
+        }
+    }
+
+    /// A consumer running on the demo topology (prefixed), and what it did.
+    pub struct Scenario {
+        pub names: PaymentNames,
+        pub events: mpsc::UnboundedReceiver<Event<u64>>,
+        pub handled: Arc<Mutex<Vec<String>>>,
+        pub publisher: Channel,
+        pub seen: Vec<Event<u64>>,
+        stop: Option<oneshot::Sender<()>>,
+        run:
+            Option<tokio::task::JoinHandle<Result<Report, prereq::Error<prereq::amqp::AmqpError>>>>,
+        // Last: dropped after the consumer is stopped.
+        _cleanup: Cleanup,
+    }
+
+    impl Scenario {
+        /// Start a consumer with this policy and hold budget on a fresh prefixed topology.
+        pub async fn start(
+            conn: &Connection,
+            tag: &str,
+            policy: Backoff,
+            budget: HoldBudget,
+        ) -> Self {
+            let cleanup = Cleanup::new();
+            let names = PaymentNames::with_prefix(&super::unique(tag));
+            let concurrency = 4;
+            let config: AmqpConfig = topology::payments(&names)
+                .with_addr(super::addr())
+                .with_delay_mode(DelayMode::Auto)
+                .with_prefetch(prefetch_for(budget.max_messages, concurrency));
+            cleanup.config(&config);
+            for attempt in 1..=20 {
+                if let Some(d) = policy.delay(attempt) {
+                    cleanup.queue(delay_queue_name(
+                        config.delay_queue_prefix(),
+                        delay_bucket(d, config.max_delay()),
+                    ));
+                }
+            }
+            let transport = AmqpTransport::connect(config)
+                .await
+                .expect("connect transport");
+            assert_eq!(transport.mechanism(), DelayMechanism::DelayQueues);
+
+            let (tx, events) = mpsc::unbounded_channel();
+            let handled: Arc<Mutex<Vec<String>>> = Arc::default();
+            let h = handled.clone();
+            let consumer = DependentConsumer::<u64, Payment>::builder()
+                .key(|p: &Payment| p.client_id)
+                .id(|p: &Payment| p.id.clone())
+                .registrations(|c: &Client| c.id)
+                .handler(move |p: Payment| {
+                    let h = h.clone();
+                    async move {
+                        h.lock().unwrap().push(p.id);
+                        Ok::<(), HandlerError>(())
+                    }
+                })
+                .policy(policy)
+                .budget(budget)
+                .concurrency(concurrency)
+                .on_event(move |e: &Event<u64>| {
+                    let _ = tx.send(e.clone());
+                })
+                .build()
+                .expect("build consumer");
+            let (stop, stop_rx) = oneshot::channel::<()>();
+            let run = tokio::spawn(consumer.run(transport, async move {
+                let _ = stop_rx.await;
+            }));
+            let publisher = super::confirm_channel(conn).await;
+            Self {
+                names,
+                events,
+                handled,
+                publisher,
+                seen: Vec::new(),
+                stop: Some(stop),
+                run: Some(run),
+                _cleanup: cleanup,
+            }
+        }
+
+        /// Publish a payment the way the demo's producer does (`x-delay: 0`, `x-retry: 0`,
+        /// `x-retry-limit: limit`, 32-bit integers).
+        pub async fn publish_payment(&self, p: &Payment, limit: u32) {
+            self.publish_raw_payment(
+                &serde_json::to_vec(p).unwrap(),
+                &p.id,
+                demo_new_message_headers(limit),
+            )
+            .await;
+        }
+
+        /// Publish any body as a payment.
+        pub async fn publish_raw_payment(&self, body: &[u8], id: &str, headers: FieldTable) {
+            let props = BasicProperties::default()
+                .with_headers(headers)
+                .with_message_id(id.into())
+                .with_content_type("application/json".into())
+                .with_delivery_mode(2);
+            super::publish(
+                &self.publisher,
+                &self.names.payments_exchange,
+                PROCESS_KEY,
+                body,
+                props,
+            )
+            .await;
+        }
+
+        /// Register a client.
+        pub async fn register(&self, c: &Client) {
+            let props = BasicProperties::default().with_delivery_mode(2);
+            super::publish(
+                &self.publisher,
+                &self.names.clients_exchange,
+                CLIENT_KEY,
+                &serde_json::to_vec(c).unwrap(),
+                props,
+            )
+            .await;
+        }
+
+        /// Wait for an event `pred` accepts.
+        pub async fn wait(
+            &mut self,
+            timeout: Duration,
+            pred: impl FnMut(&Event<u64>) -> bool,
+        ) -> Event<u64> {
+            super::wait_for(&mut self.events, timeout, pred, &mut self.seen).await
+        }
+
+        /// Stop the consumer gracefully and return its report.
+        pub async fn stop(mut self) -> Report {
+            if let Some(stop) = self.stop.take() {
+                let _ = stop.send(());
+            }
+            let run = self.run.take().expect("running");
+            tokio::time::timeout(Duration::from_secs(60), run)
+                .await
+                .expect("consumer stops in time")
+                .expect("consumer task")
+                .expect("consumer run")
+        }
+    }
+
+    impl Drop for Scenario {
+        fn drop(&mut self) {
+            if let Some(run) = self.run.take() {
+                run.abort();
+            }
+        }
+    }
+}
