@@ -261,7 +261,10 @@ async fn shutdown_abandons_a_stuck_handler_after_the_grace_and_loses_nothing() {
     };
     let report = consumer.run(broker.transport(), stop).await.unwrap();
     // The stuck handler started at once; shutdown returned exactly one grace later.
-    assert_eq!(start.elapsed(), Duration::from_millis(10) + Duration::from_secs(5));
+    assert_eq!(
+        start.elapsed(),
+        Duration::from_millis(10) + Duration::from_secs(5)
+    );
     assert_eq!(report.handled, 0);
     // The transport went away with the consumer: the unsettled message went back.
     assert_eq!(broker.pending(), 1, "the message is still the broker's");
