@@ -64,7 +64,12 @@ pub(crate) struct Engine<K, M, T> {
     /// Messages in lanes, not yet running.
     queued: usize,
     handlers: JoinSet<Event<K>>,
+    /// The lane of each running handler; a handler frees its lane as soon as it returns,
+    /// before its message is settled, so that the key's next message need not wait for a
+    /// broker round-trip.
     handler_lanes: HashMap<Id, K>,
+    lane_free_tx: mpsc::UnboundedSender<Id>,
+    lane_free_rx: mpsc::UnboundedReceiver<Id>,
     /// Settlements in flight; each yields the event to emit, if any.
     settles: JoinSet<Option<Event<K>>>,
     report: Report,
@@ -77,6 +82,7 @@ impl<K: Key, M: Send + 'static, T: Transport> Engine<K, M, T> {
         wake_rx: mpsc::UnboundedReceiver<K>,
     ) -> Self {
         let budget = cfg.budget;
+        let (lane_free_tx, lane_free_rx) = mpsc::unbounded_channel();
         Self {
             cfg,
             transport,
@@ -87,6 +93,8 @@ impl<K: Key, M: Send + 'static, T: Transport> Engine<K, M, T> {
             queued: 0,
             handlers: JoinSet::new(),
             handler_lanes: HashMap::new(),
+            lane_free_tx,
+            lane_free_rx,
             settles: JoinSet::new(),
             report: Report::default(),
         }
@@ -109,6 +117,7 @@ impl<K: Key, M: Send + 'static, T: Transport> Engine<K, M, T> {
                 biased;
                 () = &mut shutdown => break,
                 Some(key) = self.wake_rx.recv() => self.release(&key),
+                Some(id) = self.lane_free_rx.recv() => self.free_lane(id),
                 Some(done) = self.handlers.join_next_with_id(), if !self.handlers.is_empty() => {
                     self.handler_done(done);
                 }
@@ -276,7 +285,7 @@ impl<K: Key, M: Send + 'static, T: Transport> Engine<K, M, T> {
     }
 
     fn start_runnable(&mut self) {
-        while self.handlers.len() < self.cfg.concurrency {
+        while self.handler_lanes.len() < self.cfg.concurrency {
             let Some(key) = self.runnable.pop_front() else {
                 return;
             };
@@ -292,6 +301,7 @@ impl<K: Key, M: Send + 'static, T: Transport> Engine<K, M, T> {
             let handle = self.handlers.spawn(handle(
                 Arc::clone(&self.cfg),
                 Arc::clone(&self.transport),
+                self.lane_free_tx.clone(),
                 key.clone(),
                 p,
             ));
@@ -309,6 +319,11 @@ impl<K: Key, M: Send + 'static, T: Transport> Engine<K, M, T> {
         if let Some(event) = event {
             self.emit(event);
         }
+        self.free_lane(id);
+    }
+
+    /// The handler of task `id` returned (or its task ended): the key's next message may run.
+    fn free_lane(&mut self, id: Id) {
         let Some(key) = self.handler_lanes.remove(&id) else {
             return;
         };
@@ -427,6 +442,7 @@ async fn settle_with<K, T: Transport>(
 async fn handle<K: Key, M: Send + 'static, T: Transport>(
     cfg: Arc<Config<K, M>>,
     transport: Arc<T>,
+    lane_free: mpsc::UnboundedSender<Id>,
     key: K,
     p: Pending<M>,
 ) -> Event<K> {
@@ -446,6 +462,8 @@ async fn handle<K: Key, M: Send + 'static, T: Transport>(
             .unwrap_or_else(|payload| Err(panicked(&*payload))),
         Err(payload) => Err(panicked(&*payload)),
     };
+    // The engine may run the key's next message now; this one's settlement follows.
+    let _ = lane_free.send(tokio::task::id());
     let stub = Pending {
         id,
         msg: (),
@@ -603,7 +621,8 @@ async fn sleep_until_opt(deadline: Option<Instant>) {
 }
 
 fn trace<K: Key>(e: &Event<K>) {
-    let key = e.key.as_ref().map(|k| format!("{k:?}"));
+    // Formatted only if a subscriber records the field.
+    let key = e.key.as_ref().map(tracing::field::debug);
     let id = e.message_id.as_deref();
     match &e.decision {
         Decision::DeadLettered(dl) => tracing::warn!(
