@@ -238,6 +238,21 @@ impl<K: Key, M: Send + 'static, T: Transport> Engine<K, M, T> {
             seed,
             held_at: None,
         };
+        if d.redelivered {
+            // The broker gave a held message again (its connection dropped): the copy takes
+            // the held one's place, and the stale delivery is dropped (an ack is harmless on a
+            // dead channel, and consumes a live duplicate otherwise).
+            p = match self.replace_held(p, d.body.len()) {
+                Ok(stale) => {
+                    tracing::debug!(target: "prereq", message_id = stale.message_id.as_deref(),
+                        "a redelivered copy replaced its held original");
+                    let event = self.pending_event(&stale, Some(key), Decision::Held);
+                    self.settle_quietly(event, Settle::Ack);
+                    return;
+                }
+                Err(p) => p,
+            };
+        }
         if self.cfg.keys.contains(&key) {
             // A key inserted through a KeyHandle may not have woken its messages yet: they
             // were received earlier, so they go first.
@@ -248,11 +263,27 @@ impl<K: Key, M: Send + 'static, T: Transport> Engine<K, M, T> {
             p.held_at = Some(now);
             self.report.held += 1;
             let event = self.pending_event(&p, Some(key.clone()), Decision::Held);
-            self.hold.insert(key, p, d.body.len(), now);
+            self.hold
+                .insert(key, p.message_id.clone(), p, d.body.len(), now);
             self.report.peak_held = self.report.peak_held.max(self.hold.len());
             self.emit(event);
         } else {
             self.defer(key, p, DeferCause::HoldFull);
+        }
+    }
+
+    /// If a message with `p`'s id is held, put `p` in its place (keeping its hold time) and
+    /// return the one it replaced; else give `p` back.
+    fn replace_held(&mut self, mut p: Pending<M>, size: usize) -> Result<Pending<M>, Pending<M>> {
+        let Some(id) = p.message_id.clone() else {
+            return Err(p);
+        };
+        match self.hold.by_id_mut(&id, size) {
+            Some(held) => {
+                p.held_at = held.held_at;
+                Ok(std::mem::replace(held, p))
+            }
+            None => Err(p),
         }
     }
 

@@ -67,6 +67,7 @@ impl HoldBudget {
 
 struct Entry<K, V> {
     key: K,
+    id: Option<String>,
     deadline: Instant,
     size: usize,
     value: V,
@@ -77,6 +78,8 @@ pub(crate) struct Hold<K, V> {
     budget: HoldBudget,
     by_key: HashMap<K, VecDeque<u64>>,
     by_arrival: BTreeMap<u64, Entry<K, V>>,
+    /// Entries by message id, to recognise a redelivered copy of a held message.
+    by_id: HashMap<String, u64>,
     bytes: usize,
     next_seq: u64,
 }
@@ -87,6 +90,7 @@ impl<K: Eq + Hash + Clone, V> Hold<K, V> {
             budget,
             by_key: HashMap::new(),
             by_arrival: BTreeMap::new(),
+            by_id: HashMap::new(),
             bytes: 0,
             next_seq: 0,
         }
@@ -110,15 +114,26 @@ impl<K: Eq + Hash + Clone, V> Hold<K, V> {
 
     /// Hold `value` for `key`, until `now + max_time` at the latest. The caller checked
     /// [`Hold::fits`].
-    pub(crate) fn insert(&mut self, key: K, value: V, size: usize, now: Instant) {
+    pub(crate) fn insert(
+        &mut self,
+        key: K,
+        id: Option<String>,
+        value: V,
+        size: usize,
+        now: Instant,
+    ) {
         let seq = self.next_seq;
         self.next_seq += 1;
+        if let Some(id) = &id {
+            self.by_id.insert(id.clone(), seq);
+        }
         self.by_key.entry(key.clone()).or_default().push_back(seq);
         self.bytes += size;
         self.by_arrival.insert(
             seq,
             Entry {
                 key,
+                id,
                 deadline: now + self.budget.max_time,
                 size,
                 value,
@@ -135,6 +150,18 @@ impl<K: Eq + Hash + Clone, V> Hold<K, V> {
             .filter_map(|seq| self.remove_entry(seq))
             .map(|e| e.value)
             .collect()
+    }
+
+    /// The value held under message id `id`, now counted as `size` bytes (a redelivered copy
+    /// of the same message is about to take its place, keeping its position and deadline).
+    pub(crate) fn by_id_mut(&mut self, id: &str, size: usize) -> Option<&mut V> {
+        let entry = self
+            .by_id
+            .get(id)
+            .and_then(|seq| self.by_arrival.get_mut(seq))?;
+        self.bytes = self.bytes - entry.size + size;
+        entry.size = size;
+        Some(&mut entry.value)
     }
 
     /// When the oldest held message expires.
@@ -162,6 +189,7 @@ impl<K: Eq + Hash + Clone, V> Hold<K, V> {
     /// Remove and return everything, in arrival order.
     pub(crate) fn drain(&mut self) -> Vec<(K, V)> {
         self.by_key.clear();
+        self.by_id.clear();
         self.bytes = 0;
         std::mem::take(&mut self.by_arrival)
             .into_values()
@@ -172,6 +200,11 @@ impl<K: Eq + Hash + Clone, V> Hold<K, V> {
     fn remove_entry(&mut self, seq: u64) -> Option<Entry<K, V>> {
         let e = self.by_arrival.remove(&seq)?;
         self.bytes -= e.size;
+        if let Some(id) = &e.id {
+            if self.by_id.get(id) == Some(&seq) {
+                self.by_id.remove(id);
+            }
+        }
         Some(e)
     }
 }
@@ -191,9 +224,9 @@ mod tests {
     fn releases_a_key_in_arrival_order_and_frees_budget() {
         let now = Instant::now();
         let mut h = Hold::new(budget(3, 100));
-        h.insert("a", 1, 10, now);
-        h.insert("b", 2, 10, now);
-        h.insert("a", 3, 10, now);
+        h.insert("a", None, 1, 10, now);
+        h.insert("b", None, 2, 10, now);
+        h.insert("a", None, 3, 10, now);
         assert!(!h.fits(1));
         assert_eq!(h.take(&"a"), vec![1, 3]);
         assert!(h.take(&"a").is_empty());
@@ -206,8 +239,8 @@ mod tests {
     fn expires_oldest_first_and_only_when_due() {
         let now = Instant::now();
         let mut h = Hold::new(budget(10, 100));
-        h.insert("a", 1, 1, now);
-        h.insert("b", 2, 1, now + Duration::from_secs(1));
+        h.insert("a", None, 1, 1, now);
+        h.insert("b", None, 2, 1, now + Duration::from_secs(1));
         assert_eq!(h.next_deadline(), Some(now + Duration::from_secs(10)));
         assert_eq!(h.pop_expired(now + Duration::from_secs(9)), None);
         assert_eq!(h.pop_expired(now + Duration::from_secs(10)), Some(("a", 1)));
@@ -215,6 +248,20 @@ mod tests {
         assert_eq!(h.pop_expired(now + Duration::from_secs(10)), None);
         assert_eq!(h.drain(), vec![("b", 2)]);
         assert_eq!((h.len(), h.bytes()), (0, 0));
+    }
+
+    #[test]
+    fn a_redelivered_copy_takes_the_place_of_the_stale_one() {
+        let now = Instant::now();
+        let mut h = Hold::new(budget(10, 100));
+        h.insert("a", Some("m1".to_owned()), 1, 10, now);
+        h.insert("a", Some("m2".to_owned()), 2, 10, now);
+        *h.by_id_mut("m1", 30).unwrap() = 11;
+        assert!(h.by_id_mut("zz", 1).is_none());
+        assert_eq!((h.len(), h.bytes()), (2, 40));
+        assert_eq!(h.take(&"a"), vec![11, 2], "same place, same order");
+        assert!(h.by_id_mut("m1", 1).is_none(), "gone with its entry");
+        assert_eq!(h.bytes(), 0);
     }
 
     #[test]

@@ -264,6 +264,14 @@ async fn consumer_recovers_from_a_broker_restart_and_loses_nothing() {
     );
     assert_eq!(report.dead_lettered, 0, "{report:?}");
     let twice = handled.values().filter(|n| **n > 1).count();
+    // Held across the restart: the broker redelivered them, and each copy took its stale
+    // original's place in the hold, so each ran once.
+    for id in BEFORE..BEFORE + HELD {
+        assert_eq!(
+            handled[&id], 1,
+            "payment {id}, held across the restart, ran twice"
+        );
+    }
     // Every queue of this run is empty (ready and unacknowledged).
     let counts = drill::queue_counts(&prefix).expect("rabbitmqctl list_queues");
     assert!(

@@ -30,7 +30,7 @@ pub use config::{
 pub use delay::{DelayMechanism, DelayMode};
 pub use error::AmqpError;
 pub use topology::Topology;
-pub use transport::{AmqpTransport, connect, declare_topology};
+pub use transport::{AmqpTransport, CONNECT_TIMEOUT, connect, declare_topology};
 
 /// A suffix unique within this process and, with the pid, across processes: nanoseconds since
 /// the epoch and a counter.

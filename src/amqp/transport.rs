@@ -103,19 +103,44 @@ fn broker_error(addr: &AmqpAddr, operation: impl Into<String>, e: &lapin::Error)
     }
 }
 
+/// How long the first connection may take before connecting fails.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// Open a connection with lapin's auto-recovery on; errors never show the credentials.
+///
+/// With auto-recovery, lapin retries even the *first* connection for minutes (exponential
+/// backoff up to 60 s) when the broker is unreachable or refuses the login. A misconfigured
+/// service should fail at start instead: so a plain connection is tried first, within
+/// [`CONNECT_TIMEOUT`], and only once it succeeded is the recovering one opened.
 pub async fn connect(addr: &AmqpAddr, connection_name: &str) -> Result<Connection, AmqpError> {
-    Connection::connect(
-        addr.expose(),
+    let failed = |message: String| AmqpError::Connect {
+        addr: addr.redacted(),
+        message,
+    };
+    let open = |properties: ConnectionProperties| async move {
+        match tokio::time::timeout(
+            CONNECT_TIMEOUT,
+            Connection::connect(addr.expose(), properties),
+        )
+        .await
+        {
+            Ok(Ok(connection)) => Ok(connection),
+            Ok(Err(e)) => Err(failed(addr.scrub(&e.to_string()))),
+            Err(_) => Err(failed(format!("no answer within {CONNECT_TIMEOUT:?}"))),
+        }
+    };
+    let preflight = open(
+        ConnectionProperties::default()
+            .with_connection_name(format!("{connection_name}-preflight").into()),
+    )
+    .await?;
+    let _ = preflight.close(200, "prereq: preflight done".into()).await;
+    open(
         ConnectionProperties::default()
             .enable_auto_recover()
             .with_connection_name(connection_name.into()),
     )
     .await
-    .map_err(|e| AmqpError::Connect {
-        addr: addr.redacted(),
-        message: addr.scrub(&e.to_string()),
-    })
 }
 
 /// Declare everything `config` needs on `channel`: the retry exchange (typed by `mechanism`),
