@@ -200,10 +200,10 @@ impl<K: Eq + Hash + Clone, V> Hold<K, V> {
     fn remove_entry(&mut self, seq: u64) -> Option<Entry<K, V>> {
         let e = self.by_arrival.remove(&seq)?;
         self.bytes -= e.size;
-        if let Some(id) = &e.id {
-            if self.by_id.get(id) == Some(&seq) {
-                self.by_id.remove(id);
-            }
+        if let Some(id) = &e.id
+            && self.by_id.get(id) == Some(&seq)
+        {
+            self.by_id.remove(id);
         }
         Some(e)
     }
