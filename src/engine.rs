@@ -54,6 +54,9 @@ impl<M> Default for Lane<M> {
     }
 }
 
+/// Deliveries the pump may have handed over before the loop takes them.
+const PUMP_BUFFER: usize = 32;
+
 pub(crate) struct Engine<K, M, T> {
     cfg: Arc<Config<K, M>>,
     transport: Arc<T>,
@@ -104,7 +107,9 @@ impl<K: Key, M: Send + 'static, T: Transport> Engine<K, M, T> {
         mut self,
         shutdown: impl Future<Output = ()> + Send,
     ) -> Result<Report, Error<T::Error>> {
-        let (tx, mut inbox) = mpsc::channel(1);
+        // A few deliveries in flight between the pump and the loop, so that neither waits for
+        // the other on every message.
+        let (tx, mut inbox) = mpsc::channel(PUMP_BUFFER);
         let (stop_tx, stop_rx) = oneshot::channel();
         let pump = tokio::spawn(pump(Arc::clone(&self.transport), tx, stop_rx));
         tokio::pin!(shutdown);

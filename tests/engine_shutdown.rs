@@ -101,7 +101,8 @@ async fn shutdown_finishes_running_handlers_and_gives_back_everything_else() {
     };
     let report2 = run_until(consumer2, &broker, &rec2, |ev| handled(ev) == 4).await;
     let mut all = seen.get();
-    assert_eq!(&all[..3], &[1, 2, 3], "client 1's payments in order");
+    let client_1: Vec<u64> = all.iter().copied().filter(|id| *id <= 3).collect();
+    assert_eq!(client_1, vec![1, 2, 3], "client 1's payments in order");
     all.sort_unstable();
     assert_eq!(all, vec![1, 2, 3, 4, 5], "each handled exactly once");
     assert_eq!(report2.requeued, 0);
