@@ -113,8 +113,12 @@ impl<K: Key, M: Send + 'static, T: Transport> Engine<K, M, T> {
         let (stop_tx, stop_rx) = oneshot::channel();
         let pump = tokio::spawn(pump(Arc::clone(&self.transport), tx, stop_rx));
         tokio::pin!(shutdown);
-        // Stop taking deliveries while this many are already waiting for a handler slot.
+        // Messages in memory (held, or waiting in a lane for a handler slot) stay within the
+        // hold budget plus a small backlog: past it, stop taking deliveries until handlers
+        // catch up. Released messages only move from the hold to a lane, so a release never
+        // blocks the registrations that would wake other keys.
         let backlog = self.cfg.concurrency.saturating_mul(4).max(16);
+        let in_memory_limit = self.cfg.budget.max_messages.saturating_add(backlog);
         let mut failure = None;
         loop {
             let deadline = self.hold.next_deadline();
@@ -130,7 +134,7 @@ impl<K: Key, M: Send + 'static, T: Transport> Engine<K, M, T> {
                     if let Ok(Some(event)) = done { self.emit(event); }
                 }
                 () = sleep_until_opt(deadline), if deadline.is_some() => self.expire(),
-                got = inbox.recv(), if self.queued < backlog => match got {
+                got = inbox.recv(), if self.queued + self.hold.len() < in_memory_limit => match got {
                     Some(Ok(Some(d))) => self.on_delivery(d),
                     Some(Ok(None)) | None => break,
                     Some(Err(e)) => { failure = Some(e); break; }

@@ -239,3 +239,43 @@ async fn messages_after_their_registration_are_never_held() {
     assert_eq!(rec.decisions_of("2"), vec![Decision::Handled]);
     assert_eq!((report.held, report.released), (1, 1));
 }
+
+/// A large release (100 held payments of one client, handled one at a time, slowly) must not
+/// stall the intake: the next registration, for another client, still wakes that client's held
+/// payment at once.
+#[tokio::test(start_paused = true)]
+async fn a_large_release_does_not_stall_other_keys() {
+    let broker = MemoryBroker::new();
+    for id in 0..100 {
+        broker.publish(payment(id, 1));
+    }
+    broker.publish(payment(1_000, 2));
+    broker.register(client(1));
+    broker.register(client(2));
+    let rec = Recorder::new();
+    let consumer = builder(&rec)
+        .concurrency(2)
+        .handler(|p: Payment| async move {
+            if p.client == 1 {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            Ok::<_, HandlerError>(())
+        })
+        .build()
+        .unwrap();
+    let start = Instant::now();
+    run_until(consumer, &broker, &rec, |ev| {
+        count(ev, |e| e.decision == Decision::Handled) == 101
+    })
+    .await;
+    let handled_2 = rec
+        .of("1000")
+        .into_iter()
+        .find(|e| e.decision == Decision::Handled)
+        .unwrap();
+    assert_eq!(
+        handled_2.at - start,
+        Duration::ZERO,
+        "client 2's payment waited for client 1's release"
+    );
+}
