@@ -13,6 +13,39 @@
 //!
 //! Sizing: held messages are unacknowledged deliveries, so the prefetch must exceed the hold
 //! budget plus the handler concurrency ([`prefetch_for`]), or a full hold stalls delivery.
+//!
+//! ```no_run
+//! use prereq::amqp::topology::{self, PaymentNames};
+//! use prereq::amqp::{AmqpAddr, AmqpTransport, prefetch_for};
+//! use prereq::{DependentConsumer, HandlerError, HoldBudget};
+//!
+//! #[derive(serde::Deserialize)]
+//! struct Payment { id: String, #[serde(rename = "clientId")] client_id: u64 }
+//! #[derive(serde::Deserialize)]
+//! struct Client { id: u64 }
+//!
+//! # #[tokio::main] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let budget = HoldBudget::default();
+//! // The payment demo's exchanges and queues; `AMQP_ADDR` or the local default broker.
+//! let config = topology::payments(&PaymentNames::default())
+//!     .with_addr(AmqpAddr::from_env())
+//!     .with_prefetch(prefetch_for(budget.max_messages, 8));
+//! let transport = AmqpTransport::connect(config).await?; // fails at once if unreachable
+//! println!("delay mechanism: {}", transport.mechanism());
+//!
+//! let consumer = DependentConsumer::<u64, Payment>::builder()
+//!     .key(|p: &Payment| p.client_id)
+//!     .id(|p: &Payment| p.id.clone())
+//!     .registrations(|c: &Client| c.id)
+//!     .handler(|_p: Payment| async move { Ok::<_, HandlerError>(()) })
+//!     .budget(budget)
+//!     .concurrency(8)
+//!     .build()?;
+//! let shutdown = async { let _ = tokio::signal::ctrl_c().await; };
+//! let report = consumer.run(transport, shutdown).await?;
+//! println!("{report:?}");
+//! # Ok(()) }
+//! ```
 
 mod addr;
 mod config;
