@@ -10,6 +10,7 @@ use futures::future::BoxFuture;
 use serde::de::DeserializeOwned;
 use tokio::sync::mpsc;
 
+use crate::context::Context;
 use crate::error::{BuildError, Error, HandlerError};
 use crate::event::Event;
 use crate::hold::HoldBudget;
@@ -22,8 +23,8 @@ pub trait Key: Eq + Hash + Clone + fmt::Debug + Send + Sync + 'static {}
 impl<T: Eq + Hash + Clone + fmt::Debug + Send + Sync + 'static> Key for T {}
 
 pub(crate) type Decode<T> = Arc<dyn Fn(&[u8]) -> Result<T, String> + Send + Sync>;
-pub(crate) type Handler<M> =
-    Arc<dyn Fn(M) -> BoxFuture<'static, Result<(), HandlerError>> + Send + Sync>;
+pub(crate) type Handler<K, M> =
+    Arc<dyn Fn(M, Context<K>) -> BoxFuture<'static, Result<(), HandlerError>> + Send + Sync>;
 pub(crate) type Observer<K> = Arc<dyn Fn(&Event<K>) + Send + Sync>;
 pub(crate) type KeyFn<M, K> = Arc<dyn Fn(&M) -> K + Send + Sync>;
 pub(crate) type IdFn<M> = Arc<dyn Fn(&M) -> String + Send + Sync>;
@@ -40,7 +41,7 @@ pub(crate) struct Config<K, M> {
     pub(crate) key: KeyFn<M, K>,
     pub(crate) id: Option<IdFn<M>>,
     pub(crate) registration: Option<Decode<K>>,
-    pub(crate) handler: Handler<M>,
+    pub(crate) handler: Handler<K, M>,
     pub(crate) policy: Arc<dyn Policy>,
     pub(crate) budget: HoldBudget,
     pub(crate) concurrency: usize,
@@ -199,7 +200,7 @@ pub struct ConsumerBuilder<K, M> {
     key: Option<KeyFn<M, K>>,
     id: Option<IdFn<M>>,
     registration: Option<Decode<K>>,
-    handler: Option<Handler<M>>,
+    handler: Option<Handler<K, M>>,
     policy: Arc<dyn Policy>,
     budget: HoldBudget,
     concurrency: usize,
@@ -262,7 +263,18 @@ impl<K: Key, M: Send + 'static> ConsumerBuilder<K, M> {
         F: Fn(M) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Result<(), HandlerError>> + Send + 'static,
     {
-        self.handler = Some(Arc::new(move |m| Box::pin(f(m))));
+        self.handler = Some(Arc::new(move |m, _| Box::pin(f(m))));
+        self
+    }
+
+    /// Like [`ConsumerBuilder::handler`], and the handler also receives the delivery's
+    /// [`Context`] (key, message id, attempt, redelivered flag), e.g. to deduplicate.
+    pub fn handler_with_context<F, Fut>(mut self, f: F) -> Self
+    where
+        F: Fn(M, Context<K>) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<(), HandlerError>> + Send + 'static,
+    {
+        self.handler = Some(Arc::new(move |m, ctx| Box::pin(f(m, ctx))));
         self
     }
 

@@ -19,6 +19,7 @@ use tokio::task::{Id, JoinSet};
 use tokio::time::Instant;
 
 use crate::consumer::{Config, Key, Report};
+use crate::context::Context;
 use crate::error::{Error, HandlerError};
 use crate::event::{Decision, DeferCause, Event};
 use crate::hold::Hold;
@@ -34,6 +35,7 @@ struct Pending<M> {
     attempt: u32,
     max_attempts: Option<u32>,
     message_id: Option<String>,
+    redelivered: bool,
     seed: u64,
     held_at: Option<Instant>,
 }
@@ -244,6 +246,7 @@ impl<K: Key, M: Send + 'static, T: Transport> Engine<K, M, T> {
             attempt: d.attempt,
             max_attempts: d.max_attempts,
             message_id,
+            redelivered: d.redelivered,
             seed,
             held_at: None,
         };
@@ -492,10 +495,17 @@ async fn handle<K: Key, M: Send + 'static, T: Transport>(
         attempt,
         max_attempts,
         ref message_id,
+        redelivered,
         seed,
         held_at,
     } = p;
-    let outcome = match std::panic::catch_unwind(AssertUnwindSafe(|| (cfg.handler)(msg))) {
+    let ctx = Context {
+        key: key.clone(),
+        message_id: message_id.clone(),
+        attempt,
+        redelivered,
+    };
+    let outcome = match std::panic::catch_unwind(AssertUnwindSafe(|| (cfg.handler)(msg, ctx))) {
         Ok(fut) => AssertUnwindSafe(fut)
             .catch_unwind()
             .await
@@ -510,6 +520,7 @@ async fn handle<K: Key, M: Send + 'static, T: Transport>(
         attempt,
         max_attempts,
         message_id: message_id.clone(),
+        redelivered,
         seed,
         held_at,
     };

@@ -15,6 +15,7 @@
 #![warn(missing_docs)]
 
 mod consumer;
+mod context;
 mod engine;
 mod error;
 mod event;
@@ -32,6 +33,7 @@ pub mod amqp;
 pub use consumer::{
     ConsumerBuilder, DEFAULT_ACK_TIMEOUT, DEFAULT_SHUTDOWN_GRACE, DependentConsumer, Key, Report,
 };
+pub use context::Context;
 pub use error::{BuildError, Error, HandlerError};
 pub use event::{Decision, DeferCause, Event};
 pub use hold::HoldBudget;
