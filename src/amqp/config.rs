@@ -59,11 +59,13 @@ pub const fn prefetch_for(hold_max_messages: usize, concurrency: usize) -> u16 {
 /// | max delay | one day |
 /// | prefetch | [`DEFAULT_PREFETCH`] per message queue, [`DEFAULT_REGISTRATION_PREFETCH`] for registrations |
 /// | topology | durable queues `orders` and `customers`; `orders` bound to `orders.retry` with key `orders` |
+/// | registration queue kind | a classic queue, consumed (see [`AmqpConfig::with_registration_stream`]) |
 #[derive(Clone, Debug)]
 pub struct AmqpConfig {
     pub(crate) addr: AmqpAddr,
     pub(crate) queues: Vec<String>,
     pub(crate) registration_queue: String,
+    pub(crate) registration_stream: bool,
     pub(crate) retry_exchange: String,
     pub(crate) retry_routing_key: String,
     pub(crate) dead_letter_queue: String,
@@ -94,6 +96,7 @@ impl AmqpConfig {
             delay_queue_prefix: format!("{queue}.delay"),
             queues: vec![queue],
             registration_queue,
+            registration_stream: false,
             retry_exchange,
             delay_mode: DelayMode::Auto,
             max_delay: DEFAULT_MAX_DELAY,
@@ -102,6 +105,27 @@ impl AmqpConfig {
             topology,
             connection_name: "prereq".to_owned(),
         }
+    }
+
+    /// Make the registration queue a RabbitMQ **stream**, read from its first message every
+    /// time the transport connects.
+    ///
+    /// With a plain queue, a registration is consumed once: a consumer that restarts with an
+    /// in-memory key store forgets every key registered before, and several consumer instances
+    /// on one registration queue each learn only the registrations that reach them (so a
+    /// payment can wait at one instance for a client that another one registered). A stream
+    /// keeps its messages and every reader gets all of them: each instance, and each restart,
+    /// learns every key. The transport declares the queue with `x-queue-type: stream` (instead of
+    /// the topology's declaration of it) and consumes it with `x-stream-offset: first`.
+    ///
+    /// A stream grows until a retention limit removes old segments: set one with a policy
+    /// (`rabbitmqctl set_policy … '{"max-age":"30D"}' --apply-to queues`), and keep every key
+    /// you still need within it. An existing classic queue of the same name cannot become a
+    /// stream (the declaration fails with `406 PRECONDITION_FAILED`): use a new name, bound to
+    /// the same exchange.
+    pub fn with_registration_stream(mut self) -> Self {
+        self.registration_stream = true;
+        self
     }
 
     /// The broker address.
@@ -177,6 +201,11 @@ impl AmqpConfig {
     pub fn with_connection_name(mut self, name: impl Into<String>) -> Self {
         self.connection_name = name.into();
         self
+    }
+
+    /// Whether the registration queue is a stream, replayed from the start on every connect.
+    pub fn registration_stream(&self) -> bool {
+        self.registration_stream
     }
 
     /// The broker address.

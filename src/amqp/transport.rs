@@ -70,6 +70,9 @@ struct Pending {
     routing_key: String,
     properties: BasicProperties,
     body: Vec<u8>,
+    /// From a stream: it cannot be requeued (a nack closes the connection with
+    /// `540 NOT_IMPLEMENTED`), and needs not be: every connect reads the stream again.
+    stream: bool,
 }
 
 impl std::fmt::Debug for AmqpTransport {
@@ -188,17 +191,28 @@ pub async fn declare_topology(
             .await
             .map_err(|e| broker_error(addr, format!("declare exchange {name}"), &e))?;
     }
+    let stream = config
+        .registration_stream()
+        .then_some(config.registration_queue());
     let queues = topology
         .queues
         .iter()
-        .map(|(q, quorum)| (q.as_str(), *quorum))
-        .chain([(config.dead_letter_queue(), true)]);
+        .filter(|(q, _)| Some(q.as_str()) != stream)
+        .map(|(q, quorum)| (q.as_str(), Some(*quorum)))
+        .chain([(config.dead_letter_queue(), Some(true))])
+        .chain(stream.map(|q| (q, None)));
     for (name, quorum) in queues {
         let mut args = FieldTable::default();
-        if quorum {
+        // `None`: the registration stream.
+        let kind = match quorum {
+            Some(true) => Some("quorum"),
+            Some(false) => None,
+            None => Some("stream"),
+        };
+        if let Some(kind) = kind {
             args.insert(
                 "x-queue-type".into(),
-                AMQPValue::LongString(LongString::from("quorum")),
+                AMQPValue::LongString(LongString::from(kind)),
             );
         }
         channel
@@ -257,18 +271,33 @@ impl AmqpTransport {
         let mut consumers = Vec::new();
         for queue in config.queues() {
             let ch = channel("open consumer channel").await?;
-            let consumer = consume(&ch, queue, config.prefetch(), &addr).await?;
-            consumers.push((ch, consumer, Source::Message));
+            let consumer =
+                consume(&ch, queue, config.prefetch(), FieldTable::default(), &addr).await?;
+            consumers.push((ch, consumer, Source::Message, false));
         }
         let ch = channel("open registration channel").await?;
+        let mut arguments = FieldTable::default();
+        if config.registration_stream() {
+            // Every key ever registered (within the stream's retention), on every connect.
+            arguments.insert(
+                "x-stream-offset".into(),
+                AMQPValue::LongString(LongString::from("first")),
+            );
+        }
         let consumer = consume(
             &ch,
             config.registration_queue(),
             config.registration_prefetch,
+            arguments,
             &addr,
         )
         .await?;
-        consumers.push((ch, consumer, Source::Registration));
+        consumers.push((
+            ch,
+            consumer,
+            Source::Registration,
+            config.registration_stream(),
+        ));
 
         let capacity = usize::from(config.prefetch)
             .saturating_mul(config.queues().len())
@@ -286,8 +315,15 @@ impl AmqpTransport {
         });
         let pumps = consumers
             .into_iter()
-            .map(|(ch, consumer, source)| {
-                tokio::spawn(pump(shared.clone(), ch, consumer, source, tx.clone()))
+            .map(|(ch, consumer, source, stream)| {
+                tokio::spawn(pump(
+                    shared.clone(),
+                    ch,
+                    consumer,
+                    source,
+                    stream,
+                    tx.clone(),
+                ))
             })
             .collect();
         Ok(Self {
@@ -353,6 +389,7 @@ async fn consume(
     channel: &Channel,
     queue: &str,
     prefetch: u16,
+    arguments: FieldTable,
     addr: &AmqpAddr,
 ) -> Result<Consumer, AmqpError> {
     channel
@@ -364,7 +401,7 @@ async fn consume(
             short(queue)?,
             "".into(),
             BasicConsumeOptions::default(),
-            FieldTable::default(),
+            arguments,
         )
         .await
         .map_err(|e| broker_error(addr, format!("consume {queue}"), &e))
@@ -377,13 +414,14 @@ async fn pump(
     channel: Channel,
     mut consumer: Consumer,
     source: Source,
+    stream: bool,
     tx: mpsc::Sender<Result<Delivery, AmqpError>>,
 ) {
     let queue = consumer.queue();
     while let Some(next) = consumer.next().await {
         match next {
             Ok(d) => {
-                let delivery = shared.register(d, source);
+                let delivery = shared.register(d, source, stream);
                 if tx.send(Ok(delivery)).await.is_err() {
                     return;
                 }
@@ -406,7 +444,7 @@ async fn pump(
 }
 
 impl Shared {
-    fn register(&self, d: LapinDelivery, source: Source) -> Delivery {
+    fn register(&self, d: LapinDelivery, source: Source, stream: bool) -> Delivery {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let incoming = headers::read_incoming(d.properties.headers().as_ref());
         let delivery = Delivery {
@@ -428,6 +466,7 @@ impl Shared {
             routing_key: d.routing_key.as_str().to_owned(),
             properties: d.properties,
             body: d.data,
+            stream,
         };
         self.pending
             .lock()
@@ -453,6 +492,11 @@ impl Shared {
     }
 
     async fn requeue(&self, p: &Pending) -> Result<(), AmqpError> {
+        if p.stream {
+            // Acknowledged instead (it frees the stream consumer's credit); the next connect
+            // reads it again from the stream.
+            return self.ack(p).await;
+        }
         let options = BasicNackOptions {
             requeue: true,
             multiple: false,
