@@ -17,6 +17,7 @@ use futures::FutureExt;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::{Id, JoinSet};
 use tokio::time::Instant;
+use tracing::Instrument;
 
 use crate::consumer::{Config, Key, Report};
 use crate::context::Context;
@@ -505,8 +506,20 @@ async fn handle<K: Key, M: Send + 'static, T: Transport>(
         attempt,
         redelivered,
     };
-    let outcome = match std::panic::catch_unwind(AssertUnwindSafe(|| (cfg.handler)(msg, ctx))) {
-        Ok(fut) => AssertUnwindSafe(fut)
+    // The handler runs inside a span, so that its own logs carry the key and the message.
+    let span = tracing::info_span!(
+        target: "prereq",
+        "handle",
+        key = ?key,
+        message_id = message_id.as_deref(),
+        attempt
+    );
+    let called = {
+        let _entered = span.enter();
+        std::panic::catch_unwind(AssertUnwindSafe(|| (cfg.handler)(msg, ctx)))
+    };
+    let outcome = match called {
+        Ok(fut) => AssertUnwindSafe(fut.instrument(span))
             .catch_unwind()
             .await
             .unwrap_or_else(|payload| Err(panicked(&*payload))),
