@@ -331,6 +331,36 @@ async fn confirm_channel(conn: &Connection) -> Res<Channel> {
     Ok(ch)
 }
 
+/// Publish every client's registration to `queue` at `t0 + data.reg_at[client]`, in time order,
+/// and wait for the confirms; returns when each was sent, by client.
+async fn register_on_schedule(
+    ch: &Channel,
+    queue: &str,
+    data: &RaceData,
+    t0: Instant,
+) -> Res<Vec<Instant>> {
+    let mut order: Vec<u64> = (0..data.reg_at.len() as u64).collect();
+    order.sort_by_key(|c| data.reg_at[*c as usize]);
+    let mut sent_at = vec![t0; data.reg_at.len()];
+    let mut confirms = Vec::with_capacity(order.len());
+    for c in order {
+        tokio::time::sleep_until(t0 + data.reg_at[c as usize]).await;
+        sent_at[c as usize] = Instant::now();
+        confirms.push(
+            ch.basic_publish(
+                "".into(),
+                queue.into(),
+                BasicPublishOptions::default(),
+                &client_body(c),
+                persistent(),
+            )
+            .await?,
+        );
+    }
+    check_confirms(join_all(confirms).await)?;
+    Ok(sent_at)
+}
+
 fn check_confirms(confirms: Vec<lapin::Result<Confirmation>>) -> Res<()> {
     for c in confirms {
         match c? {
@@ -731,25 +761,7 @@ async fn race(
         )
         .await?;
         let t0 = Instant::now();
-        let mut order: Vec<u64> = (0..data.reg_at.len() as u64).collect();
-        order.sort_by_key(|c| data.reg_at[*c as usize]);
-        let mut registered_at = vec![t0; data.reg_at.len()];
-        let mut confirms = Vec::with_capacity(order.len());
-        for c in order {
-            tokio::time::sleep_until(t0 + data.reg_at[c as usize]).await;
-            registered_at[c as usize] = Instant::now();
-            confirms.push(
-                ch.basic_publish(
-                    "".into(),
-                    clients_q.as_str().into(),
-                    BasicPublishOptions::default(),
-                    &client_body(c),
-                    persistent(),
-                )
-                .await?,
-            );
-        }
-        check_confirms(join_all(confirms).await)?;
+        let registered_at = register_on_schedule(&ch, &clients_q, data, t0).await?;
         timeout(&format!("{scenario}: draining"), STUCK, all_done.notified()).await?;
         let _ = ch.close(200, "done".into()).await;
         Res::Ok((t0, paid_at, registered_at))
@@ -858,25 +870,7 @@ async fn raw_latency(
         Res::Ok(got)
     });
     let t0 = Instant::now() + Duration::from_millis(50);
-    let mut order: Vec<u64> = (0..k as u64).collect();
-    order.sort_by_key(|c| data.reg_at[*c as usize]);
-    let mut sent_at = vec![t0; k];
-    let mut confirms = Vec::with_capacity(k);
-    for c in order {
-        tokio::time::sleep_until(t0 + data.reg_at[c as usize]).await;
-        sent_at[c as usize] = Instant::now();
-        confirms.push(
-            ch.basic_publish(
-                "".into(),
-                queue.as_str().into(),
-                BasicPublishOptions::default(),
-                &client_body(c),
-                persistent(),
-            )
-            .await?,
-        );
-    }
-    check_confirms(join_all(confirms).await)?;
+    let sent_at = register_on_schedule(&ch, &queue, data, t0).await?;
     let got = timeout("raw latency", STUCK, receiver).await???;
     let _ = consumer_conn.close(200, "done".into()).await;
     let _ = ch.close(200, "done".into()).await;
