@@ -10,7 +10,8 @@
 //! ```
 //!
 //! On Ctrl-C or SIGTERM it stops taking deliveries, lets running handlers finish and gives
-//! every held message back to the broker before exiting.
+//! every held message back to the broker before exiting. With `--features metrics` it also
+//! prints prereq's metrics on exit.
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -96,9 +97,49 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
         .on_event(print_decision)
         .build()?;
 
+    #[cfg(feature = "metrics")]
+    let snapshotter = {
+        // Any `metrics` exporter works; this one keeps the figures to print them on exit.
+        let recorder = metrics_util::debugging::DebuggingRecorder::new();
+        let snapshotter = recorder.snapshotter();
+        recorder.install()?;
+        snapshotter
+    };
     let report = consumer.run(transport, shutdown()).await?;
     println!("stopped: {report:?}");
+    #[cfg(feature = "metrics")]
+    print_metrics(&snapshotter);
     Ok(())
+}
+
+/// The `metrics` feature's counters, gauge and histogram, one line each.
+#[cfg(feature = "metrics")]
+fn print_metrics(snapshotter: &metrics_util::debugging::Snapshotter) {
+    use metrics_util::debugging::DebugValue;
+    println!("metrics:");
+    for (key, _, _, value) in snapshotter.snapshot().into_vec() {
+        let key = key.key();
+        let labels: Vec<String> = key
+            .labels()
+            .map(|l| format!("{}={}", l.key(), l.value()))
+            .collect();
+        let value = match value {
+            DebugValue::Counter(n) => n.to_string(),
+            DebugValue::Gauge(g) => g.into_inner().to_string(),
+            DebugValue::Histogram(v) => {
+                let mut ms: Vec<f64> = v.iter().map(|x| x.into_inner() * 1e3).collect();
+                ms.sort_by(f64::total_cmp);
+                match (ms.first(), ms.get(ms.len() / 2), ms.last()) {
+                    (Some(min), Some(p50), Some(max)) => format!(
+                        "{} samples, min/p50/max {min:.2}/{p50:.2}/{max:.2} ms",
+                        ms.len()
+                    ),
+                    _ => "no samples".to_owned(),
+                }
+            }
+        };
+        println!("  {}{{{}}} {value}", key.name(), labels.join(","));
+    }
 }
 
 /// One readable line per decision: payment, client, attempt, what happened.
