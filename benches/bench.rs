@@ -473,8 +473,15 @@ struct Raw {
     consume_pipelined_per_s: f64,
 }
 
-async fn raw(conn: &Connection, run: &str, cleanup: &Cleanup, s: &Sizes) -> Res<Raw> {
-    let queue = format!("{}queue", unique(run, "raw"));
+/// A durable classic queue of its own for a bare-lapin scenario (deleted by `cleanup`), and a
+/// confirm channel to publish to it.
+async fn scratch_queue(
+    conn: &Connection,
+    run: &str,
+    tag: &str,
+    cleanup: &Cleanup,
+) -> Res<(String, Channel)> {
+    let queue = format!("{}queue", unique(run, tag));
     cleanup.queue(queue.clone());
     let ch = confirm_channel(conn).await?;
     ch.queue_declare(
@@ -486,6 +493,11 @@ async fn raw(conn: &Connection, run: &str, cleanup: &Cleanup, s: &Sizes) -> Res<
         FieldTable::default(),
     )
     .await?;
+    Ok((queue, ch))
+}
+
+async fn raw(conn: &Connection, run: &str, cleanup: &Cleanup, s: &Sizes) -> Res<Raw> {
+    let (queue, ch) = scratch_queue(conn, run, "raw", cleanup).await?;
     let bodies: Vec<Vec<u8>> = (0..s.n as u64).map(|i| payment_body(i, i % s.k)).collect();
     let t = Instant::now();
     publish_all(&ch, &queue, &bodies, |_| {}).await?;
@@ -834,18 +846,7 @@ async fn raw_latency(
     cleanup: &Cleanup,
     data: &RaceData,
 ) -> Res<Vec<f64>> {
-    let queue = format!("{}queue", unique(run, "rawlat"));
-    cleanup.queue(queue.clone());
-    let ch = confirm_channel(conn).await?;
-    ch.queue_declare(
-        queue.as_str().into(),
-        QueueDeclareOptions {
-            durable: true,
-            ..QueueDeclareOptions::default()
-        },
-        FieldTable::default(),
-    )
-    .await?;
+    let (queue, ch) = scratch_queue(conn, run, "rawlat", cleanup).await?;
     let k = data.reg_at.len();
     let consumer_conn = Connection::connect(addr.expose(), ConnectionProperties::default()).await?;
     let cch = consumer_conn.create_channel().await?;

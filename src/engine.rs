@@ -302,8 +302,13 @@ impl<K: Key, M: Send + 'static, T: Transport> Engine<K, M, T> {
 
     /// The key is known: move its held messages, in arrival order, to its lane.
     fn release(&mut self, key: &K) {
+        let released = self.hold.take(key);
+        if released.is_empty() {
+            // The common case for a known key: nothing was held, nothing to time.
+            return;
+        }
         let now = Instant::now();
-        for p in self.hold.take(key) {
+        for p in released {
             let waited = p.held_at.map(|t| now - t).unwrap_or_default();
             self.report.released += 1;
             self.emit(self.pending_event(&p, Some(key.clone()), Decision::Released { waited }));

@@ -24,7 +24,7 @@
 //! # }
 //! ```
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use tokio::sync::Notify;
@@ -118,6 +118,8 @@ struct State {
     requeued: BTreeMap<u64, Stored>,
     delayed: BTreeMap<(Instant, u64), Stored>,
     unacked: BTreeMap<u64, (u64, Stored)>,
+    /// How many of `unacked` each transport holds (the prefetch check runs on every `recv`).
+    unacked_per_transport: HashMap<u64, usize>,
     dead: Vec<DeadLettered>,
     stats: Stats,
     next_id: u64,
@@ -144,10 +146,29 @@ impl State {
     }
 
     fn unacked_of(&self, transport: u64) -> usize {
-        self.unacked
-            .values()
-            .filter(|(t, _)| *t == transport)
-            .count()
+        self.unacked_per_transport
+            .get(&transport)
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// Hand `m` to `transport` as delivery `tag`, unsettled.
+    fn deliver(&mut self, tag: u64, transport: u64, m: Stored) {
+        self.unacked.insert(tag, (transport, m));
+        *self.unacked_per_transport.entry(transport).or_default() += 1;
+    }
+
+    /// Take back delivery `tag` if `transport` holds it.
+    fn take_unacked(&mut self, tag: u64, transport: u64) -> Option<Stored> {
+        match self.unacked.get(&tag) {
+            Some((owner, _)) if *owner == transport => {}
+            _ => return None,
+        }
+        let (_, m) = self.unacked.remove(&tag)?;
+        if let Some(n) = self.unacked_per_transport.get_mut(&transport) {
+            *n -= 1;
+        }
+        Some(m)
     }
 }
 
@@ -301,10 +322,11 @@ impl Drop for MemoryTransport {
             .map(|(k, _)| *k)
             .collect();
         for tag in mine {
-            if let Some((_, m)) = s.unacked.remove(&tag) {
+            if let Some(m) = s.take_unacked(tag, self.id) {
                 s.requeue(tag, m);
             }
         }
+        s.unacked_per_transport.remove(&self.id);
         drop(s);
         self.broker.shared.changed.notify_waiters();
     }
@@ -347,7 +369,7 @@ impl Transport for MemoryTransport {
                             message_id: m.message_id.clone(),
                             redelivered: m.redelivered,
                         };
-                        s.unacked.insert(tag, (self.id, m));
+                        s.deliver(tag, self.id, m);
                         return Ok(Some(d));
                     }
                 }
@@ -367,15 +389,9 @@ impl Transport for MemoryTransport {
 
     async fn settle(&self, id: DeliveryId, settle: Settle) -> Result<(), MemoryError> {
         let mut s = self.broker.lock();
-        let (owner, mut m) = match s.unacked.remove(&id.0) {
-            Some(entry) if entry.0 == self.id => entry,
-            Some(entry) => {
-                s.unacked.insert(id.0, entry);
-                return Err(MemoryError::UnknownDelivery(id));
-            }
-            None => return Err(MemoryError::UnknownDelivery(id)),
-        };
-        debug_assert_eq!(owner, self.id);
+        let mut m = s
+            .take_unacked(id.0, self.id)
+            .ok_or(MemoryError::UnknownDelivery(id))?;
         match settle {
             Settle::Ack => s.stats.acked += 1,
             Settle::Defer { delay, attempt } => {

@@ -25,14 +25,7 @@ async fn payment_for_a_client_that_never_comes_is_dead_lettered() {
     let mut s = Scenario::start(&conn, "never", policy, HoldBudget::NONE).await;
     s.publish_payment(&payment("pay-3", 404), 2).await;
 
-    let dead = s
-        .wait(Duration::from_secs(60), |e| {
-            matches!(e.decision, Decision::DeadLettered(_))
-        })
-        .await;
-    let Decision::DeadLettered(dl) = &dead.decision else {
-        unreachable!()
-    };
+    let (dead, dl) = s.dead_letter(Duration::from_secs(60)).await;
     assert_eq!(dl.kind, DeadLetterKind::KeyNeverArrived);
     assert_eq!(dl.attempts, 2);
     assert_eq!(dead.attempt, 2);

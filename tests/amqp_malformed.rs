@@ -26,14 +26,7 @@ async fn malformed_body_is_dead_lettered() {
         demo_new_message_headers(10),
     )
     .await;
-    let dead = s
-        .wait(Duration::from_secs(60), |e| {
-            matches!(e.decision, Decision::DeadLettered(_))
-        })
-        .await;
-    let Decision::DeadLettered(dl) = &dead.decision else {
-        unreachable!()
-    };
+    let (_, dl) = s.dead_letter(Duration::from_secs(60)).await;
     assert_eq!(dl.kind, DeadLetterKind::Undecodable);
     assert_eq!(dl.attempts, 0);
 

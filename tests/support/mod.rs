@@ -349,7 +349,9 @@ pub mod payments {
     use prereq::amqp::headers::demo_new_message_headers;
     use prereq::amqp::topology::{self, CLIENT_KEY, PROCESS_KEY, PaymentNames};
     use prereq::amqp::{AmqpConfig, AmqpTransport, DelayMechanism, DelayMode, prefetch_for};
-    use prereq::{Backoff, DependentConsumer, Event, HandlerError, HoldBudget, Report};
+    use prereq::{
+        Backoff, DeadLetter, Decision, DependentConsumer, Event, HandlerError, HoldBudget, Report,
+    };
     use serde::{Deserialize, Serialize};
     use tokio::sync::{mpsc, oneshot};
 
@@ -511,6 +513,20 @@ pub mod payments {
             pred: impl FnMut(&Event<u64>) -> bool,
         ) -> Event<u64> {
             super::wait_for(&mut self.events, timeout, pred, &mut self.seen).await
+        }
+
+        /// Wait for the first dead letter; returns its event and its reason.
+        pub async fn dead_letter(&mut self, timeout: Duration) -> (Event<u64>, DeadLetter) {
+            let event = self
+                .wait(timeout, |e| matches!(e.decision, Decision::DeadLettered(_)))
+                .await;
+            match &event.decision {
+                Decision::DeadLettered(dl) => {
+                    let dl = dl.clone();
+                    (event, dl)
+                }
+                other => panic!("waited for a dead letter, got {other:?}"),
+            }
         }
 
         /// Stop the consumer gracefully and return its report.
