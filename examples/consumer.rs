@@ -1,7 +1,7 @@
-//! The payment demo's consumer on prereq: a payment whose client is not registered yet is held
-//! (unacknowledged), released the moment the client arrives, else deferred through a broker
-//! delay with a linear 1 s backoff, and dead-lettered to `payment-processor.dead` after its
-//! last attempt (`x-retry-limit`, 10 for the demo's payments).
+//! The payment demo's consumer on prereq, wire-compatible with the classic Go demo: a payment
+//! whose client is not registered yet is held (unacknowledged), released the moment the client
+//! is registered, else deferred through a broker delay with a linear 1 s backoff, and
+//! dead-lettered to `payment-processor.dead` after its last attempt (`x-retry-limit`, 10).
 //!
 //! ```text
 //! cargo run --example consumer          # until Ctrl-C / SIGTERM
@@ -9,36 +9,35 @@
 //! cargo run --example producer -- c 5   # released and processed
 //! ```
 //!
-//! On Ctrl-C or SIGTERM it stops taking deliveries, lets running handlers finish and gives
-//! every held message back to the broker before exiting. With `--features metrics` it also
-//! prints prereq's metrics on exit.
+//! Registered clients are kept in an SQLite file, as the Go demo keeps them in `mydb.db`: a
+//! restarted consumer still knows every client. Environment:
+//!
+//! * `AMQP_ADDR`: the broker (default `amqp://guest:guest@127.0.0.1:5672/%2f`);
+//! * `PREREQ_DB`: the client store: an SQLite file (default `prereq-demo.db` in the working
+//!   directory), or a `postgres://` URL for several instances sharing it (build with
+//!   `--features postgres`): a client registered through any instance wakes the payments every
+//!   instance holds;
+//! * `PREREQ_DB_TABLE`: the clients' table (default `clients`; with PostgreSQL also the
+//!   notification channel);
+//! * `PREREQ_PREFIX`: a prefix for every exchange and queue name (default none: the demo's own
+//!   names), to run separate demos on one broker;
+//! * `PREREQ_PARTITIONS`: run as one instance of a partitioned group (see `docs/scaling.md`):
+//!   payments are spread over that many partition queues by client, each instance is the
+//!   active consumer of its share, and one instance at a time routes the demo's
+//!   `payment-processor` queue into the partitions. Needs a PostgreSQL `PREREQ_DB`; every
+//!   instance must be given the same number.
+//!
+//! On Ctrl-C or SIGTERM it stops taking deliveries, lets running handlers finish and gives every
+//! held message back to the broker before exiting. With `--features metrics` it also prints
+//! prereq's metrics on exit.
+
+mod payments;
 
 use std::process::ExitCode;
-use std::time::Duration;
 
-use prereq::amqp::topology::{self, PaymentNames};
-use prereq::amqp::{AmqpAddr, AmqpTransport, prefetch_for};
-use prereq::{Backoff, Decision, DependentConsumer, Event, HandlerError, HoldBudget};
-use serde::Deserialize;
-
-#[derive(Debug, Deserialize)]
-#[serde(rename_all = "camelCase")]
-#[allow(dead_code)]
-struct Payment {
-    id: String,
-    client_id: u64,
-    value: f64,
-    operation_date: String,
-}
-
-#[derive(Debug, Deserialize)]
-#[allow(dead_code)]
-struct Client {
-    id: u64,
-    name: String,
-}
-
-const CONCURRENCY: usize = 8;
+use payments::{Clients, Payment};
+use prereq::amqp::DelayMechanism;
+use prereq::{Decision, Event, HandlerError, Report};
 
 #[tokio::main]
 async fn main() -> ExitCode {
@@ -50,8 +49,12 @@ async fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,lapin=off")),
         )
         .try_init();
-    match run().await {
-        Ok(()) => ExitCode::SUCCESS,
+    let result = run().await;
+    match result {
+        Ok(report) => {
+            println!("stopped: {report:?}");
+            ExitCode::SUCCESS
+        }
         Err(e) => {
             eprintln!("consumer: {e}");
             ExitCode::FAILURE
@@ -59,43 +62,56 @@ async fn main() -> ExitCode {
     }
 }
 
-async fn run() -> Result<(), Box<dyn std::error::Error>> {
-    // A short hold keeps the walk-through brisk: a payment whose client does not come within
-    // 5 s is deferred through the broker (1 s, 2 s, … by the policy) and held again on return.
-    let budget = HoldBudget::default().with_max_time(Duration::from_secs(5));
-    let config = topology::payments(&PaymentNames::default())
-        .with_addr(AmqpAddr::from_env())
-        .with_prefetch(prefetch_for(budget.max_messages, CONCURRENCY))
-        .with_connection_name("prereq-consumer-example");
-    let transport = AmqpTransport::connect(config).await?;
-    println!(
-        "connected to {}; delay mechanism: {}",
-        transport.config().addr(),
-        transport.mechanism()
-    );
-    println!(
-        "consuming {:?}, registrations from {}, dead letters to {}; Ctrl-C to stop",
-        transport.config().queues(),
-        transport.config().registration_queue(),
-        transport.config().dead_letter_queue()
-    );
-
-    let consumer = DependentConsumer::<u64, Payment>::builder()
-        .key(|p: &Payment| p.client_id)
-        .id(|p: &Payment| p.id.clone())
-        .registrations(|c: &Client| c.id)
-        .handler(|p: Payment| async move {
-            println!(
-                "  -> processing payment {} of client {}: {:.2} on {}",
-                p.id, p.client_id, p.value, p.operation_date
-            );
-            Ok::<(), HandlerError>(())
-        })
-        .policy(Backoff::linear(Duration::from_secs(1)).build()?)
-        .budget(budget)
-        .concurrency(CONCURRENCY)
+async fn run() -> Result<Report, Box<dyn std::error::Error>> {
+    let clients = Clients::from_env().await?;
+    println!("clients kept in {clients}");
+    let names = payments::names();
+    let broker = payments::connect("prereq-consumer-example").await?;
+    println!("connected to {}", broker.addr());
+    let (transport, instance) = payments::Instance::start(&broker, &names, &clients).await?;
+    match (broker.mechanism(), &instance.partitions) {
+        (DelayMechanism::DelayedExchange, None) => println!(
+            "delayed payments go through `{}` (x-delayed-message, the delayed-message plugin)",
+            names.payments_exchange
+        ),
+        (_, None) => println!(
+            "this broker has no delayed-message plugin: delayed payments wait in TTL delay \
+             queues ({}.<ms>ms), then come back through `{}` to `{}` (the Go demo itself \
+             needs the plugin to run)",
+            names.delay_queue_prefix, names.payments_exchange, names.reprocess_queue
+        ),
+        (DelayMechanism::DelayedExchange, Some(p)) => println!(
+            "delayed payments go back to their partition through `{}.retry` (x-delayed-message)",
+            p.exchange().name()
+        ),
+        (_, Some(p)) => println!(
+            "this broker has no delayed-message plugin: delayed payments wait in TTL delay \
+             queues ({}.delay.<ms>ms), then go back to their partition",
+            p.exchange().name()
+        ),
+    }
+    match &instance.partitions {
+        None => println!(
+            "consuming {} and {}, clients from {}, dead letters to {}; Ctrl-C to stop",
+            names.payments_queue,
+            names.reprocess_queue,
+            names.clients_queue,
+            names.dead_letter_queue
+        ),
+        Some(p) => println!(
+            "one instance of a group over {} partitions ({}.0 … {}.{}), clients from {}, \
+             payments routed from {} by client; Ctrl-C to stop",
+            p.count(),
+            p.exchange().name(),
+            p.exchange().name(),
+            p.count() - 1,
+            names.clients_queue,
+            names.payments_queue
+        ),
+    }
+    let consumer = payments::consumer(clients, process)
         .on_event(print_decision)
-        .build()?;
+        .build();
 
     #[cfg(feature = "metrics")]
     let snapshotter = {
@@ -105,14 +121,26 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
         recorder.install()?;
         snapshotter
     };
-    let report = consumer.run(transport, shutdown()).await?;
-    println!("stopped: {report:?}");
+    let report = consumer.run(transport, shutdown()).await;
+    if let Some(routed) = instance.finish().await? {
+        println!("router: {routed:?}");
+    }
+    let report = report?;
     #[cfg(feature = "metrics")]
     print_metrics(&snapshotter);
+    Ok(report)
+}
+
+/// Process a payment: its client is registered (prereq guarantees it).
+async fn process(p: Payment) -> Result<(), HandlerError> {
+    println!(
+        "  -> processing payment {} of client {}: {} on {}",
+        p.id, p.client_id, p.value, p.operation_date
+    );
     Ok(())
 }
 
-/// The `metrics` feature's counters, gauge and histogram, one line each.
+/// The `metrics` feature's counters, gauges and histogram, one line each.
 #[cfg(feature = "metrics")]
 fn print_metrics(snapshotter: &metrics_util::debugging::Snapshotter) {
     use metrics_util::debugging::DebugValue;
@@ -149,7 +177,7 @@ fn print_decision(e: &Event<u64>) {
         (Decision::Registered, _) => println!("client {client}: registered"),
         (decision, id) => println!(
             "payment {} client {client} attempt {}: {decision}",
-            id.unwrap_or("(no id)"),
+            id.unwrap_or("(bad body)"),
             e.attempt
         ),
     }

@@ -1,5 +1,6 @@
 //! The payment race on the in-memory broker, under tokio's paused clock: a minute of broker
-//! time runs in milliseconds, and the timeline is exactly the same on every run.
+//! time runs in milliseconds, and the timeline is exactly the same on every run. The times
+//! printed are that simulated broker time, not the wall clock.
 //!
 //! `cargo run --example demo`
 
@@ -39,13 +40,13 @@ fn client(id: u64) -> Stored {
 async fn main() {
     let broker = MemoryBroker::new();
     let start = Instant::now();
-    let policy = Backoff::linear(Duration::from_secs(1))
-        .with_max_attempts(3)
-        .build()
-        .expect("a valid policy");
-    let budget = HoldBudget::default().with_max_time(Duration::from_secs(2));
+    let policy = Backoff::linear(Duration::from_secs(1)).max_attempts(3);
+    let budget = HoldBudget::DEFAULT.max_time(Duration::from_secs(2));
     println!(
-        "prereq demo: payments racing their clients (linear 1 s backoff, 3 attempts, hold 2 s)\n"
+        "prereq demo: payments racing their clients (linear 1 s backoff, 3 attempts, hold 2 s)"
+    );
+    println!(
+        "times are simulated broker time (tokio's paused clock): the run takes milliseconds\n"
     );
     println!(
         "{:>8}  {:<10} {:<8} {:<7} decision",
@@ -53,13 +54,9 @@ async fn main() {
     );
 
     let flaky_once = Arc::new(AtomicBool::new(true));
-    let consumer = DependentConsumer::<u64, Payment>::builder()
-        .key(|p: &Payment| p.client_id)
-        .id(|p: &Payment| p.id.clone())
-        .registrations(|c: &Client| c.id)
-        .policy(policy)
-        .budget(budget)
-        .handler(move |p: Payment| {
+    let consumer = DependentConsumer::builder(
+        |p: &Payment| p.client_id,
+        move |p: Payment| {
             // p5's database is busy the first time: a retryable error.
             let fail = p.id == "p5" && flaky_once.swap(false, Ordering::SeqCst);
             async move {
@@ -69,10 +66,14 @@ async fn main() {
                 let _ = p.value;
                 Ok(())
             }
-        })
-        .on_event(move |e: &Event<u64>| print_line(start, e))
-        .build()
-        .expect("a valid consumer");
+        },
+    )
+    .id(|p: &Payment| p.id.clone())
+    .registrations(|c: &Client| c.id)
+    .policy(policy)
+    .budget(budget)
+    .on_event(move |e: &Event<u64>| print_line(start, e))
+    .build();
 
     let producer = {
         let broker = broker.clone();
@@ -111,13 +112,14 @@ async fn main() {
         start.elapsed().as_secs_f64()
     );
     println!(
-        "  handled {}, held {}, released {}, deferred {}, dead-lettered {}, peak held {}",
+        "  {} payments handled, {} dead-lettered; {} times a payment was held ({} released by \
+         its client's registration, at most {} held at once), {} deferrals through the broker",
         report.handled,
+        report.dead_lettered,
         report.held,
         report.released,
+        report.peak_held,
         report.deferred,
-        report.dead_lettered,
-        report.peak_held
     );
     let stats = broker.stats();
     println!(
@@ -125,10 +127,10 @@ async fn main() {
         stats.published, stats.deferred
     );
     for dl in broker.dead_letters() {
-        let id = dl.message.message_id.as_deref().unwrap_or("(no id)");
+        let id = dl.message.message_id.as_deref().unwrap_or("(bad body)");
         println!(
-            "  dead letter {id}: {} — {} (after {} attempts)",
-            dl.dead_letter.kind, dl.dead_letter.reason, dl.dead_letter.attempts
+            "  dead letter {id}: {} — {}",
+            dl.dead_letter.kind, dl.dead_letter.reason
         );
     }
 }
@@ -136,7 +138,8 @@ async fn main() {
 fn print_line(start: Instant, e: &Event<u64>) {
     let message = e.message_id.as_deref().unwrap_or(match e.decision {
         Decision::Registered => "-",
-        _ => "(none)",
+        // A body that does not decode has no payment id to show.
+        _ => "(bad body)",
     });
     let client = e.key.map_or_else(|| "?".to_owned(), |k| k.to_string());
     println!(

@@ -1,41 +1,38 @@
 //! The consumer the reliability drills run as a child process (`tests/drill_crash.rs`,
-//! `tests/amqp_graceful_shutdown.rs`): a payment consumer on RabbitMQ that writes down what it
-//! does, so that a test can check it after killing it.
+//! `tests/amqp_graceful_shutdown.rs`, …): the `consumer` example's configuration exactly (the
+//! same route, client store, policy and hold, from `examples/payments`), plus a journal of what
+//! it does, so that a test can check it after killing it.
 //!
-//! It keeps two things across restarts, both in one append-only log file (`DRILL_OUT`):
-//!
-//! * the known clients (`R` lines): a [`KeyStore`] that appends the key *before* the engine
-//!   acknowledges the registration, and reloads the file when the process starts. A consumer
-//!   that only kept its keys in memory would forget, after a crash, every client registered
-//!   before it, and its payments would wait for a registration that already came and went.
-//! * the handled payments (`P` lines). The handler's "effect" is that line, and the set of
-//!   payment ids already in the file is its deduplication record: the effect and the record are
-//!   one write, so a redelivered payment (at-least-once) is recognised as a duplicate even when
-//!   the process died between the write and the acknowledgement. This is how a service dedupes
-//!   by message id: record the id in the same transaction as the effect.
-//!
-//! Log lines (one `write` each, unbuffered, so a SIGKILL loses none that was written):
+//! The journal (`DRILL_OUT`) is an append-only file; one `write` per line, unbuffered, so a
+//! SIGKILL loses none that was written:
 //!
 //! ```text
 //! READY <pid>                                   consuming, signal handlers installed
-//! R <client> <unix-ns>                          a client became known (before its ack)
+//! R <client> <unix-ns>                          a client became known (recorded in the store)
 //! P <payment> <client> <known 0|1> <first 0|1> <unix-ns>
-//!                                               the handler ran: was the client known to
-//!                                               this process's key store at that moment,
-//!                                               and is this the first time the payment ran
+//!                                               the handler ran: did the client store know
+//!                                               the client at that moment, and is this the
+//!                                               first time the payment ran (the journal's
+//!                                               payment ids are the dedupe record)
+//! E <payment> <client> <start-ns> <end-ns>     the handler returned: when it was entered, when
+//!                                               it returned (a killed process's last handlers
+//!                                               have a `P` line and no `E` line)
 //! H <payment> | D <payment> | Q <payment>       held | deferred | given back at shutdown
 //! X <payment or -> <reason kind>                dead-lettered
 //! EXIT handled=… held=… requeued=… …            clean shutdown (SIGINT or SIGTERM), exit 0
 //! ```
 //!
-//! Configuration (environment): `AMQP_ADDR`, `DRILL_QUEUE`, `DRILL_KEYS` (registration queue),
-//! `DRILL_OUT`, and optionally `DRILL_HOLD_MS` (default 500), `DRILL_HOLD_MAX` (200 messages),
-//! `DRILL_DELAY_MS` (constant backoff, 200), `DRILL_ATTEMPTS` (1000), `DRILL_CONCURRENCY` (16),
-//! `DRILL_WORK_MS` (simulated work after the effect of each payment, 0).
+//! The handler's "effect" is its `P` line, and the payment ids already in the journal are its
+//! deduplication record: effect and record are one write, so a redelivered payment
+//! (at-least-once) is recognised as a duplicate even when the process died between the write and
+//! the acknowledgement. This is how a service dedupes by message id: record the id in the same
+//! transaction as the effect.
 //!
-//! ```sh
-//! DRILL_QUEUE=pay DRILL_KEYS=clients DRILL_OUT=/tmp/drill.log cargo run --example drill_consumer
-//! ```
+//! Configuration (environment), as for the `consumer` example: `AMQP_ADDR`, `PREREQ_PREFIX`,
+//! `PREREQ_DB`, `PREREQ_DB_TABLE`, `PREREQ_HOLD_MS`, `PREREQ_PARTITIONS`; plus `DRILL_OUT` (the
+//! journal) and `DRILL_WORK_MS` (simulated work after the effect of each payment, default 0).
+
+mod payments;
 
 use std::collections::HashSet;
 use std::fs::{File, OpenOptions};
@@ -44,30 +41,14 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use prereq::amqp::{AmqpConfig, AmqpError, AmqpTransport, DelayMode, prefetch_for};
-use prereq::{
-    Backoff, Decision, Delivery, DeliveryId, DependentConsumer, HandlerError, HoldBudget, KeyStore,
-    Settle, Transport,
-};
+use payments::{Clients, Payment, PaymentId};
+use prereq::{Decision, KeySource};
 use tokio::signal::unix::{SignalKind, signal};
 
-#[derive(serde::Deserialize)]
-struct Payment {
-    id: u64,
-    #[serde(rename = "clientId")]
-    client_id: u64,
-}
-
-#[derive(serde::Deserialize)]
-struct Client {
-    id: u64,
-}
-
-/// The append-only log, and what it already says.
-struct Log {
+/// The append-only journal, and the payments it already holds.
+struct Journal {
     file: Mutex<File>,
-    clients: Mutex<HashSet<u64>>,
-    handled: Mutex<HashSet<u64>>,
+    handled: Mutex<HashSet<String>>,
 }
 
 fn now_ns() -> u128 {
@@ -77,32 +58,22 @@ fn now_ns() -> u128 {
         .unwrap_or(0)
 }
 
-impl Log {
-    /// Open (create) the log and load the clients and payments of earlier runs.
+impl Journal {
+    /// Open (create) the journal and load the payments of earlier runs.
     fn open(path: &Path) -> std::io::Result<Self> {
-        let mut clients = HashSet::new();
         let mut handled = HashSet::new();
         if let Ok(f) = File::open(path) {
             for line in BufReader::new(f).lines() {
                 let line = line?;
                 let mut words = line.split(' ');
-                let tag = words.next();
-                let n = words.next().and_then(|w| w.parse::<u64>().ok());
-                match (tag, n) {
-                    (Some("R"), Some(c)) => {
-                        clients.insert(c);
-                    }
-                    (Some("P"), Some(p)) => {
-                        handled.insert(p);
-                    }
-                    _ => {}
+                if let (Some("P"), Some(p)) = (words.next(), words.next()) {
+                    handled.insert(p.to_owned());
                 }
             }
         }
         let file = OpenOptions::new().create(true).append(true).open(path)?;
         Ok(Self {
             file: Mutex::new(file),
-            clients: Mutex::new(clients),
             handled: Mutex::new(handled),
         })
     }
@@ -111,13 +82,13 @@ impl Log {
     fn line(&self, text: &str) {
         let mut f = self.file.lock().unwrap_or_else(PoisonError::into_inner);
         f.write_all(format!("{text}\n").as_bytes())
-            .expect("write the drill log");
+            .expect("write the drill journal");
     }
 
     /// The handler's effect and its dedupe record, in one write.
-    fn handled(&self, payment: u64, client: u64, known: bool) {
+    fn handled(&self, payment: &PaymentId, client: u64, known: bool) {
         let mut handled = self.handled.lock().unwrap_or_else(PoisonError::into_inner);
-        let first = handled.insert(payment);
+        let first = handled.insert(payment.to_string());
         self.line(&format!(
             "P {payment} {client} {} {} {}",
             u8::from(known),
@@ -127,134 +98,71 @@ impl Log {
     }
 }
 
-/// Known clients, persisted to the log before the engine acknowledges their registration.
-struct FileKeys(Arc<Log>);
-
-impl KeyStore<u64> for FileKeys {
-    fn contains(&self, key: &u64) -> bool {
-        self.0
-            .clients
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .contains(key)
-    }
-
-    fn insert(&self, key: u64) -> bool {
-        let mut clients = self
-            .0
-            .clients
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        let new = clients.insert(key);
-        if new {
-            self.0.line(&format!("R {key} {}", now_ns()));
-        }
-        new
-    }
-}
-
-/// The transport behind an `Arc`, so that the connection can be closed after the run.
-struct Shared(Arc<AmqpTransport>);
-
-impl Transport for Shared {
-    type Error = AmqpError;
-
-    async fn recv(&self) -> Result<Option<Delivery>, AmqpError> {
-        self.0.recv().await
-    }
-
-    async fn settle(&self, id: DeliveryId, settle: Settle) -> Result<(), AmqpError> {
-        self.0.settle(id, settle).await
-    }
-}
-
-fn env(name: &str) -> String {
-    std::env::var(name).unwrap_or_else(|_| panic!("{name} must be set"))
-}
-
-fn env_or(name: &str, default: u64) -> u64 {
-    match std::env::var(name) {
-        Ok(v) => v
-            .parse()
-            .unwrap_or_else(|_| panic!("{name} must be a number")),
-        Err(_) => default,
-    }
-}
-
 #[tokio::main]
 async fn main() {
-    let queue = env("DRILL_QUEUE");
-    let keys = env("DRILL_KEYS");
-    let out = PathBuf::from(env("DRILL_OUT"));
-    let hold = Duration::from_millis(env_or("DRILL_HOLD_MS", 500));
-    let hold_max = env_or("DRILL_HOLD_MAX", 200) as usize;
-    let delay = Duration::from_millis(env_or("DRILL_DELAY_MS", 200));
-    let attempts = env_or("DRILL_ATTEMPTS", 1000) as u32;
-    let concurrency = env_or("DRILL_CONCURRENCY", 16) as usize;
-    let work = Duration::from_millis(env_or("DRILL_WORK_MS", 0));
-
-    let log = Arc::new(Log::open(&out).expect("open the drill log"));
-    let config = AmqpConfig::new(queue, keys)
-        .with_delay_mode(DelayMode::DelayQueues)
-        .with_prefetch(prefetch_for(hold_max, concurrency))
-        .with_connection_name(format!("prereq-drill-{}", std::process::id()));
-    let transport = Arc::new(
-        AmqpTransport::connect(config)
-            .await
-            .expect("connect to RabbitMQ"),
+    let out = PathBuf::from(std::env::var("DRILL_OUT").expect("DRILL_OUT must be set"));
+    let work = Duration::from_millis(
+        std::env::var("DRILL_WORK_MS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0),
     );
+    let journal = Arc::new(Journal::open(&out).expect("open the drill journal"));
+    let clients = Clients::from_env().await.expect("open the client store");
+    let names = payments::names();
+    let broker = payments::connect(&format!("prereq-drill-{}", std::process::id()))
+        .await
+        .expect("connect to RabbitMQ");
+    let (transport, instance) = payments::Instance::start(&broker, &names, &clients)
+        .await
+        .expect("declare the route");
 
-    let store = FileKeys(log.clone());
-    let handler_log = log.clone();
-    let observer_log = log.clone();
-    let consumer = DependentConsumer::<u64, Payment>::builder()
-        .key(|p: &Payment| p.client_id)
-        .id(|p: &Payment| p.id.to_string())
-        .registrations(|c: &Client| c.id)
-        .key_store(store)
-        .policy(
-            Backoff::constant(delay)
-                .with_max_attempts(attempts)
-                .build()
-                .expect("a valid policy"),
-        )
-        .budget(
-            HoldBudget::default()
-                .with_max_messages(hold_max)
-                .with_max_time(hold),
-        )
-        .concurrency(concurrency)
-        .on_event(move |e| {
-            let id = e.message_id.as_deref().unwrap_or("-");
-            match &e.decision {
-                Decision::Held => observer_log.line(&format!("H {id}")),
-                Decision::Deferred { .. } => observer_log.line(&format!("D {id}")),
-                Decision::Requeued => observer_log.line(&format!("Q {id}")),
-                Decision::DeadLettered(dl) => observer_log.line(&format!("X {id} {}", dl.kind)),
-                _ => {}
-            }
-        })
-        .handler(move |p: Payment| {
-            let log = handler_log.clone();
+    let handler = {
+        let journal = Arc::clone(&journal);
+        let clients = clients.clone();
+        move |p: Payment| {
+            let journal = Arc::clone(&journal);
+            let clients = clients.clone();
             async move {
-                // "Was the client known when the payment ran?", asked of this process's store
-                // at the moment the handler runs: the engine must never make it say no.
-                let known = log
-                    .clients
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .contains(&p.client_id);
-                log.handled(p.id, p.client_id, known);
-                // Work after the effect (a follow-up call, say): a crash in this window
-                // leaves an effect whose message is not acknowledged, hence a redelivery.
+                let entered = now_ns();
+                // "Was the client known when the payment ran?", asked of the client store at the
+                // moment the handler runs, as the Go demo's consumer asks its database: prereq
+                // must never make it say no.
+                let known = clients.contains(&p.client_id).await.unwrap_or(false);
+                journal.handled(&p.id, p.client_id, known);
+                // Work after the effect (a follow-up call, say): a crash in this window leaves
+                // an effect whose message is not acknowledged, hence a redelivery.
                 if !work.is_zero() {
                     tokio::time::sleep(work).await;
                 }
-                Ok::<_, HandlerError>(())
+                journal.line(&format!(
+                    "E {} {} {entered} {}",
+                    p.id,
+                    p.client_id,
+                    now_ns()
+                ));
+                Ok(())
+            }
+        }
+    };
+    let observer = Arc::clone(&journal);
+    let consumer = payments::consumer(clients, handler)
+        .on_event(move |e| {
+            let id = e.message_id.as_deref().unwrap_or("-");
+            match &e.decision {
+                Decision::Registered => {
+                    if let Some(client) = e.key {
+                        observer.line(&format!("R {client} {}", now_ns()));
+                    }
+                }
+                Decision::Held => observer.line(&format!("H {id}")),
+                Decision::Deferred { .. } => observer.line(&format!("D {id}")),
+                Decision::Requeued => observer.line(&format!("Q {id}")),
+                Decision::DeadLettered(dl) => observer.line(&format!("X {id} {}", dl.kind)),
+                _ => {}
             }
         })
-        .build()
-        .expect("a valid consumer");
+        .build();
 
     let mut sigint = signal(SignalKind::interrupt()).expect("SIGINT handler");
     let mut sigterm = signal(SignalKind::terminate()).expect("SIGTERM handler");
@@ -264,22 +172,24 @@ async fn main() {
             _ = sigterm.recv() => {}
         }
     };
-    log.line(&format!("READY {}", std::process::id()));
+    journal.line(&format!("READY {}", std::process::id()));
 
     let report = consumer
-        .run(Shared(transport.clone()), shutdown)
+        .run(transport, shutdown)
         .await
         .expect("the consumer stopped on a transport error");
-    transport.close().await.expect("close the connection");
-    log.line(&format!(
+    let routed = instance.finish().await.expect("the router");
+    broker.close().await.expect("close the connection");
+    journal.line(&format!(
         "EXIT handled={} held={} released={} deferred={} dead_lettered={} requeued={} \
-         settle_failures={}",
+         settle_failures={} routed={}",
         report.handled,
         report.held,
         report.released,
         report.deferred,
         report.dead_lettered,
         report.requeued,
-        report.settle_failures
+        report.settle_failures,
+        routed.map_or(0, |r| r.routed)
     ));
 }

@@ -1,67 +1,44 @@
-//! `DependentConsumer`: the public face of the engine, and its builder.
+//! [`DependentConsumer`]: the public face of the engine, and its builder.
 
 use std::fmt;
-use std::future::Future;
-use std::hash::Hash;
+use std::future::IntoFuture;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::future::BoxFuture;
 use serde::de::DeserializeOwned;
-use tokio::sync::mpsc;
 
-use crate::context::Context;
-use crate::error::{BuildError, Error, HandlerError};
+use crate::config::{Config, Decode, HandlerFn, IdFn, KeyFn, Observer};
+use crate::error::RunError;
 use crate::event::Event;
+use crate::handler::Handler;
 use crate::hold::HoldBudget;
-use crate::keys::{KeyHandle, KeyStore, MemoryKeys};
+use crate::keys::{Key, KeySource, MemoryKeys, SharedSource};
+use crate::report::Report;
 use crate::retry::{Backoff, Policy};
 use crate::transport::Transport;
 
-/// What a prerequisite key must be: hashable, cloneable, printable, shareable.
-pub trait Key: Eq + Hash + Clone + fmt::Debug + Send + Sync + 'static {}
-impl<T: Eq + Hash + Clone + fmt::Debug + Send + Sync + 'static> Key for T {}
+/// How many handlers run at once by default.
+pub const DEFAULT_CONCURRENCY: usize = 8;
 
-pub(crate) type Decode<T> = Arc<dyn Fn(&[u8]) -> Result<T, String> + Send + Sync>;
-pub(crate) type Handler<K, M> =
-    Arc<dyn Fn(M, Context<K>) -> BoxFuture<'static, Result<(), HandlerError>> + Send + Sync>;
-pub(crate) type Observer<K> = Arc<dyn Fn(&Event<K>) + Send + Sync>;
-pub(crate) type KeyFn<M, K> = Arc<dyn Fn(&M) -> K + Send + Sync>;
-pub(crate) type IdFn<M> = Arc<dyn Fn(&M) -> String + Send + Sync>;
+/// How many known keys a consumer caches by default.
+pub const DEFAULT_CACHE_CAPACITY: usize = 100_000;
 
 /// How long shutdown waits for running handlers by default.
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
-
-/// The default broker acknowledgement timeout (RabbitMQ's `consumer_timeout`, 30 minutes).
-pub const DEFAULT_ACK_TIMEOUT: Duration = Duration::from_secs(30 * 60);
-
-/// Everything the engine needs, fixed at build time.
-pub(crate) struct Config<K, M> {
-    pub(crate) decode: Decode<M>,
-    pub(crate) key: KeyFn<M, K>,
-    pub(crate) id: Option<IdFn<M>>,
-    pub(crate) registration: Option<Decode<K>>,
-    pub(crate) handler: Handler<K, M>,
-    pub(crate) policy: Arc<dyn Policy>,
-    pub(crate) budget: HoldBudget,
-    pub(crate) concurrency: usize,
-    pub(crate) observer: Option<Observer<K>>,
-    pub(crate) keys: Arc<dyn KeyStore<K>>,
-    pub(crate) shutdown_grace: Duration,
-}
 
 /// Consumes messages of type `M` that may only be handled once their prerequisite key `K` is
 /// known.
 ///
 /// For each message: if its key is known, the handler runs; if not, the message is held in
-/// memory (unacknowledged, so a crash loses nothing) and runs the moment the key arrives, before
-/// any later message of that key; if the hold is full or the key does not come in time, the
-/// message is deferred through the broker by the backoff policy, and dead-lettered with a reason
-/// once the policy gives up. Messages of one key never run concurrently.
+/// memory (unacknowledged, so a crash loses nothing) and runs the moment the key arrives, in
+/// arrival order; if the hold is full or the key does not come in time, the message is deferred
+/// through the broker by the backoff policy — later messages of its key wait behind it — and
+/// dead-lettered with a reason once the policy gives up. Messages of one key never run
+/// concurrently.
 ///
 /// ```
 /// use std::time::Duration;
-/// use prereq::{DependentConsumer, HandlerError, memory::MemoryBroker};
+/// use prereq::{DependentConsumer, memory::MemoryBroker};
 ///
 /// #[derive(serde::Deserialize)]
 /// struct Payment { id: u64, #[serde(rename = "clientId")] client_id: u64 }
@@ -73,20 +50,23 @@ pub(crate) struct Config<K, M> {
 /// broker.publish(br#"{"id":1,"clientId":5}"#.to_vec()); // the payment comes first…
 /// broker.register(br#"{"id":5}"#.to_vec());              // …then its client
 ///
-/// let (done_tx, done_rx) = tokio::sync::oneshot::channel();
-/// let done_tx = std::sync::Mutex::new(Some(done_tx));
-/// let consumer = DependentConsumer::<u64, Payment>::builder()
-///     .key(|p: &Payment| p.client_id)
-///     .registrations(|c: &Client| c.id)
-///     .handler(move |p: Payment| {
-///         if let Some(tx) = done_tx.lock().unwrap().take() { let _ = tx.send(p.id); }
-///         async { Ok::<_, HandlerError>(()) }
-///     })
-///     .build()
-///     .unwrap();
+/// let (done, finished) = tokio::sync::mpsc::unbounded_channel();
+/// let consumer = DependentConsumer::builder(
+///     |p: &Payment| p.client_id,
+///     move |p: Payment| {
+///         let done = done.clone();
+///         async move {
+///             let _ = done.send(p.id);
+///             Ok(())
+///         }
+///     },
+/// )
+/// .registrations(|c: &Client| c.id)
+/// .build();
 ///
+/// let mut finished = finished;
 /// let report = consumer
-///     .run(broker.transport(), async { let _ = done_rx.await; })
+///     .run(broker.transport(), async move { finished.recv().await })
 ///     .await
 ///     .unwrap();
 /// assert_eq!(report.handled, 1);
@@ -94,119 +74,121 @@ pub(crate) struct Config<K, M> {
 /// # }
 /// ```
 pub struct DependentConsumer<K, M> {
-    pub(crate) config: Arc<Config<K, M>>,
-    pub(crate) wake_tx: mpsc::UnboundedSender<K>,
-    pub(crate) wake_rx: mpsc::UnboundedReceiver<K>,
+    cfg: Arc<Config<K, M>>,
+}
+
+impl<K, M> Clone for DependentConsumer<K, M> {
+    fn clone(&self) -> Self {
+        Self {
+            cfg: Arc::clone(&self.cfg),
+        }
+    }
 }
 
 impl<K, M> fmt::Debug for DependentConsumer<K, M> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("DependentConsumer")
-            .field("policy", &self.config.policy)
-            .field("budget", &self.config.budget)
-            .field("concurrency", &self.config.concurrency)
+            .field("policy", &self.cfg.policy)
+            .field("budget", &self.cfg.budget)
+            .field("concurrency", &self.cfg.concurrency)
             .finish_non_exhaustive()
     }
 }
 
-/// What a consumer did, returned by [`DependentConsumer::run`].
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Report {
-    /// Messages handled successfully.
-    pub handled: u64,
-    /// Messages held because their key was unknown.
-    pub held: u64,
-    /// Held messages released when their key arrived.
-    pub released: u64,
-    /// Messages deferred through the broker.
-    pub deferred: u64,
-    /// Messages dead-lettered.
-    pub dead_lettered: u64,
-    /// Messages given back to the broker at shutdown.
-    pub requeued: u64,
-    /// Registrations that made a key known.
-    pub registered: u64,
-    /// Decisions the transport failed to carry out (the broker redelivers those messages).
-    pub settle_failures: u64,
-    /// The most messages held at once.
-    pub peak_held: usize,
-}
-
 impl<K: Key, M: Send + 'static> DependentConsumer<K, M> {
-    /// A builder that decodes message bodies as JSON.
-    pub fn builder() -> ConsumerBuilder<K, M>
+    /// A builder for messages decoded as JSON, with the two parts every consumer needs: the
+    /// prerequisite key of a message, and the handler (an async function of the message, or of
+    /// the message and its [`crate::Context`]).
+    pub fn builder<A>(
+        key: impl Fn(&M) -> K + Send + Sync + 'static,
+        handler: impl Handler<K, M, A>,
+    ) -> ConsumerBuilder<K, M>
     where
         M: DeserializeOwned,
     {
-        Self::builder_with_decoder(|body: &[u8]| {
-            serde_json::from_slice(body).map_err(|e| format!("invalid JSON body: {e}"))
-        })
+        Self::builder_with_decoder(
+            |body: &[u8]| {
+                serde_json::from_slice(body).map_err(|e| format!("invalid JSON body: {e}"))
+            },
+            key,
+            handler,
+        )
     }
 
-    /// A builder with your own body decoder; its error text becomes the dead-letter reason.
-    pub fn builder_with_decoder<F>(decode: F) -> ConsumerBuilder<K, M>
-    where
-        F: Fn(&[u8]) -> Result<M, String> + Send + Sync + 'static,
-    {
+    /// Like [`DependentConsumer::builder`], with your own body decoder; its error text becomes
+    /// the dead-letter reason.
+    pub fn builder_with_decoder<A, E: fmt::Display>(
+        decode: impl Fn(&[u8]) -> Result<M, E> + Send + Sync + 'static,
+        key: impl Fn(&M) -> K + Send + Sync + 'static,
+        handler: impl Handler<K, M, A>,
+    ) -> ConsumerBuilder<K, M> {
+        let handler = Arc::new(handler);
         ConsumerBuilder {
-            decode: Arc::new(decode),
-            key: None,
+            decode: Arc::new(move |body: &[u8]| decode(body).map_err(|e| e.to_string())),
+            key: Arc::new(key),
+            handler: Arc::new(move |m, ctx| handler.call(m, ctx)),
             id: None,
             registration: None,
-            handler: None,
-            policy: Arc::new(Backoff::default()),
-            budget: HoldBudget::default(),
-            concurrency: 8,
+            policy: Arc::new(Backoff::DEFAULT),
+            budget: HoldBudget::DEFAULT,
+            concurrency: DEFAULT_CONCURRENCY,
             observer: None,
-            keys: Arc::new(MemoryKeys::new()),
-            ack_timeout: DEFAULT_ACK_TIMEOUT,
+            source: SharedSource::new(MemoryKeys::new()),
+            cache_capacity: DEFAULT_CACHE_CAPACITY,
+            keep_order: true,
             shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
         }
     }
 
-    /// A handle to insert keys from your own code; inserting wakes what is held for the key.
-    pub fn keys(&self) -> KeyHandle<K> {
-        KeyHandle::new(Arc::clone(&self.config.keys), self.wake_tx.clone())
-    }
-
-    /// The hold budget in force (after clamping to the broker's acknowledgement timeout).
+    /// The hold budget, as built (the transport may clamp its hold time: see
+    /// [`Transport::ack_timeout`]).
     pub fn budget(&self) -> HoldBudget {
-        self.config.budget
+        self.cfg.budget
     }
 
-    /// Consume from `transport` until `shutdown` completes or the transport closes.
+    /// Consume from `transport` until `shutdown` completes (any future: its output is
+    /// ignored), or the transport closes or fails.
     ///
     /// On the way out: stop taking deliveries, let running handlers finish (for up to the
-    /// shutdown grace), give every held or queued message back to the transport, and return
-    /// what was done. On a transport error,
-    /// the same, then `Err`.
-    pub async fn run<T, S>(self, transport: T, shutdown: S) -> Result<Report, Error<T::Error>>
+    /// shutdown grace), give every held or waiting message back to the transport in the order
+    /// it was received, and return what was done — also inside the error, if the transport
+    /// failed.
+    pub async fn run<T, S>(self, transport: T, shutdown: S) -> Result<Report, RunError<T::Error>>
     where
         T: Transport,
-        S: Future<Output = ()> + Send,
+        S: IntoFuture,
+        S::IntoFuture: Send,
     {
-        crate::engine::Engine::new(self.config, Arc::new(transport), self.wake_rx)
-            .run(shutdown)
-            .await
+        crate::engine::run(self.cfg, transport, shutdown.into_future()).await
     }
 }
 
-/// Builds a [`DependentConsumer`]. Defaults: the linear 1 s policy with 10 attempts,
-/// [`HoldBudget::default`], 8 concurrent handlers, an in-memory key store, no registrations
-/// stream, a broker acknowledgement timeout of 30 minutes, a shutdown grace of 30 seconds.
-#[must_use = "call build()"]
+/// Builds a [`DependentConsumer`]; every setting has a default, and building cannot fail.
+///
+/// | setting | default |
+/// |---|---|
+/// | [`registrations`](Self::registrations) | none: keys come from the source only |
+/// | [`keys`](Self::keys) | a new [`MemoryKeys`] |
+/// | [`policy`](Self::policy) | [`Backoff::DEFAULT`]: linear 1 s, 10 attempts |
+/// | [`budget`](Self::budget) | [`HoldBudget::DEFAULT`]: 10 000 messages, 64 MiB, 30 s |
+/// | [`concurrency`](Self::concurrency) | [`DEFAULT_CONCURRENCY`] (8) |
+/// | [`keep_key_order`](Self::keep_key_order) | `true` |
+/// | [`cache_capacity`](Self::cache_capacity) | [`DEFAULT_CACHE_CAPACITY`] (100 000 keys) |
+/// | [`shutdown_grace`](Self::shutdown_grace) | [`DEFAULT_SHUTDOWN_GRACE`] (30 s) |
+#[must_use = "call .build()"]
 pub struct ConsumerBuilder<K, M> {
     decode: Decode<M>,
-    key: Option<KeyFn<M, K>>,
+    key: KeyFn<M, K>,
+    handler: HandlerFn<K, M>,
     id: Option<IdFn<M>>,
     registration: Option<Decode<K>>,
-    handler: Option<Handler<K, M>>,
     policy: Arc<dyn Policy>,
     budget: HoldBudget,
     concurrency: usize,
     observer: Option<Observer<K>>,
-    keys: Arc<dyn KeyStore<K>>,
-    ack_timeout: Duration,
+    source: SharedSource<K>,
+    cache_capacity: usize,
+    keep_order: bool,
     shutdown_grace: Duration,
 }
 
@@ -221,20 +203,8 @@ impl<K, M> fmt::Debug for ConsumerBuilder<K, M> {
 }
 
 impl<K: Key, M: Send + 'static> ConsumerBuilder<K, M> {
-    /// The prerequisite key of a message (required).
-    pub fn key(mut self, f: impl Fn(&M) -> K + Send + Sync + 'static) -> Self {
-        self.key = Some(Arc::new(f));
-        self
-    }
-
-    /// A stable id of a message, for events and for deterministic jitter (default: the
-    /// transport's message id, else a hash of the body).
-    pub fn id(mut self, f: impl Fn(&M) -> String + Send + Sync + 'static) -> Self {
-        self.id = Some(Arc::new(f));
-        self
-    }
-
     /// Registrations are JSON values of type `R`; `key` extracts the key each one makes known.
+    /// Each is recorded in the key source before it is acknowledged.
     pub fn registrations<R, F>(self, key: F) -> Self
     where
         R: DeserializeOwned,
@@ -247,108 +217,99 @@ impl<K: Key, M: Send + 'static> ConsumerBuilder<K, M> {
         })
     }
 
-    /// Registrations decoded by your own function, straight to the key they make known.
-    pub fn registrations_with_decoder(
+    /// Registrations decoded by your own function, straight to the key they make known; its
+    /// error text becomes the dead-letter reason.
+    pub fn registrations_with_decoder<E: fmt::Display>(
         mut self,
-        decode: impl Fn(&[u8]) -> Result<K, String> + Send + Sync + 'static,
+        decode: impl Fn(&[u8]) -> Result<K, E> + Send + Sync + 'static,
     ) -> Self {
-        self.registration = Some(Arc::new(decode));
+        self.registration = Some(Arc::new(move |body: &[u8]| {
+            decode(body).map_err(|e| e.to_string())
+        }));
         self
     }
 
-    /// The handler (required). `Ok` acknowledges; [`HandlerError::Retry`] defers by the policy;
-    /// [`HandlerError::Permanent`] dead-letters. A panicking handler counts as a retryable error.
-    pub fn handler<F, Fut>(mut self, f: F) -> Self
-    where
-        F: Fn(M) -> Fut + Send + Sync + 'static,
-        Fut: Future<Output = Result<(), HandlerError>> + Send + 'static,
-    {
-        self.handler = Some(Arc::new(move |m, _| Box::pin(f(m))));
+    /// Where keys are known. Share one source between consumers (or with your own code, as a
+    /// [`MemoryKeys`] clone) and each wakes the others' held messages at once.
+    pub fn keys(mut self, source: impl KeySource<K>) -> Self {
+        self.source = SharedSource::new(source);
         self
     }
 
-    /// Like [`ConsumerBuilder::handler`], and the handler also receives the delivery's
-    /// [`Context`] (key, message id, attempt, redelivered flag), e.g. to deduplicate.
-    pub fn handler_with_context<F, Fut>(mut self, f: F) -> Self
-    where
-        F: Fn(M, Context<K>) -> Fut + Send + Sync + 'static,
-        Fut: Future<Output = Result<(), HandlerError>> + Send + 'static,
-    {
-        self.handler = Some(Arc::new(move |m, ctx| Box::pin(f(m, ctx))));
+    /// A stable id of a message, for events, for deterministic jitter and to recognise a
+    /// deferred message when it comes back (default: the transport's message id, else a hash
+    /// of the body).
+    pub fn id(mut self, f: impl Fn(&M) -> String + Send + Sync + 'static) -> Self {
+        self.id = Some(Arc::new(f));
         self
     }
 
-    /// The backoff policy (default: [`Backoff::default`], linear 1 s, 10 attempts).
-    pub fn policy(mut self, policy: impl Policy + 'static) -> Self {
+    /// The backoff policy of deferrals.
+    pub fn policy(mut self, policy: impl Policy) -> Self {
         self.policy = Arc::new(policy);
         self
     }
 
-    /// The hold budget (default: [`HoldBudget::default`]).
+    /// The hold budget.
     pub fn budget(mut self, budget: HoldBudget) -> Self {
         self.budget = budget;
         self
     }
 
-    /// How many handlers may run at once, across keys (default 8; one key never runs two).
+    /// How many handlers may run at once, across keys (one key never runs two). Zero is
+    /// raised to 1.
     pub fn concurrency(mut self, n: usize) -> Self {
-        self.concurrency = n;
+        self.concurrency = n.max(1);
         self
     }
 
-    /// Called with every decision (from the engine's task: keep it quick).
+    /// Whether a deferred message keeps its place in its key's order (default `true`): later
+    /// messages of the key wait behind it (held, or deferred in turn) and run after it when it
+    /// comes back. With `false`, a later message of the key runs as soon as the key is known,
+    /// possibly before the deferred one.
+    pub fn keep_key_order(mut self, keep: bool) -> Self {
+        self.keep_order = keep;
+        self
+    }
+
+    /// How many known keys the consumer remembers in front of its source (at least 2). Keys are
+    /// assumed never to stop being known.
+    pub fn cache_capacity(mut self, n: usize) -> Self {
+        self.cache_capacity = n.max(2);
+        self
+    }
+
+    /// Called with every decision (from the consumer's loop: keep it quick).
     pub fn on_event(mut self, f: impl Fn(&Event<K>) + Send + Sync + 'static) -> Self {
         self.observer = Some(Arc::new(f));
         self
     }
 
-    /// Where known keys live (default: [`MemoryKeys`]).
-    pub fn key_store(mut self, store: impl KeyStore<K> + 'static) -> Self {
-        self.keys = Arc::new(store);
-        self
-    }
-
-    /// The broker's acknowledgement timeout (RabbitMQ `consumer_timeout`, default 30 min). A
-    /// held message is unacknowledged, so the hold time is clamped to half of this: held
-    /// messages are deferred well before the broker would close the channel over them.
-    pub fn broker_ack_timeout(mut self, timeout: Duration) -> Self {
-        self.ack_timeout = timeout;
-        self
-    }
-
-    /// How long shutdown waits for running handlers (default 30 s). A handler still running
-    /// then is abandoned: its message stays unacknowledged, so the broker delivers it again.
+    /// How long shutdown waits for running handlers. A handler still running then is
+    /// abandoned: its message stays unacknowledged, so the broker delivers it again.
     pub fn shutdown_grace(mut self, grace: Duration) -> Self {
         self.shutdown_grace = grace;
         self
     }
 
-    /// Validate and build.
-    pub fn build(self) -> Result<DependentConsumer<K, M>, BuildError> {
-        let key = self.key.ok_or(BuildError::MissingKey)?;
-        let handler = self.handler.ok_or(BuildError::MissingHandler)?;
-        if self.concurrency == 0 {
-            return Err(BuildError::ZeroConcurrency);
-        }
-        let mut budget = self.budget;
-        budget.max_time = budget.max_time.min(self.ack_timeout / 2);
-        let (wake_tx, wake_rx) = mpsc::unbounded_channel();
-        Ok(DependentConsumer {
-            config: Arc::new(Config {
+    /// The consumer.
+    pub fn build(self) -> DependentConsumer<K, M> {
+        DependentConsumer {
+            cfg: Arc::new(Config {
                 decode: self.decode,
-                key,
+                key: self.key,
                 id: self.id,
                 registration: self.registration,
-                handler,
+                handler: self.handler,
                 policy: self.policy,
-                budget,
+                budget: self.budget,
                 concurrency: self.concurrency,
                 observer: self.observer,
-                keys: self.keys,
+                source: self.source,
+                cache_capacity: self.cache_capacity,
+                keep_order: self.keep_order,
                 shutdown_grace: self.shutdown_grace,
             }),
-            wake_tx,
-            wake_rx,
-        })
+        }
     }
 }

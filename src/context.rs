@@ -1,6 +1,6 @@
 //! What a handler may want to know about the delivery besides the message itself.
 
-/// The delivery a handler runs for: pass `.handler_with_context(..)` to receive it.
+/// The delivery a handler runs for: a handler that takes it as a second argument receives it.
 ///
 /// The usual use is idempotence: delivery is at-least-once, so a handler can see a message again
 /// after a crash or a reconnect (`redelivered` is then set by the broker); record `message_id`
@@ -13,7 +13,8 @@ pub struct Context<K> {
     /// The message id: from the consumer's `.id(..)` extractor, else the transport's (the AMQP
     /// `message_id` property), if any.
     pub message_id: Option<String>,
-    /// How many times the message was deferred before this delivery (0 the first time).
+    /// Which attempt this is: 0 for the first delivery, `n` for the `n`-th retry after a
+    /// deferral (the numbering of [`crate::Policy`]).
     pub attempt: u32,
     /// The broker delivered this message before, to a consumer that did not settle it.
     pub redelivered: bool,

@@ -1,167 +1,299 @@
 //! The decision loop: handle, hold, defer or dead-letter each delivery.
 //!
-//! One task owns all state (the hold, the per-key lanes, the counters), so decisions need no
-//! locks and happen in a well-defined order. Handlers and broker settlements run in spawned
-//! tasks and report back to the loop. The loop knows nothing of AMQP: it speaks the
-//! [`Transport`] seam only.
+//! One task owns all state (the cache, the hold, the lanes, the deferred messages, the
+//! counters), so decisions need no locks and happen in a well-defined order. Handlers, broker
+//! settlements, key lookups and registration writes run in spawned tasks and report back to the
+//! loop. The loop knows nothing of AMQP or SQL: it speaks the [`Transport`] seam and the key
+//! source seam only.
 //!
-//! A *lane* is the queue of a known key: messages of one key run one at a time, in order.
-//! Lanes with work wait in `runnable` for one of the `concurrency` handler slots.
+//! Where a message can be, once decoded:
+//! - waiting for the source's answer about its key (`lookups`), behind earlier messages of the
+//!   same key;
+//! - held (`hold`): its key is unknown, or an earlier message of its key is deferred and it waits
+//!   behind it;
+//! - in its key's lane (`lanes`): its key is known, it waits for a handler slot or runs;
+//! - settled: acknowledged, deferred through the broker, dead-lettered or given back.
+//!
+//! Every message has a *position* among the messages of its key (its arrival order). A
+//! deferred message's position is remembered (`away`) until it comes back and takes it again,
+//! so that the key's later messages wait behind it and the key's order survives the deferral.
 
-use std::collections::{HashMap, VecDeque};
+mod away;
+mod lanes;
+
+use std::collections::HashMap;
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
+use std::task::{Context as TaskContext, Poll, Waker};
+use std::time::Duration;
 
 use futures::FutureExt;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio::task::{Id, JoinSet};
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::consumer::{Config, Key, Report};
+use self::away::Away;
+use self::lanes::Lanes;
+use crate::cache::KeyCache;
+use crate::config::Config;
 use crate::context::Context;
-use crate::error::{Error, HandlerError};
+use crate::dead_letter::{DeadLetter, DeadLetterKind};
+use crate::error::{BoxError, HandlerError, RunError};
 use crate::event::{Decision, DeferCause, Event};
 use crate::hold::Hold;
-use crate::retry::seed_of;
-use crate::transport::{
-    DeadLetter, DeadLetterKind, Delivery, DeliveryId, Settle, Source, Transport,
-};
-
-/// A decoded message on its way through the engine.
-struct Pending<M> {
-    id: DeliveryId,
-    msg: M,
-    attempt: u32,
-    max_attempts: Option<u32>,
-    message_id: Option<String>,
-    redelivered: bool,
-    seed: u64,
-    held_at: Option<Instant>,
-}
-
-struct Lane<M> {
-    queue: VecDeque<Pending<M>>,
-    running: bool,
-    runnable: bool,
-}
-
-impl<M> Default for Lane<M> {
-    fn default() -> Self {
-        Self {
-            queue: VecDeque::new(),
-            running: false,
-            runnable: false,
-        }
-    }
-}
+use crate::keys::{Key, KeyError, SharedSource, Wake};
+use crate::pending::{Meta, Pending};
+use crate::report::Report;
+use crate::retry::{Policy, seed_of};
+use crate::transport::{Delivery, Demand, Settle, Source, Transport};
 
 /// Deliveries the pump may have handed over before the loop takes them.
 const PUMP_BUFFER: usize = 32;
+/// Key lookups in flight at once (a database pool is not flooded by a resync).
+const MAX_LOOKUPS: usize = 64;
+/// A deferred message that has not come back this long after its delay stops blocking its key
+/// (its copy went to another instance, or it was dead-lettered elsewhere).
+const AWAY_GRACE: Duration = Duration::from_secs(30);
+/// A message waiting behind a deferred one is deferred until a little after that one is due.
+const BEHIND_MARGIN: Duration = Duration::from_millis(100);
+/// A registration whose key the source could not record is retried after this, doubling…
+const INSERT_RETRY_FIRST: Duration = Duration::from_millis(100);
+/// …up to this, until it is recorded or the consumer stops.
+const INSERT_RETRY_MAX: Duration = Duration::from_secs(5);
+/// While the key source fails, held keys are asked again after this, doubling…
+const RECHECK_FIRST: Duration = Duration::from_secs(1);
+/// …up to this, until it answers.
+const RECHECK_MAX: Duration = Duration::from_secs(5);
+/// Why a delivery void since a reconnect is dropped rather than run.
+const STALE: &str = "the delivery predates a reconnect: the broker delivers it again";
+/// The delay of a deferral that does not count as an attempt, for a policy that has none.
+const FALLBACK_DELAY: Duration = Duration::from_secs(1);
 
-pub(crate) struct Engine<K, M, T> {
+/// Run a consumer on `transport` until `shutdown` completes, the transport closes or fails.
+pub(crate) async fn run<K, M, T, S>(
     cfg: Arc<Config<K, M>>,
+    transport: T,
+    shutdown: S,
+) -> Result<Report, RunError<T::Error>>
+where
+    K: Key,
+    M: Send + 'static,
+    T: Transport,
+    S: Future + Send,
+{
+    let transport = Arc::new(transport);
+    let demand = Demand::new(cfg.budget.max_messages, cfg.concurrency);
+    if let Err(source) = transport.start(demand).await {
+        return Err(RunError::Transport {
+            source,
+            report: Report::default(),
+        });
+    }
+    let mut engine = Engine::new(cfg, Arc::clone(&transport));
+    let pump = Pump::start(transport);
+    let (stop, pump) = engine.serve(shutdown, pump).await;
+    // Nothing new from here on: what is given back stays with the broker.
+    engine.transport.stop_receiving().await;
+    engine.stop_intake(pump).await;
+    engine.finish_handlers().await;
+    engine.give_back();
+    engine.finish_work().await;
+    match stop {
+        Stop::Failed(source) => Err(RunError::Transport {
+            source,
+            report: engine.report,
+        }),
+        Stop::Shutdown | Stop::Closed => Ok(engine.report),
+    }
+}
+
+/// Why the loop ended.
+enum Stop<E> {
+    /// The shutdown future completed.
+    Shutdown,
+    /// The transport closed for good.
+    Closed,
+    /// The transport failed.
+    Failed(E),
+}
+
+/// A message waiting for the source's answer about its key.
+struct Waiting<M> {
+    p: Pending<M>,
+    /// It was held until its hold time ran out: a "no" defers it rather than holding it again.
+    expired: bool,
+}
+
+/// What a handler task reports: the message's key and description, and the handler's outcome
+/// (on success, the task acknowledged the message itself and reports the event).
+struct Handled<K> {
+    key: K,
+    meta: Meta,
+    outcome: Result<Event<K>, HandlerError>,
+}
+
+/// What the other tasks report.
+enum Work<K> {
+    /// A settlement finished: the event to emit, if any.
+    Settled(Option<Event<K>>),
+    /// A deferral that keeps its key's order finished: the event to emit. If it failed, the
+    /// message is not out in the broker: its slot must stop blocking `key`.
+    Deferral { key: K, pos: u64, event: Event<K> },
+    /// A registration's key was recorded by the source: the key is known, the registration
+    /// may be acknowledged.
+    Recorded { key: K, registered: Event<K> },
+    /// A registration's key was not recorded: settle it so (a dead letter for a key the source
+    /// refuses, a give-back at shutdown), as the event says.
+    Unrecorded { event: Event<K>, settle: Settle },
+    /// The source answered about `key`.
+    Looked {
+        key: K,
+        answer: Result<bool, KeyError<BoxError>>,
+    },
+}
+
+struct Engine<K, M, T> {
+    /// What the consumer was built with (the hold time clamped to the transport's limit).
+    cfg: Arc<Config<K, M>>,
+    /// The broker.
     transport: Arc<T>,
-    wake_rx: mpsc::UnboundedReceiver<K>,
+    /// Keys known to be known: answered without asking the source.
+    cache: KeyCache<K>,
+    /// Messages whose key is unknown, or that wait behind a deferred message of their key.
     hold: Hold<K, Pending<M>>,
-    lanes: HashMap<K, Lane<M>>,
-    runnable: VecDeque<K>,
-    /// Messages in lanes, not yet running.
-    queued: usize,
-    handlers: JoinSet<Event<K>>,
-    /// The lane of each running handler; a handler frees its lane as soon as it returns,
-    /// before its message is settled, so that the key's next message need not wait for a
-    /// broker round-trip.
-    handler_lanes: HashMap<Id, K>,
-    lane_free_tx: mpsc::UnboundedSender<Id>,
-    lane_free_rx: mpsc::UnboundedReceiver<Id>,
-    /// Settlements in flight; each yields the event to emit, if any.
-    settles: JoinSet<Option<Event<K>>>,
+    /// Messages waiting for the source's answer about their key, in arrival order; a key is
+    /// listed exactly while a lookup of it is in flight.
+    lookups: HashMap<K, Vec<Waiting<M>>>,
+    /// How many messages `lookups` holds.
+    looking: usize,
+    /// Messages whose key is known, waiting for a handler or running.
+    lanes: Lanes<K, Pending<M>>,
+    /// Deferred messages expected back, per key: later messages of the key wait behind them.
+    away: Away<K>,
+    /// Running handlers.
+    handlers: JoinSet<Handled<K>>,
+    /// The key and partition of each running handler task, to free its lane even if the task was
+    /// lost, and to know when a revoked partition runs nothing any more.
+    running: HashMap<Id, (K, Option<u32>)>,
+    /// Partitions the transport revoked whose running handlers have not all finished: their
+    /// messages are given back as they come.
+    revoking: std::collections::HashSet<u32>,
+    /// Settlements, lookups and registration writes in flight.
+    work: JoinSet<Work<K>>,
+    /// Bounds the lookups in flight.
+    lookup_slots: Arc<Semaphore>,
+    /// Cancelled at shutdown: registration writes stop retrying and give their registration
+    /// back.
+    stopping: CancellationToken,
+    /// The position the next new message gets.
+    next_pos: u64,
+    /// The most messages in memory (held, in lanes, waiting for lookups) before intake pauses.
+    intake_limit: usize,
+    /// The last lookup failed: warned once, until the source answers again.
+    source_down: bool,
+    /// While the source fails: when to ask it again about the held keys, and the wait after.
+    recheck: Option<(Instant, Duration)>,
+    /// What was done.
     report: Report,
 }
 
 impl<K: Key, M: Send + 'static, T: Transport> Engine<K, M, T> {
-    pub(crate) fn new(
-        cfg: Arc<Config<K, M>>,
-        transport: Arc<T>,
-        wake_rx: mpsc::UnboundedReceiver<K>,
-    ) -> Self {
-        let budget = cfg.budget;
-        let (lane_free_tx, lane_free_rx) = mpsc::unbounded_channel();
+    fn new(cfg: Arc<Config<K, M>>, transport: Arc<T>) -> Self {
+        let mut budget = cfg.budget;
+        if let Some(ack_timeout) = transport.ack_timeout() {
+            // A held message is an unacknowledged delivery: defer it well before the broker
+            // would take it back (and close the channel over it).
+            budget.max_time = budget.max_time.min(ack_timeout / 2);
+        }
+        // Messages in memory stay within the hold budget plus a small backlog: past it, stop
+        // taking deliveries until handlers catch up. A release only moves messages from the
+        // hold to a lane, so it never blocks the registrations that would wake other keys.
+        let backlog = cfg.concurrency.saturating_mul(4).max(16);
         Self {
+            cache: KeyCache::new(cfg.cache_capacity),
+            hold: Hold::new(budget),
+            lookups: HashMap::new(),
+            looking: 0,
+            lanes: Lanes::new(),
+            away: Away::new(),
+            handlers: JoinSet::new(),
+            running: HashMap::new(),
+            revoking: std::collections::HashSet::new(),
+            work: JoinSet::new(),
+            lookup_slots: Arc::new(Semaphore::new(MAX_LOOKUPS)),
+            stopping: CancellationToken::new(),
+            next_pos: 0,
+            intake_limit: budget.max_messages.saturating_add(backlog),
+            source_down: false,
+            recheck: None,
+            report: Report::default(),
             cfg,
             transport,
-            wake_rx,
-            hold: Hold::new(budget),
-            lanes: HashMap::new(),
-            runnable: VecDeque::new(),
-            queued: 0,
-            handlers: JoinSet::new(),
-            handler_lanes: HashMap::new(),
-            lane_free_tx,
-            lane_free_rx,
-            settles: JoinSet::new(),
-            report: Report::default(),
         }
     }
 
-    pub(crate) async fn run(
-        mut self,
-        shutdown: impl Future<Output = ()> + Send,
-    ) -> Result<Report, Error<T::Error>> {
-        // A few deliveries in flight between the pump and the loop, so that neither waits for
-        // the other on every message.
-        let (tx, mut inbox) = mpsc::channel(PUMP_BUFFER);
-        let (stop_tx, stop_rx) = oneshot::channel();
-        let pump = tokio::spawn(pump(Arc::clone(&self.transport), tx, stop_rx));
+    // ---- The phases of a run ----------------------------------------------------------------
+
+    /// Decide until told to stop; returns why, and the pump to stop.
+    async fn serve<S: Future>(
+        &mut self,
+        shutdown: S,
+        mut pump: Pump<T>,
+    ) -> (Stop<T::Error>, Pump<T>) {
+        let mut wakes = self.cfg.source.subscribe();
+        let mut wakes_open = true;
         tokio::pin!(shutdown);
-        // Messages in memory (held, or waiting in a lane for a handler slot) stay within the
-        // hold budget plus a small backlog: past it, stop taking deliveries until handlers
-        // catch up. Released messages only move from the hold to a lane, so a release never
-        // blocks the registrations that would wake other keys.
-        let backlog = self.cfg.concurrency.saturating_mul(4).max(16);
-        let in_memory_limit = self.cfg.budget.max_messages.saturating_add(backlog);
-        let mut failure = None;
         loop {
-            let deadline = self.hold.next_deadline();
+            self.start_handlers();
+            let in_memory = self.hold.len() + self.lanes.queued() + self.looking;
+            let deadline = next_of(
+                next_of(self.hold.next_deadline(), self.away.next_deadline()),
+                self.recheck.map(|(at, _)| at),
+            );
             tokio::select! {
                 biased;
-                () = &mut shutdown => break,
-                Some(key) = self.wake_rx.recv() => self.release(&key),
-                Some(id) = self.lane_free_rx.recv() => self.free_lane(id),
+                _ = &mut shutdown => return (Stop::Shutdown, pump),
                 Some(done) = self.handlers.join_next_with_id(), if !self.handlers.is_empty() => {
-                    self.handler_done(done);
+                    self.on_handled(done);
                 }
-                Some(done) = self.settles.join_next(), if !self.settles.is_empty() => {
-                    if let Ok(Some(event)) = done { self.emit(event); }
+                Some(done) = self.work.join_next(), if !self.work.is_empty() => {
+                    if let Ok(work) = done { self.on_work(work); }
                 }
+                wake = wakes.next(), if wakes_open => match wake {
+                    Some(wake) => self.on_wake(wake),
+                    None => wakes_open = false,
+                },
                 () = sleep_until_opt(deadline), if deadline.is_some() => self.expire(),
-                got = inbox.recv(), if self.queued + self.hold.len() < in_memory_limit => match got {
+                Some(partition) = self.transport.revoked() => self.on_revoked(partition),
+                got = pump.inbox.recv(), if in_memory < self.intake_limit => match got {
                     Some(Ok(Some(d))) => self.on_delivery(d),
-                    Some(Ok(None)) | None => break,
-                    Some(Err(e)) => { failure = Some(e); break; }
+                    Some(Ok(None)) | None => return (Stop::Closed, pump),
+                    Some(Err(e)) => return (Stop::Failed(e), pump),
                 },
             }
-            self.start_runnable();
         }
-        // Stop taking deliveries; give back what the pump had taken.
-        let _ = stop_tx.send(());
-        inbox.close();
-        while let Some(got) = inbox.recv().await {
-            if let Ok(Some(d)) = got {
-                self.requeue_delivery(d);
-            }
+    }
+
+    /// Stop taking deliveries, and give back those the pump had taken.
+    async fn stop_intake(&mut self, pump: Pump<T>) {
+        for d in pump.stop().await {
+            let event = self.event(&d, None, Decision::Requeued);
+            self.settle(event, Settle::Requeue);
         }
-        let _ = pump.await;
-        // Let running handlers finish (they settle their own messages), start nothing new.
+    }
+
+    /// Let running handlers finish (for up to the shutdown grace); start nothing new.
+    async fn finish_handlers(&mut self) {
         let grace = tokio::time::sleep(self.cfg.shutdown_grace);
         tokio::pin!(grace);
         loop {
             tokio::select! {
                 done = self.handlers.join_next_with_id() => match done {
-                    Some(done) => self.handler_done(done),
-                    None => break,
+                    Some(done) => self.on_handled(done),
+                    None => return,
                 },
                 () = &mut grace => {
                     tracing::warn!(
@@ -171,66 +303,89 @@ impl<K: Key, M: Send + 'static, T: Transport> Engine<K, M, T> {
                     );
                     self.handlers.abort_all();
                     while let Some(done) = self.handlers.join_next_with_id().await {
-                        self.handler_done(done);
+                        self.on_handled(done);
                     }
-                    break;
+                    return;
                 }
             }
         }
-        // Give back every held or queued message.
-        for (key, p) in self.hold.drain() {
-            self.requeue(Some(key), p);
+    }
+
+    /// Give every message in memory back to the transport, in the order it was received.
+    fn give_back(&mut self) {
+        self.stopping.cancel();
+        let mut all: Vec<(K, Pending<M>)> = self.hold.drain();
+        all.extend(self.lanes.drain());
+        for (key, waiting) in self.lookups.drain() {
+            all.extend(waiting.into_iter().map(|w| (key.clone(), w.p)));
         }
-        let lanes: Vec<_> = self.lanes.drain().collect();
-        for (key, lane) in lanes {
-            for p in lane.queue {
-                self.requeue(Some(key.clone()), p);
-            }
-        }
-        while let Some(done) = self.settles.join_next().await {
-            if let Ok(Some(event)) = done {
-                self.emit(event);
-            }
-        }
-        match failure {
-            Some(e) => Err(Error::Transport(e)),
-            None => Ok(self.report),
+        self.looking = 0;
+        all.sort_unstable_by_key(|(_, p)| p.meta.id);
+        for (key, p) in all {
+            let event = self.event_of(&p.meta, Some(key), Decision::Requeued);
+            self.settle(event, Settle::Requeue);
         }
     }
 
+    /// Wait for every settlement (and registration write) in flight.
+    async fn finish_work(&mut self) {
+        while let Some(done) = self.work.join_next().await {
+            match done {
+                Ok(Work::Settled(Some(event)) | Work::Deferral { event, .. }) => self.emit(event),
+                Ok(Work::Recorded { registered, .. }) => {
+                    self.emit(registered.clone());
+                    self.settle_quietly(registered, Settle::Ack);
+                }
+                Ok(Work::Unrecorded { event, settle }) => self.settle(event, settle),
+                // Everything was given back; a late answer concerns nothing.
+                Ok(Work::Settled(None) | Work::Looked { .. }) | Err(_) => {}
+            }
+        }
+    }
+
+    // ---- What arrives -----------------------------------------------------------------------
+
     fn on_delivery(&mut self, d: Delivery) {
+        if d.partition.is_some() && self.transport.is_stale(d.id) {
+            // From a partition being given up: give it back.
+            let event = self.event(&d, None, Decision::Requeued);
+            return self.settle(event, Settle::Requeue);
+        }
         match d.source {
             Source::Registration => self.on_registration(d),
             Source::Message => self.on_message(d),
         }
     }
 
+    /// A registration: its key is known from now on; it is acknowledged once the source
+    /// recorded it.
     fn on_registration(&mut self, d: Delivery) {
         let decoded = match &self.cfg.registration {
             Some(decode) => decode(&d.body),
-            None => Err("this consumer has no registration decoder".to_owned()),
+            None => Err(
+                "a registration arrived, but this consumer has no registration decoder \
+                 (`.registrations(..)`)"
+                    .to_owned(),
+            ),
         };
-        match decoded {
-            Ok(key) => {
-                if self.cfg.keys.insert(key.clone()) {
-                    self.report.registered += 1;
-                }
-                let event = self.event(
-                    d.id,
-                    d.message_id,
-                    Some(key.clone()),
-                    d.attempt,
-                    Decision::Registered,
-                );
-                self.emit(event.clone());
-                // The key is known from now on; the acknowledgement only reports failure.
-                self.settle_quietly(event, Settle::Ack);
-                self.release(&key);
+        let key = match decoded {
+            Ok(key) => key,
+            Err(reason) => return self.dead_letter_undecodable(d, reason),
+        };
+        // The key is known once the source recorded it; the registration is acknowledged
+        // after that. A source that records at once (in memory) is answered here.
+        let event = self.event(&d, Some(key.clone()), Decision::Registered);
+        let mut recording = record(self.cfg.source.clone(), key, event, self.stopping.clone());
+        let mut cx = TaskContext::from_waker(Waker::noop());
+        match recording.as_mut().poll(&mut cx) {
+            Poll::Ready(work) => self.on_work(work),
+            Poll::Pending => {
+                self.work.spawn(recording);
             }
-            Err(reason) => self.dead_letter_undecodable(d, reason),
         }
     }
 
+    /// A dependent message: run it, hold it, or ask the source about its key.
     fn on_message(&mut self, d: Delivery) {
         let msg = match (self.cfg.decode)(&d.body) {
             Ok(m) => m,
@@ -242,227 +397,512 @@ impl<K: Key, M: Send + 'static, T: Transport> Engine<K, M, T> {
             .as_deref()
             .map_or_else(|| seed_of(&d.body), |id| seed_of(id.as_bytes()));
         let mut p = Pending {
-            id: d.id,
             msg,
-            attempt: d.attempt,
-            max_attempts: d.max_attempts,
-            message_id,
-            redelivered: d.redelivered,
-            seed,
-            held_at: None,
+            meta: Meta {
+                id: d.id,
+                pos: 0,
+                attempt: d.attempt,
+                max_attempts: d.max_attempts,
+                message_id,
+                redelivered: d.redelivered,
+                seed,
+                size: d.body.len(),
+                held_at: None,
+                partition: d.partition,
+            },
         };
         if d.redelivered {
-            // The broker gave a held message again (its connection dropped): the copy takes
-            // the held one's place, and the stale delivery is dropped (an ack is harmless on a
-            // dead channel, and consumes a live duplicate otherwise).
-            p = match self.replace_held(p, d.body.len()) {
+            p = match self.replace_held(p) {
                 Ok(stale) => {
+                    // The broker gave a held message again (its connection dropped): the copy
+                    // took the held one's place; the stale delivery is dropped (an ack is
+                    // harmless on a dead channel, and consumes a live duplicate otherwise).
                     tracing::debug!(target: "prereq", message_id = stale.message_id.as_deref(),
                         "a redelivered copy replaced its held original");
-                    let event = self.pending_event(&stale, Some(key), Decision::Held);
+                    let event = self.event_of(&stale, Some(key), Decision::Held);
                     self.settle_quietly(event, Settle::Ack);
                     return;
                 }
                 Err(p) => p,
             };
         }
-        if self.cfg.keys.contains(&key) {
-            // A key inserted through a KeyHandle may not have woken its messages yet: they
-            // were received earlier, so they go first.
-            self.release(&key);
-            self.enqueue(key, p);
-        } else if self.hold.fits(d.body.len()) {
-            let now = Instant::now();
-            p.held_at = Some(now);
-            self.report.held += 1;
-            let event = self.pending_event(&p, Some(key.clone()), Decision::Held);
-            self.hold
-                .insert(key, p.message_id.clone(), p, d.body.len(), now);
-            self.report.peak_held = self.report.peak_held.max(self.hold.len());
-            self.emit(event);
-        } else {
-            self.defer(key, p, DeferCause::HoldFull);
+        // A deferred message coming back takes its old position, before later arrivals.
+        let back = self.away.claim(&key, seed);
+        p.meta.pos = back.unwrap_or_else(|| {
+            self.next_pos += 1;
+            self.next_pos
+        });
+        self.route(key.clone(), p);
+        if back.is_some() {
+            self.release_ready(&key);
         }
     }
 
-    /// If a message with `p`'s id is held, put `p` in its place (keeping its hold time) and
-    /// return the one it replaced; else give `p` back.
-    fn replace_held(&mut self, mut p: Pending<M>, size: usize) -> Result<Pending<M>, Pending<M>> {
-        let Some(id) = p.message_id.clone() else {
+    /// The source says `key` became known (by any path), or that notifications were lost.
+    fn on_wake(&mut self, wake: Wake<K>) {
+        match wake {
+            Wake::Known(key) => self.known(key),
+            Wake::Resync => self.recheck_held(),
+        }
+    }
+
+    /// Ask the source again about every held key (none is in flight).
+    fn recheck_held(&mut self) {
+        let keys: Vec<K> = self
+            .hold
+            .keys()
+            .filter(|k| !self.lookups.contains_key(*k))
+            .cloned()
+            .collect();
+        tracing::debug!(target: "prereq", keys = keys.len(), "re-checking held keys");
+        for key in keys {
+            self.start_lookup(key, Vec::new());
+        }
+    }
+
+    fn on_work(&mut self, work: Work<K>) {
+        match work {
+            Work::Settled(Some(event)) => self.emit(event),
+            Work::Settled(None) => {}
+            Work::Recorded { key, registered } => {
+                self.emit(registered.clone());
+                self.settle_quietly(registered, Settle::Ack);
+                self.known(key);
+            }
+            Work::Unrecorded { event, settle } => self.settle(event, settle),
+            Work::Looked { key, answer } => self.on_answer(key, answer),
+            Work::Deferral { key, pos, event } => self.on_deferral(key, pos, event),
+        }
+    }
+
+    /// A handler returned (or its task ended): free its lane and settle by the outcome.
+    fn on_handled(&mut self, done: Result<(Id, Handled<K>), tokio::task::JoinError>) {
+        let Handled { key, meta, outcome } = match done {
+            Ok((id, handled)) => {
+                self.running.remove(&id);
+                handled
+            }
+            // Cancelled at the end of the shutdown grace: the message stays unsettled and the
+            // broker delivers it again.
+            Err(e) => {
+                if let Some((key, partition)) = self.running.remove(&e.id()) {
+                    self.lanes.finish(&key);
+                    self.release_partition_if_idle(partition);
+                }
+                return;
+            }
+        };
+        let partition = meta.partition;
+        match outcome {
+            Ok(event) => self.emit(event),
+            Err(e) if e.is_permanent() => {
+                let dl = DeadLetter::new(DeadLetterKind::Rejected, e.chain(), meta.attempt);
+                self.dead_letter(key.clone(), &meta, dl);
+            }
+            Err(e) => {
+                self.defer(key.clone(), &meta, DeferCause::HandlerRetry, Some(&e));
+                if self.away.first(&key) == Some(meta.pos) {
+                    // The key is blocked by this message now: what waited in its lane waits
+                    // behind it.
+                    for (_, p) in self.lanes.take(&key) {
+                        self.hold_or_defer(key.clone(), p, DeferCause::BehindDeferred);
+                    }
+                }
+            }
+        }
+        self.lanes.finish(&key);
+        self.release_partition_if_idle(partition);
+    }
+
+    /// The transport gives up `partition`: give back what is held or queued of it, in the order
+    /// it was received; once its running handlers finished, tell the transport.
+    fn on_revoked(&mut self, partition: u32) {
+        self.revoking.insert(partition);
+        let of = |p: &Pending<M>| p.meta.partition == Some(partition);
+        let mut back: Vec<(K, Pending<M>)> = self.hold.take_where(of);
+        back.extend(self.lanes.take_where(of));
+        let keys: Vec<K> = self.lookups.keys().cloned().collect();
+        for key in keys {
+            if let Some(waiting) = self.lookups.get_mut(&key) {
+                let (gone, kept): (Vec<_>, Vec<_>) = waiting.drain(..).partition(|w| of(&w.p));
+                *waiting = kept;
+                self.looking -= gone.len();
+                back.extend(gone.into_iter().map(|w| (key.clone(), w.p)));
+            }
+        }
+        back.sort_unstable_by_key(|(_, p)| p.meta.id);
+        tracing::info!(target: "prereq", partition, given_back = back.len(),
+            "giving a partition up");
+        for (key, p) in back {
+            let event = self.event_of(&p.meta, Some(key), Decision::Requeued);
+            self.settle(event, Settle::Requeue);
+        }
+        self.release_partition_if_idle(Some(partition));
+    }
+
+    /// If `partition` is being given up and none of its handlers runs any more, tell the
+    /// transport.
+    fn release_partition_if_idle(&mut self, partition: Option<u32>) {
+        let Some(partition) = partition.filter(|p| self.revoking.contains(p)) else {
+            return;
+        };
+        if self.running.values().any(|(_, p)| *p == Some(partition)) {
+            return;
+        }
+        self.revoking.remove(&partition);
+        self.transport.released(partition);
+    }
+
+    /// The source answered about `key`.
+    fn on_answer(&mut self, key: K, answer: Result<bool, KeyError<BoxError>>) {
+        match answer {
+            Ok(true) => {
+                self.source_answers();
+                self.known(key);
+            }
+            Ok(false) => {
+                self.source_answers();
+                for w in self.take_waiting(&key) {
+                    if w.expired {
+                        self.defer(key.clone(), &w.p.meta, DeferCause::HoldExpired, None);
+                    } else {
+                        self.hold_or_defer(key.clone(), w.p, DeferCause::HoldFull);
+                    }
+                }
+            }
+            Err(KeyError::Unavailable(e)) => {
+                self.source_failed(&e);
+                for w in self.take_waiting(&key) {
+                    if w.expired {
+                        self.defer(key.clone(), &w.p.meta, DeferCause::SourceUnavailable, None);
+                    } else {
+                        self.hold_or_defer(key.clone(), w.p, DeferCause::SourceUnavailable);
+                    }
+                }
+            }
+            Err(KeyError::InvalidKey(reason)) => {
+                for w in self.take_waiting(&key) {
+                    let dl = DeadLetter::new(
+                        DeadLetterKind::InvalidKey,
+                        format!("the key source refused key {key:?}: {reason}"),
+                        w.p.meta.attempt,
+                    );
+                    self.dead_letter(key.clone(), &w.p.meta, dl);
+                }
+            }
+        }
+    }
+
+    /// Hold times and deferred messages' return times ran out.
+    fn expire(&mut self) {
+        let now = Instant::now();
+        if let Some((at, wait)) = self.recheck
+            && at <= now
+        {
+            // The source failed: has it come back?
+            self.recheck = Some((now + wait, (wait * 2).min(RECHECK_MAX)));
+            self.recheck_held();
+        }
+        // A deferred message that did not come back in time stops blocking its key.
+        while let Some(key) = self.away.pop_expired(now) {
+            self.release_ready(&key);
+        }
+        let mut expired = Vec::new();
+        while let Some(entry) = self.hold.pop_expired(now) {
+            expired.push(entry);
+        }
+        for (key, p) in expired {
+            if self.cache.contains(&key) {
+                // Its key is known: it waited behind a deferred message of its key.
+                self.defer(key, &p.meta, DeferCause::BehindDeferred, None);
+            } else if let Some(waiting) = self.lookups.get_mut(&key) {
+                waiting.push(Waiting { p, expired: true });
+                self.looking += 1;
+            } else {
+                // Ask the source once more before deferring: the key may have become known by
+                // a path that did not notify.
+                self.start_lookup(key, vec![Waiting { p, expired: true }]);
+            }
+        }
+    }
+
+    // ---- Where a message goes ---------------------------------------------------------------
+
+    /// A new (or returning) message of `key`.
+    fn route(&mut self, key: K, p: Pending<M>) {
+        if self.cache.contains(&key) {
+            self.enqueue_known(key, p);
+        } else if let Some(waiting) = self.lookups.get_mut(&key) {
+            waiting.push(Waiting { p, expired: false });
+            self.looking += 1;
+        } else if self.hold.holds(&key) {
+            // Messages of the key are held: it was unknown moments ago, and any news of it
+            // wakes them all.
+            self.hold_or_defer(key, p, DeferCause::HoldFull);
+        } else {
+            self.start_lookup(key, vec![Waiting { p, expired: false }]);
+        }
+    }
+
+    /// `key` is known: to its lane, unless an earlier message of the key is deferred.
+    fn enqueue_known(&mut self, key: K, p: Pending<M>) {
+        if self
+            .away
+            .first(&key)
+            .is_some_and(|first| first < p.meta.pos)
+        {
+            self.hold_or_defer(key, p, DeferCause::BehindDeferred);
+        } else {
+            self.lanes.push(key, p.meta.pos, p);
+        }
+    }
+
+    /// `key` is known: remember it, and move what waited for it to its lane.
+    fn known(&mut self, key: K) {
+        self.cache.insert(key.clone());
+        let now = Instant::now();
+        for w in self.take_waiting(&key) {
+            if w.expired {
+                // It was held until the re-check found its key.
+                self.emit(released(&w.p.meta, &key, now));
+            }
+            self.enqueue_known(key.clone(), w.p);
+        }
+        self.release_ready(&key);
+    }
+
+    /// Release the held messages of a known `key` that no deferred message precedes.
+    fn release_ready(&mut self, key: &K) {
+        if !self.hold.holds(key) || !self.cache.contains(key) {
+            return;
+        }
+        let limit = self.away.first(key).unwrap_or(u64::MAX);
+        let now = Instant::now();
+        for p in self.hold.take_before(key, limit) {
+            self.emit(released(&p.meta, key, now));
+            self.lanes.push(key.clone(), p.meta.pos, p);
+        }
+    }
+
+    /// Hold `p`, or defer it for `cause` if the hold has no room.
+    fn hold_or_defer(&mut self, key: K, mut p: Pending<M>, cause: DeferCause) {
+        if !self.hold.fits(p.meta.size) {
+            return self.defer(key, &p.meta, cause, None);
+        }
+        let now = Instant::now();
+        p.meta.held_at.get_or_insert(now);
+        let event = self.event_of(&p.meta, Some(key.clone()), Decision::Held);
+        let (pos, id, size) = (p.meta.pos, p.meta.message_id.clone(), p.meta.size);
+        self.hold.insert(key, pos, id, p, size, now);
+        self.report.peak_held = self.report.peak_held.max(self.hold.len());
+        self.emit(event);
+    }
+
+    /// If a message with `p`'s id is held, put `p` in its place (keeping its position and hold
+    /// time) and return the one it replaced; else give `p` back.
+    fn replace_held(&mut self, mut p: Pending<M>) -> Result<Meta, Pending<M>> {
+        let Some(id) = p.meta.message_id.clone() else {
             return Err(p);
         };
-        match self.hold.by_id_mut(&id, size) {
+        match self.hold.by_id_mut(&id, p.meta.size) {
             Some(held) => {
-                p.held_at = held.held_at;
-                Ok(std::mem::replace(held, p))
+                p.meta.held_at = held.meta.held_at;
+                p.meta.pos = held.meta.pos;
+                Ok(std::mem::replace(held, p).meta)
             }
             None => Err(p),
         }
     }
 
-    /// The key is known: move its held messages, in arrival order, to its lane.
-    fn release(&mut self, key: &K) {
-        let released = self.hold.take(key);
-        if released.is_empty() {
-            // The common case for a known key: nothing was held, nothing to time.
-            return;
-        }
-        let now = Instant::now();
-        for p in released {
-            let waited = p.held_at.map(|t| now - t).unwrap_or_default();
-            self.report.released += 1;
-            self.emit(self.pending_event(&p, Some(key.clone()), Decision::Released { waited }));
-            self.enqueue(key.clone(), p);
-        }
-    }
-
-    /// Held too long: defer the expired messages through the broker.
-    fn expire(&mut self) {
-        while let Some((key, p)) = self.hold.pop_expired(Instant::now()) {
-            self.defer(key, p, DeferCause::HoldExpired);
-        }
-    }
-
-    fn enqueue(&mut self, key: K, p: Pending<M>) {
-        let lane = self.lanes.entry(key.clone()).or_default();
-        lane.queue.push_back(p);
-        self.queued += 1;
-        if !lane.running && !lane.runnable {
-            lane.runnable = true;
-            self.runnable.push_back(key);
-        }
-    }
-
-    fn start_runnable(&mut self) {
-        while self.handler_lanes.len() < self.cfg.concurrency {
-            let Some(key) = self.runnable.pop_front() else {
-                return;
-            };
-            let Some(lane) = self.lanes.get_mut(&key) else {
-                continue;
-            };
-            lane.runnable = false;
-            let Some(p) = lane.queue.pop_front() else {
-                continue;
-            };
-            lane.running = true;
-            self.queued -= 1;
-            let handle = self.handlers.spawn(handle(
-                Arc::clone(&self.cfg),
-                Arc::clone(&self.transport),
-                self.lane_free_tx.clone(),
-                key.clone(),
-                p,
-            ));
-            self.handler_lanes.insert(handle.id(), key);
-        }
-    }
-
-    fn handler_done(&mut self, done: Result<(Id, Event<K>), tokio::task::JoinError>) {
-        let (id, event) = match done {
-            Ok((id, event)) => (id, Some(event)),
-            // The task itself cannot panic (the handler's panic is caught inside it); if it was
-            // cancelled, its message stays unsettled and the broker redelivers it.
-            Err(e) => (e.id(), None),
-        };
-        if let Some(event) = event {
-            self.emit(event);
-        }
-        self.free_lane(id);
-    }
-
-    /// The handler of task `id` returned (or its task ended): the key's next message may run.
-    fn free_lane(&mut self, id: Id) {
-        let Some(key) = self.handler_lanes.remove(&id) else {
-            return;
-        };
-        if let Some(lane) = self.lanes.get_mut(&key) {
-            lane.running = false;
-            if lane.queue.is_empty() {
-                self.lanes.remove(&key);
-            } else if !lane.runnable {
-                lane.runnable = true;
-                self.runnable.push_back(key);
+    /// Ask the source about `key` for the `waiting` messages (possibly none: a re-check).
+    fn start_lookup(&mut self, key: K, waiting: Vec<Waiting<M>>) {
+        self.looking += waiting.len();
+        self.lookups.insert(key.clone(), waiting);
+        let mut answer = self.cfg.source.contains(key.clone());
+        let slots = Arc::clone(&self.lookup_slots);
+        match slots.clone().try_acquire_owned() {
+            Ok(permit) => {
+                // A source that answers at once (in memory) is answered here, without a task.
+                let mut cx = TaskContext::from_waker(Waker::noop());
+                if let Poll::Ready(answer) = answer.as_mut().poll(&mut cx) {
+                    drop(permit);
+                    return self.on_answer(key, answer);
+                }
+                self.work.spawn(async move {
+                    let answer = answer.await;
+                    drop(permit);
+                    Work::Looked { key, answer }
+                });
+            }
+            Err(_) => {
+                self.work.spawn(async move {
+                    let _permit = slots.acquire_owned().await;
+                    Work::Looked {
+                        key,
+                        answer: answer.await,
+                    }
+                });
             }
         }
     }
 
-    /// Defer through the broker by the policy, or dead-letter if it gives up.
-    fn defer(&mut self, key: K, p: Pending<M>, cause: DeferCause) {
-        let (settle, decision) = defer_decision(&self.cfg, &key, &p, cause, None);
-        let event = self.pending_event(&p, Some(key), decision);
-        self.settle(event.clone(), settle);
+    /// The messages that waited for the lookup of `key`, which is over.
+    fn take_waiting(&mut self, key: &K) -> Vec<Waiting<M>> {
+        let waiting = self.lookups.remove(key).unwrap_or_default();
+        self.looking -= waiting.len();
+        waiting
     }
 
-    fn dead_letter_undecodable(&mut self, d: Delivery, reason: String) {
-        let dl = dead_letter(DeadLetterKind::Undecodable, reason, d.attempt);
-        let event = self.event(
-            d.id,
-            d.message_id,
-            None,
-            d.attempt,
-            Decision::DeadLettered(dl.clone()),
-        );
+    fn source_failed(&mut self, e: &BoxError) {
+        if !self.source_down {
+            self.source_down = true;
+            self.recheck = Some((Instant::now() + RECHECK_FIRST, RECHECK_FIRST * 2));
+            tracing::warn!(target: "prereq", error = %e,
+                "key source unavailable: holding messages until it answers again");
+        }
+    }
+
+    fn source_answers(&mut self) {
+        if self.source_down {
+            self.source_down = false;
+            self.recheck = None;
+            tracing::info!(target: "prereq", "key source answers again");
+        }
+    }
+
+    /// Start handlers for runnable lanes, up to the concurrency.
+    fn start_handlers(&mut self) {
+        while self.handlers.len() < self.cfg.concurrency {
+            let Some((key, p)) = self.lanes.start_next() else {
+                return;
+            };
+            if self.transport.is_stale(p.meta.id) {
+                // Its channel failed since (a reconnect): the broker delivers it again, and
+                // running it now would run it twice.
+                self.emit(event_of(
+                    &p.meta,
+                    Some(key.clone()),
+                    Decision::SettleFailed {
+                        error: STALE.to_owned(),
+                    },
+                ));
+                let event = event_of(&p.meta, Some(key.clone()), Decision::Requeued);
+                self.settle_quietly(event, Settle::Requeue);
+                self.lanes.finish(&key);
+                continue;
+            }
+            let p_partition = p.meta.partition;
+            let task = handle(
+                Arc::clone(&self.cfg),
+                Arc::clone(&self.transport),
+                key.clone(),
+                p,
+            );
+            let partition = p_partition;
+            let id = self.handlers.spawn(task).id();
+            self.running.insert(id, (key, partition));
+        }
+    }
+
+    // ---- Settling ---------------------------------------------------------------------------
+
+    /// Defer through the broker for `cause`, or dead-letter if the policy gives up.
+    fn defer(&mut self, key: K, meta: &Meta, cause: DeferCause, error: Option<&HandlerError>) {
+        let now = Instant::now();
+        let min_delay = match cause {
+            DeferCause::BehindDeferred => self
+                .away
+                .first_due(&key)
+                .map(|t| t.saturating_duration_since(now) + BEHIND_MARGIN),
+            _ => error.and_then(HandlerError::min_delay),
+        };
+        let (settle, decision) = deferral(&*self.cfg.policy, &key, meta, cause, min_delay, error);
+        let event = self.event_of(meta, Some(key.clone()), decision);
+        if let Settle::Defer { delay, .. } = &settle
+            && self.cfg.keep_order
+        {
+            // Recorded now, so that what arrives meanwhile waits behind it; dropped again if the
+            // copy is not stored (`Work::Deferral`).
+            let due = now + *delay;
+            self.away
+                .insert(key.clone(), meta.pos, meta.seed, due, due + AWAY_GRACE);
+            let transport = Arc::clone(&self.transport);
+            let pos = meta.pos;
+            self.work.spawn(async move {
+                let event = settle_with(&*transport, event, settle).await;
+                Work::Deferral { key, pos, event }
+            });
+            return;
+        }
+        self.settle(event, settle);
+    }
+
+    /// A deferral that keeps its key's order finished. If it failed, the message is not out in
+    /// the broker (the broker delivers the original again): its key stops waiting for it.
+    fn on_deferral(&mut self, key: K, pos: u64, event: Event<K>) {
+        let failed = matches!(event.decision, Decision::SettleFailed { .. });
+        self.emit(event);
+        if failed && self.away.remove(&key, pos) {
+            self.release_ready(&key);
+        }
+    }
+
+    fn dead_letter(&mut self, key: K, meta: &Meta, dl: DeadLetter) {
+        let event = self.event_of(meta, Some(key), Decision::DeadLettered(dl.clone()));
         self.settle(event, Settle::DeadLetter(dl));
     }
 
-    fn requeue_delivery(&mut self, d: Delivery) {
-        let event = self.event(d.id, d.message_id, None, d.attempt, Decision::Requeued);
-        self.settle(event, Settle::Requeue);
-    }
-
-    fn requeue(&mut self, key: Option<K>, p: Pending<M>) {
-        let event = self.pending_event(&p, key, Decision::Requeued);
-        self.settle(event, Settle::Requeue);
+    fn dead_letter_undecodable(&mut self, d: Delivery, reason: String) {
+        let dl = DeadLetter::new(DeadLetterKind::Undecodable, reason, d.attempt);
+        let event = self.event(&d, None, Decision::DeadLettered(dl.clone()));
+        self.settle(event, Settle::DeadLetter(dl));
     }
 
     /// Carry out `settle` in a task; emit `event` once the transport confirmed it, or a
     /// `SettleFailed` event if it did not.
     fn settle(&mut self, event: Event<K>, settle: Settle) {
         let transport = Arc::clone(&self.transport);
-        self.settles
-            .spawn(async move { Some(settle_with(&*transport, event, settle).await) });
+        self.work.spawn(async move {
+            Work::Settled(Some(settle_with(&*transport, event, settle).await))
+        });
     }
 
     /// Like [`Engine::settle`], but emit an event only if the transport failed.
     fn settle_quietly(&mut self, event: Event<K>, settle: Settle) {
         let transport = Arc::clone(&self.transport);
-        self.settles.spawn(async move {
-            let done = settle_with(&*transport, event, settle).await;
-            matches!(done.decision, Decision::SettleFailed { .. }).then_some(done)
+        self.work.spawn(async move {
+            Work::Settled(quiet(settle_with(&*transport, event, settle).await))
         });
     }
 
-    fn event(
-        &self,
-        delivery: DeliveryId,
-        message_id: Option<String>,
-        key: Option<K>,
-        attempt: u32,
-        decision: Decision,
-    ) -> Event<K> {
+    // ---- Events -----------------------------------------------------------------------------
+
+    fn event(&self, d: &Delivery, key: Option<K>, decision: Decision) -> Event<K> {
         Event {
             at: Instant::now(),
-            delivery,
-            message_id,
+            delivery: d.id,
+            message_id: d.message_id.clone(),
             key,
-            attempt,
+            attempt: d.attempt,
             decision,
         }
     }
 
-    fn pending_event(&self, p: &Pending<M>, key: Option<K>, decision: Decision) -> Event<K> {
-        self.event(p.id, p.message_id.clone(), key, p.attempt, decision)
+    fn event_of(&self, meta: &Meta, key: Option<K>, decision: Decision) -> Event<K> {
+        event_of(meta, key, decision)
     }
 
     fn emit(&mut self, event: Event<K>) {
+        let r = &mut self.report;
         match &event.decision {
-            Decision::Handled => self.report.handled += 1,
-            Decision::Deferred { .. } => self.report.deferred += 1,
-            Decision::DeadLettered(_) => self.report.dead_lettered += 1,
-            Decision::Requeued => self.report.requeued += 1,
-            Decision::SettleFailed { .. } => self.report.settle_failures += 1,
-            Decision::Registered | Decision::Held | Decision::Released { .. } => {}
+            Decision::Registered => r.registered += 1,
+            Decision::Held => r.held += 1,
+            Decision::Released { .. } => r.released += 1,
+            Decision::Handled => r.handled += 1,
+            Decision::Deferred { .. } => r.deferred += 1,
+            Decision::DeadLettered(_) => r.dead_lettered += 1,
+            Decision::Requeued => r.requeued += 1,
+            Decision::SettleFailed { .. } => r.settle_failures += 1,
         }
         trace(&event);
         #[cfg(feature = "metrics")]
@@ -473,7 +913,29 @@ impl<K: Key, M: Send + 'static, T: Transport> Engine<K, M, T> {
     }
 }
 
-async fn settle_with<K, T: Transport>(
+fn event_of<K>(meta: &Meta, key: Option<K>, decision: Decision) -> Event<K> {
+    Event {
+        at: Instant::now(),
+        delivery: meta.id,
+        message_id: meta.message_id.clone(),
+        key,
+        attempt: meta.attempt,
+        decision,
+    }
+}
+
+/// The event of a held message released at `now`.
+fn released<K: Clone>(meta: &Meta, key: &K, now: Instant) -> Event<K> {
+    let waited = meta.held_at.map(|t| now - t).unwrap_or_default();
+    event_of(meta, Some(key.clone()), Decision::Released { waited })
+}
+
+/// The event, if the settlement failed.
+fn quiet<K>(event: Event<K>) -> Option<Event<K>> {
+    matches!(event.decision, Decision::SettleFailed { .. }).then_some(event)
+}
+
+async fn settle_with<K, T: Transport + ?Sized>(
     transport: &T,
     mut event: Event<K>,
     settle: Settle,
@@ -487,37 +949,74 @@ async fn settle_with<K, T: Transport>(
     event
 }
 
-/// Run the handler for one message and settle it by the outcome.
+/// Record a registration's key in the source; while the source fails, retry (the registration
+/// stays unacknowledged), until the consumer stops: then give it back.
+fn record<K: Key>(
+    source: SharedSource<K>,
+    key: K,
+    mut event: Event<K>,
+    stopping: CancellationToken,
+) -> std::pin::Pin<Box<dyn Future<Output = Work<K>> + Send>> {
+    Box::pin(async move {
+        let mut wait = INSERT_RETRY_FIRST;
+        loop {
+            match source.insert(key.clone()).await {
+                Ok(()) => {
+                    event.at = Instant::now();
+                    return Work::Recorded {
+                        key,
+                        registered: event,
+                    };
+                }
+                Err(KeyError::InvalidKey(reason)) => {
+                    let dl = DeadLetter::new(
+                        DeadLetterKind::InvalidKey,
+                        format!("the key source refused key {key:?}: {reason}"),
+                        event.attempt,
+                    );
+                    event.decision = Decision::DeadLettered(dl.clone());
+                    return Work::Unrecorded {
+                        event,
+                        settle: Settle::DeadLetter(dl),
+                    };
+                }
+                Err(KeyError::Unavailable(e)) => {
+                    tracing::debug!(target: "prereq", key = ?key, error = %e,
+                        "the key source could not record a registration; retrying");
+                }
+            }
+            tokio::select! {
+                () = stopping.cancelled() => {
+                    event.decision = Decision::Requeued;
+                    return Work::Unrecorded { event, settle: Settle::Requeue };
+                }
+                () = tokio::time::sleep(wait) => wait = (wait * 2).min(INSERT_RETRY_MAX),
+            }
+        }
+    })
+}
+
+/// Run the handler for one message; on success, acknowledge it.
 async fn handle<K: Key, M: Send + 'static, T: Transport>(
     cfg: Arc<Config<K, M>>,
     transport: Arc<T>,
-    lane_free: mpsc::UnboundedSender<Id>,
     key: K,
     p: Pending<M>,
-) -> Event<K> {
-    let Pending {
-        id,
-        msg,
-        attempt,
-        max_attempts,
-        ref message_id,
-        redelivered,
-        seed,
-        held_at,
-    } = p;
+) -> Handled<K> {
+    let Pending { msg, meta } = p;
     let ctx = Context {
         key: key.clone(),
-        message_id: message_id.clone(),
-        attempt,
-        redelivered,
+        message_id: meta.message_id.clone(),
+        attempt: meta.attempt,
+        redelivered: meta.redelivered,
     };
     // The handler runs inside a span, so that its own logs carry the key and the message.
     let span = tracing::info_span!(
         target: "prereq",
         "handle",
         key = ?key,
-        message_id = message_id.as_deref(),
-        attempt
+        message_id = meta.message_id.as_deref(),
+        attempt = meta.attempt
     );
     let called = {
         let _entered = span.enter();
@@ -530,37 +1029,14 @@ async fn handle<K: Key, M: Send + 'static, T: Transport>(
             .unwrap_or_else(|payload| Err(panicked(&*payload))),
         Err(payload) => Err(panicked(&*payload)),
     };
-    // The engine may run the key's next message now; this one's settlement follows.
-    let _ = lane_free.send(tokio::task::id());
-    let stub = Pending {
-        id,
-        msg: (),
-        attempt,
-        max_attempts,
-        message_id: message_id.clone(),
-        redelivered,
-        seed,
-        held_at,
-    };
-    let (settle, decision) = match outcome {
-        Ok(()) => (Settle::Ack, Decision::Handled),
-        Err(HandlerError::Retry(e)) => {
-            defer_decision(&cfg, &key, &stub, DeferCause::HandlerRetry, Some(e))
+    let outcome = match outcome {
+        Ok(()) => {
+            let event = event_of(&meta, Some(key.clone()), Decision::Handled);
+            Ok(settle_with(&*transport, event, Settle::Ack).await)
         }
-        Err(HandlerError::Permanent(e)) => {
-            let dl = dead_letter(DeadLetterKind::Rejected, e, attempt);
-            (Settle::DeadLetter(dl.clone()), Decision::DeadLettered(dl))
-        }
+        Err(e) => Err(e),
     };
-    let event = Event {
-        at: Instant::now(),
-        delivery: id,
-        message_id: stub.message_id,
-        key: Some(key),
-        attempt,
-        decision,
-    };
-    settle_with(&*transport, event, settle).await
+    Handled { key, meta, outcome }
 }
 
 /// A panicking handler counts as a retryable error, with the panic's message as the reason.
@@ -573,22 +1049,40 @@ fn panicked(payload: &(dyn std::any::Any + Send)) -> HandlerError {
     HandlerError::retry(format!("handler panicked: {message}"))
 }
 
-/// Defer by the policy, or dead-letter once it (or the message's own limit) gives up.
+/// Defer by the policy, or dead-letter once it gives up.
 ///
-/// A message's own limit (`max_attempts`, e.g. the `x-retry-limit` header) overrides the
-/// policy's; past the policy's last attempt, its last delay repeats.
-fn defer_decision<K: Key, M, X>(
-    cfg: &Config<K, M>,
+/// A deferral for a cause that counts as an attempt carries the next attempt and waits
+/// `policy.delay_for(next)` (at least `min_delay`); the limit is the policy's, lowered (never
+/// raised) by the message's own (`max_attempts`, e.g. the `x-retry-limit` header). A deferral
+/// that does not count keeps the attempt and waits `min_delay`, else the policy's delay for the
+/// current attempt: it never dead-letters.
+fn deferral<K: Key>(
+    policy: &dyn Policy,
     key: &K,
-    p: &Pending<X>,
+    meta: &Meta,
     cause: DeferCause,
-    last_error: Option<String>,
+    min_delay: Option<Duration>,
+    error: Option<&HandlerError>,
 ) -> (Settle, Decision) {
-    let next = p.attempt.saturating_add(1);
-    let policy_max = cfg.policy.max_attempts();
-    let limit = p.max_attempts.unwrap_or(policy_max);
-    let delay = if next <= limit && p.attempt < u32::MAX {
-        cfg.policy.delay_for(next.min(policy_max), p.seed)
+    let policy_max = policy.max_attempts();
+    if !cause.counts_as_attempt() {
+        let delay = min_delay
+            .or_else(|| policy.delay_for(meta.attempt.clamp(1, policy_max.max(1)), meta.seed))
+            .unwrap_or(FALLBACK_DELAY);
+        let settle = Settle::Defer {
+            delay,
+            attempt: meta.attempt,
+        };
+        return (settle, Decision::Deferred { delay, cause });
+    }
+    let limit = meta
+        .max_attempts
+        .map_or(policy_max, |own| own.min(policy_max));
+    let next = meta.attempt.saturating_add(1);
+    let delay = if next <= limit && meta.attempt < u32::MAX {
+        policy
+            .delay_for(next, meta.seed)
+            .map(|d| min_delay.map_or(d, |min| d.max(min)))
     } else {
         None
     };
@@ -601,19 +1095,23 @@ fn defer_decision<K: Key, M, X>(
             Decision::Deferred { delay, cause },
         ),
         None => {
-            let dl = match last_error {
-                Some(e) => dead_letter(
+            let dl = match error {
+                Some(e) => DeadLetter::new(
                     DeadLetterKind::RetriesExhausted,
-                    format!("handler still failing after {} deferrals: {e}", p.attempt),
-                    p.attempt,
+                    format!(
+                        "handler still failing after {} attempts: {}",
+                        meta.attempt,
+                        e.chain()
+                    ),
+                    meta.attempt,
                 ),
-                None => dead_letter(
+                None => DeadLetter::new(
                     DeadLetterKind::KeyNeverArrived,
                     format!(
-                        "prerequisite key {key:?} still unknown after {} deferrals",
-                        p.attempt
+                        "prerequisite key {key:?} still unknown after {} attempts",
+                        meta.attempt
                     ),
-                    p.attempt,
+                    meta.attempt,
                 ),
             };
             (Settle::DeadLetter(dl.clone()), Decision::DeadLettered(dl))
@@ -621,45 +1119,41 @@ fn defer_decision<K: Key, M, X>(
     }
 }
 
-/// The longest dead-letter reason, in bytes. A reason travels in a broker header and in log
-/// lines, and a decode error can quote a whole body (serde quotes the offending string): a
-/// 10 MB body must not make a 10 MB header, which the broker would refuse.
-pub(crate) const MAX_REASON: usize = 1024;
+/// The task that takes deliveries from the transport and passes them to the loop, so that the
+/// loop never cancels a `recv` in flight (transports need not be cancel-safe).
+struct Pump<T: Transport> {
+    inbox: mpsc::Receiver<Result<Option<Delivery>, T::Error>>,
+    stop: oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<()>,
+}
 
-/// A dead letter whose reason is at most [`MAX_REASON`] bytes: a longer one keeps its head and
-/// its tail (where a decode error says the line and column) around a note of what was cut.
-fn dead_letter(kind: DeadLetterKind, reason: String, attempts: u32) -> DeadLetter {
-    DeadLetter {
-        kind,
-        reason: bounded(reason),
-        attempts,
+impl<T: Transport> Pump<T> {
+    fn start(transport: Arc<T>) -> Self {
+        // A few deliveries in flight between the pump and the loop, so that neither waits for
+        // the other on every message.
+        let (tx, inbox) = mpsc::channel(PUMP_BUFFER);
+        let (stop, stopped) = oneshot::channel();
+        let task = tokio::spawn(pump(transport, tx, stopped));
+        Self { inbox, stop, task }
+    }
+
+    /// Stop the pump; the deliveries it had passed on and the loop did not take.
+    async fn stop(mut self) -> Vec<Delivery> {
+        let _ = self.stop.send(());
+        self.inbox.close();
+        let mut left = Vec::new();
+        while let Some(got) = self.inbox.recv().await {
+            if let Ok(Some(d)) = got {
+                left.push(d);
+            }
+        }
+        let _ = self.task.await;
+        left
     }
 }
 
-fn bounded(reason: String) -> String {
-    if reason.len() <= MAX_REASON {
-        return reason;
-    }
-    // " … (18446744073709551615 bytes cut) … " is at most 44 bytes.
-    let keep = MAX_REASON - 44;
-    let mut head = keep * 3 / 5;
-    while !reason.is_char_boundary(head) {
-        head -= 1;
-    }
-    let mut tail = reason.len() - (keep - head);
-    while !reason.is_char_boundary(tail) {
-        tail += 1;
-    }
-    format!(
-        "{} … ({} bytes cut) … {}",
-        &reason[..head],
-        tail - head,
-        &reason[tail..]
-    )
-}
-
-/// Take deliveries from the transport and pass them to the loop, until told to stop. A delivery
-/// the loop no longer accepts goes back to the transport.
+/// Take deliveries from the transport and pass them on, until told to stop. A delivery the
+/// loop no longer accepts goes back to the transport.
 async fn pump<T: Transport>(
     transport: Arc<T>,
     tx: mpsc::Sender<Result<Option<Delivery>, T::Error>>,
@@ -679,6 +1173,13 @@ async fn pump<T: Transport>(
         if last {
             return;
         }
+    }
+}
+
+fn next_of(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
     }
 }
 
@@ -704,31 +1205,11 @@ fn trace<K: Key>(e: &Event<K>) {
         ),
         Decision::Deferred { delay, cause } => tracing::info!(
             target: "prereq", delivery = e.delivery.0, message_id = id, key, attempt = e.attempt,
-            delay_ms = delay.as_millis() as u64, cause = ?cause, "deferred"
+            delay_ms = delay.as_millis() as u64, cause = cause.as_str(), "deferred"
         ),
         other => tracing::debug!(
             target: "prereq", delivery = e.delivery.0, message_id = id, key, attempt = e.attempt,
             decision = ?other, "decided"
         ),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn short_reasons_are_kept_and_long_ones_bounded_on_char_boundaries() {
-        assert_eq!(bounded("short".into()), "short");
-        let exact = "x".repeat(MAX_REASON);
-        assert_eq!(bounded(exact.clone()), exact);
-        for unit in ["a", "é", "€", "😀"] {
-            let long = format!("start {} end at line 1 column 9", unit.repeat(100_000));
-            let b = bounded(long.clone());
-            assert!(b.len() <= MAX_REASON, "{} bytes", b.len());
-            assert!(b.starts_with("start "));
-            assert!(b.ends_with(" end at line 1 column 9"));
-            assert!(b.contains(" bytes cut) "));
-        }
     }
 }

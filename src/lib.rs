@@ -6,42 +6,63 @@
 //! back to a broker delay with a [`Backoff`] policy when holding is not possible; after the last
 //! attempt the message is dead-lettered with a reason.
 //!
-//! - [`retry`]: the backoff policy, a pure function of the attempt number.
-//! - [`keys`]: where known keys live.
-//! - [`transport`]: the seam to a broker; [`memory`] is an in-memory broker for tests;
-//!   `amqp` (feature `amqp`, on by default) is RabbitMQ.
-//! - [`DependentConsumer`]: the engine and its builder; [`Event`]: its decisions.
+//! - [`DependentConsumer::builder`]: the key of a message and its handler; then registrations,
+//!   the [`KeySource`], the [`Policy`], the [`HoldBudget`]…
+//! - [`HandlerError`]: `?` retries, [`HandlerError::permanent`] dead-letters,
+//!   [`HandlerError::retry_after`] waits at least as asked.
+//! - [`KeySource`]: where keys are known ([`MemoryKeys`]; SQLite and PostgreSQL in `sql`,
+//!   behind features), shared by consumers and instances.
+//! - [`transport`]: the seam to a broker; [`memory`] is an in-memory broker for tests; `amqp`
+//!   (feature `amqp`, on by default) is RabbitMQ.
+//! - [`Event`]: every decision, for logs and tests; [`Report`]: the counts.
+//!
+//! The README's example, run as a doctest:
+#![doc = include_str!("../README.md")]
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
+mod cache;
+mod config;
 mod consumer;
 mod context;
+mod dead_letter;
 mod engine;
 mod error;
 mod event;
+mod handler;
 mod hold;
-pub mod keys;
+mod keys;
 pub mod memory;
 #[cfg(feature = "metrics")]
+#[cfg_attr(docsrs, doc(cfg(feature = "metrics")))]
 pub mod metrics;
-pub mod retry;
+mod pending;
+mod report;
+mod retry;
+#[cfg(any(feature = "sqlite", feature = "postgres"))]
+#[cfg_attr(docsrs, doc(cfg(any(feature = "sqlite", feature = "postgres"))))]
+pub mod sql;
 pub mod transport;
 
 #[cfg(feature = "amqp")]
+#[cfg_attr(docsrs, doc(cfg(feature = "amqp")))]
 pub mod amqp;
 
 pub use consumer::{
-    ConsumerBuilder, DEFAULT_ACK_TIMEOUT, DEFAULT_SHUTDOWN_GRACE, DependentConsumer, Key, Report,
+    ConsumerBuilder, DEFAULT_CACHE_CAPACITY, DEFAULT_CONCURRENCY, DEFAULT_SHUTDOWN_GRACE,
+    DependentConsumer,
 };
 pub use context::Context;
-pub use error::{BuildError, Error, HandlerError};
+pub use dead_letter::{DeadLetter, DeadLetterKind, MAX_REASON};
+pub use error::{BoxError, HandlerError, MAX_CHAIN, RunError};
 pub use event::{Decision, DeferCause, Event};
+pub use handler::Handler;
 pub use hold::HoldBudget;
-pub use keys::{KeyHandle, KeyStore, MemoryKeys};
-pub use retry::{Backoff, BackoffBuilder, BackoffError, Policy};
-pub use transport::{DeadLetter, DeadLetterKind, Delivery, DeliveryId, Settle, Source, Transport};
-
-/// The README's example is compiled and run as a doctest.
-#[cfg(doctest)]
-#[doc = include_str!("../README.md")]
-pub struct ReadmeDoctests;
+pub use keys::{
+    DEFAULT_NOTIFY_CAPACITY, Key, KeyError, KeyNotifier, KeySource, KeyWakes, MemoryKeys, Wake,
+};
+pub use report::Report;
+pub use retry::{
+    Backoff, BackoffError, DEFAULT_CAP, DEFAULT_MAX_ATTEMPTS, Kind, MIN_DELAY, Policy, Schedule,
+};

@@ -8,7 +8,11 @@
 //! - unsettled deliveries go back to the front of the queue, marked redelivered, in the order
 //!   they were delivered, when they are requeued or their transport is dropped (a consumer that
 //!   goes away loses nothing, and a key's messages keep their order);
-//! - dead letters are kept in a list with their reasons.
+//! - dead letters are kept in a list with their reasons;
+//! - messages may belong to a partition ([`Stored::with_partition`]); [`MemoryBroker::revoke`]
+//!   takes a partition away from every current transport (its consumer gives back what it holds
+//!   of it, and the transport stops delivering it), as a partitioned consumer group hands a
+//!   partition over to another instance.
 //!
 //! ```
 //! use prereq::memory::MemoryBroker;
@@ -30,7 +34,8 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
-use crate::transport::{DeadLetter, Delivery, DeliveryId, Settle, Source, Transport};
+use crate::DeadLetter;
+use crate::transport::{Delivery, DeliveryId, Settle, Source, Transport};
 
 /// A message as stored by the in-memory broker.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -47,6 +52,8 @@ pub struct Stored {
     pub message_id: Option<String>,
     /// Delivered before and not settled.
     pub redelivered: bool,
+    /// The partition it belongs to, if any.
+    pub partition: Option<u32>,
 }
 
 impl Stored {
@@ -59,6 +66,7 @@ impl Stored {
             max_attempts: None,
             message_id: None,
             redelivered: false,
+            partition: None,
         }
     }
 
@@ -73,6 +81,12 @@ impl Stored {
     /// With this message id.
     pub fn with_id(mut self, id: impl Into<String>) -> Self {
         self.message_id = Some(id.into());
+        self
+    }
+
+    /// In this partition.
+    pub fn with_partition(mut self, partition: u32) -> Self {
+        self.partition = Some(partition);
         self
     }
 
@@ -121,6 +135,15 @@ struct State {
     /// How many of `unacked` each transport holds (the prefetch check runs on every `recv`).
     unacked_per_transport: HashMap<u64, usize>,
     dead: Vec<DeadLettered>,
+    /// The partitions each transport no longer receives.
+    revoked: HashMap<u64, std::collections::HashSet<u32>>,
+    /// Where each transport hears of a revoked partition.
+    revocations: HashMap<u64, tokio::sync::mpsc::UnboundedSender<u32>>,
+    /// Partitions revoked and not released yet: nobody receives them meanwhile (as no other
+    /// consumer of a single-active-consumer queue becomes active before the owner lets go).
+    handover: std::collections::HashSet<u32>,
+    /// The partitions consumers released, in order.
+    released: Vec<u32>,
     stats: Stats,
     next_id: u64,
     next_transport: u64,
@@ -150,6 +173,22 @@ impl State {
             .get(&transport)
             .copied()
             .unwrap_or(0)
+    }
+
+    /// The next message `transport` may receive: given-back ones first, in delivery order, then
+    /// the ready ones; none of a partition revoked from it.
+    fn next_for(&mut self, transport: u64) -> Option<Stored> {
+        let revoked = self.revoked.get(&transport);
+        let handover = &self.handover;
+        let ours = |m: &Stored| {
+            m.partition
+                .is_none_or(|p| !handover.contains(&p) && revoked.is_none_or(|r| !r.contains(&p)))
+        };
+        if let Some(tag) = self.requeued.iter().find(|(_, m)| ours(m)).map(|(t, _)| *t) {
+            return self.requeued.remove(&tag);
+        }
+        let at = self.ready.iter().position(ours)?;
+        self.ready.remove(at)
     }
 
     /// Hand `m` to `transport` as delivery `tag`, unsettled.
@@ -182,6 +221,7 @@ struct Shared {
 pub struct MemoryBroker {
     shared: Arc<Shared>,
     prefetch: Option<usize>,
+    ack_timeout: Option<std::time::Duration>,
 }
 
 impl Default for MemoryBroker {
@@ -207,6 +247,7 @@ impl MemoryBroker {
                 changed: Notify::new(),
             }),
             prefetch: None,
+            ack_timeout: None,
         }
     }
 
@@ -214,6 +255,14 @@ impl MemoryBroker {
     /// `basic.qos`).
     pub fn with_prefetch(mut self, n: usize) -> Self {
         self.prefetch = Some(n);
+        self
+    }
+
+    /// Transports made from now on report this acknowledgement timeout (like RabbitMQ's
+    /// `consumer_timeout`): a consumer holds messages for at most half of it. The in-memory
+    /// broker itself never takes a delivery back.
+    pub fn with_ack_timeout(mut self, timeout: std::time::Duration) -> Self {
+        self.ack_timeout = Some(timeout);
         self
     }
 
@@ -245,15 +294,42 @@ impl MemoryBroker {
 
     /// A transport (a consumer's connection) on this broker.
     pub fn transport(&self) -> MemoryTransport {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         let id = {
             let mut s = self.lock();
             s.next_transport += 1;
-            s.next_transport
+            let id = s.next_transport;
+            s.revocations.insert(id, tx);
+            id
         };
         MemoryTransport {
             broker: self.clone(),
             id,
+            revocations: tokio::sync::Mutex::new(rx),
         }
+    }
+
+    /// Take `partition` away from every transport made so far: each stops delivering its
+    /// messages, and its consumer gives back what it holds of it (see [`Transport::revoked`]).
+    /// Nobody receives the partition until a consumer released it; then transports made after
+    /// the revocation do.
+    pub fn revoke(&self, partition: u32) {
+        let mut s = self.lock();
+        s.handover.insert(partition);
+        let ids: Vec<u64> = s.revocations.keys().copied().collect();
+        for id in ids {
+            s.revoked.entry(id).or_default().insert(partition);
+            if let Some(tx) = s.revocations.get(&id) {
+                let _ = tx.send(partition);
+            }
+        }
+        drop(s);
+        self.shared.changed.notify_waiters();
+    }
+
+    /// The partitions consumers released after a [`MemoryBroker::revoke`], in order.
+    pub fn released(&self) -> Vec<u32> {
+        self.lock().released.clone()
     }
 
     /// Close the broker: transports' `recv` returns `Ok(None)` from now on.
@@ -294,6 +370,8 @@ impl MemoryBroker {
 pub struct MemoryTransport {
     broker: MemoryBroker,
     id: u64,
+    /// Partitions revoked from this transport, as they come.
+    revocations: tokio::sync::Mutex<tokio::sync::mpsc::UnboundedReceiver<u32>>,
 }
 
 impl std::fmt::Debug for MemoryTransport {
@@ -335,6 +413,32 @@ impl Drop for MemoryTransport {
 impl Transport for MemoryTransport {
     type Error = MemoryError;
 
+    fn ack_timeout(&self) -> Option<std::time::Duration> {
+        self.broker.ack_timeout
+    }
+
+    async fn revoked(&self) -> Option<u32> {
+        self.revocations.lock().await.recv().await
+    }
+
+    fn released(&self, partition: u32) {
+        let mut s = self.broker.lock();
+        s.released.push(partition);
+        s.handover.remove(&partition);
+        drop(s);
+        self.broker.shared.changed.notify_waiters();
+    }
+
+    fn is_stale(&self, id: DeliveryId) -> bool {
+        let s = self.broker.lock();
+        let partition = s
+            .unacked
+            .get(&id.0)
+            .filter(|(owner, _)| *owner == self.id)
+            .and_then(|(_, m)| m.partition);
+        partition.is_some_and(|p| s.revoked.get(&self.id).is_some_and(|r| r.contains(&p)))
+    }
+
     /// Cancel-safe: a delivery is taken from the queue only when it is returned.
     async fn recv(&self) -> Result<Option<Delivery>, MemoryError> {
         loop {
@@ -352,10 +456,7 @@ impl Transport for MemoryTransport {
                     .prefetch
                     .is_none_or(|p| s.unacked_of(self.id) < p);
                 if room {
-                    let next = match s.requeued.pop_first() {
-                        Some((_, m)) => Some(m),
-                        None => s.ready.pop_front(),
-                    };
+                    let next = s.next_for(self.id);
                     if let Some(m) = next {
                         s.next_id += 1;
                         let tag = s.next_id;
@@ -368,6 +469,7 @@ impl Transport for MemoryTransport {
                             max_attempts: m.max_attempts,
                             message_id: m.message_id.clone(),
                             redelivered: m.redelivered,
+                            partition: m.partition,
                         };
                         s.deliver(tag, self.id, m);
                         return Ok(Some(d));

@@ -5,11 +5,13 @@
 //! dead-letter copy, a requeue). Two transports ship with prereq: [`crate::memory`], an in-memory
 //! broker for tests, and `amqp` (feature `amqp`), RabbitMQ through lapin.
 //!
-//! Why two methods and not more: everything the engine decides fits in one enum, so a new
+//! Why so few methods: everything the engine decides fits in one enum ([`Settle`]), so a new
 //! transport is small and the engine stays testable on a fake.
 
 use std::future::Future;
 use std::time::Duration;
+
+use crate::dead_letter::DeadLetter;
 
 /// Identifies one delivery within a transport, until it is settled.
 ///
@@ -29,8 +31,10 @@ pub enum Source {
 /// One message handed to the engine, not yet settled.
 ///
 /// Until the engine answers [`Transport::settle`] for it, the broker still owns the message: a
-/// crash loses nothing, the broker delivers it again.
+/// crash loses nothing, the broker delivers it again. Build one with [`Delivery::message`] or
+/// [`Delivery::registration`], then set fields.
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Delivery {
     /// Handle to settle this delivery with.
     pub id: DeliveryId,
@@ -38,14 +42,19 @@ pub struct Delivery {
     pub source: Source,
     /// The raw body, decoded by the engine (a decode error dead-letters the message).
     pub body: Vec<u8>,
-    /// How many times this message was deferred already (0 for a new one).
+    /// Which attempt this delivery is: 0 for a new message, `n` after `n` deferrals (the
+    /// numbering of [`crate::Policy`]).
     pub attempt: u32,
-    /// A per-message limit on deferrals that overrides the policy's, when the sender set one.
+    /// A per-message limit on retries, when the sender set one: it can lower the consumer's
+    /// limit, never raise it.
     pub max_attempts: Option<u32>,
     /// A stable identifier of the message, if the sender gave one (seeds deterministic jitter).
     pub message_id: Option<String>,
     /// The broker delivered this message before to a consumer that did not settle it.
     pub redelivered: bool,
+    /// The partition it came from, when the transport consumes partitions it may give up
+    /// ([`Transport::revoked`]).
+    pub partition: Option<u32>,
 }
 
 impl Delivery {
@@ -59,6 +68,7 @@ impl Delivery {
             max_attempts: None,
             message_id: None,
             redelivered: false,
+            partition: None,
         }
     }
 
@@ -68,49 +78,6 @@ impl Delivery {
             source: Source::Registration,
             ..Self::message(id, body)
         }
-    }
-}
-
-/// Why a message was dead-lettered: a class (for metrics and routing) and a readable text.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct DeadLetter {
-    /// The class of the reason.
-    pub kind: DeadLetterKind,
-    /// A human-readable explanation (the decode error, the handler's error, …).
-    pub reason: String,
-    /// How many times the message had been deferred when it was dead-lettered.
-    pub attempts: u32,
-}
-
-/// The class of a dead-letter reason.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum DeadLetterKind {
-    /// The body did not decode.
-    Undecodable,
-    /// The handler returned a permanent error.
-    Rejected,
-    /// The backoff policy (or the message's own limit) gave up while the key was still unknown.
-    KeyNeverArrived,
-    /// The backoff policy gave up while the handler kept failing with retryable errors.
-    RetriesExhausted,
-}
-
-impl DeadLetterKind {
-    /// A short, stable label (`undecodable`, `rejected`, `key-never-arrived`,
-    /// `retries-exhausted`), for headers and metrics.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Undecodable => "undecodable",
-            Self::Rejected => "rejected",
-            Self::KeyNeverArrived => "key-never-arrived",
-            Self::RetriesExhausted => "retries-exhausted",
-        }
-    }
-}
-
-impl std::fmt::Display for DeadLetterKind {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
     }
 }
 
@@ -133,16 +100,96 @@ pub enum Settle {
     Requeue,
 }
 
+/// What a consumer will keep unsettled at most, given to [`Transport::start`] so that the
+/// transport can size its prefetch: held messages are unacknowledged deliveries, and a prefetch
+/// at or below the hold budget would stop the broker from delivering the very messages that
+/// release them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Demand {
+    /// At most this many messages held at once (the hold budget).
+    pub hold: usize,
+    /// At most this many handlers running at once.
+    pub concurrency: usize,
+}
+
+/// Deliveries a consumer may keep beyond its hold and its running handlers: those waiting for a
+/// handler slot, for a key lookup, or in the buffer between the transport and the engine.
+pub const DEMAND_HEADROOM: usize = 64;
+
+impl Demand {
+    /// A consumer holding up to `hold` messages with up to `concurrency` handlers.
+    pub const fn new(hold: usize, concurrency: usize) -> Self {
+        Self { hold, concurrency }
+    }
+
+    /// The most deliveries the consumer keeps unsettled at once:
+    /// `hold + 5 × concurrency + DEMAND_HEADROOM` (saturating): a prefetch at least this large
+    /// never stalls delivery.
+    pub const fn in_flight(&self) -> usize {
+        self.hold
+            .saturating_add(self.concurrency.saturating_mul(5))
+            .saturating_add(DEMAND_HEADROOM)
+    }
+}
+
 /// A broker, as the engine sees it.
 ///
-/// `recv` is called from one task at a time; `settle` may be called from many tasks at once
-/// (handlers run concurrently), so implementations take `&self` and synchronise inside.
+/// `start` is called once, before the first `recv`. `recv` is called from one task at a time;
+/// `settle` may be called from many tasks at once (handlers run concurrently), so
+/// implementations take `&self` and synchronise inside.
 ///
 /// A transport must never lose a delivery it handed out: until `settle` returns `Ok`, the
 /// message stays with the broker.
 pub trait Transport: Send + Sync + 'static {
     /// What can go wrong talking to the broker.
     type Error: std::error::Error + Send + Sync + 'static;
+
+    /// Begin consuming, sized for `demand` (the prefetch). The default does nothing.
+    fn start(&self, demand: Demand) -> impl Future<Output = Result<(), Self::Error>> + Send {
+        let _ = demand;
+        async { Ok(()) }
+    }
+
+    /// How long the broker lets a delivery stay unacknowledged before it takes it back
+    /// (RabbitMQ's `consumer_timeout`). The consumer holds messages for at most half of it.
+    /// `None` (the default): no such limit.
+    fn ack_timeout(&self) -> Option<Duration> {
+        None
+    }
+
+    /// The next partition this transport gives up (it stops owning it): the consumer stops
+    /// starting handlers for the partition's messages, gives back every one it holds or queues
+    /// (in the order received) and, once the partition's running handlers finished, calls
+    /// [`Transport::released`]. From the moment a partition is revoked, [`Transport::is_stale`]
+    /// must be true for its deliveries (also those still on their way to the consumer).
+    /// Cancel-safe. The default never completes (no partitions).
+    fn revoked(&self) -> impl Future<Output = Option<u32>> + Send {
+        std::future::pending()
+    }
+
+    /// The consumer gave back everything it held of `partition`, and runs none of its handlers
+    /// any more (see [`Transport::revoked`]). The default does nothing.
+    fn released(&self, partition: u32) {
+        let _ = partition;
+    }
+
+    /// Should delivery `id` not be processed any more: its channel failed since it was
+    /// delivered (the broker delivers the message again), or its partition was revoked? The
+    /// consumer then gives it back rather than run its handler. The default: never.
+    fn is_stale(&self, id: DeliveryId) -> bool {
+        let _ = id;
+        false
+    }
+
+    /// Stop receiving new deliveries, for a graceful stop: called once the consumer decided to
+    /// stop, before it gives back what it holds, so that the broker does not deliver a
+    /// given-back message straight back to this consumer (each return counts toward a quorum
+    /// queue's delivery limit). Deliveries handed out stay settleable; `recv` may still return
+    /// those already received. The default does nothing.
+    fn stop_receiving(&self) -> impl Future<Output = ()> + Send {
+        async {}
+    }
 
     /// The next delivery, from either stream; `Ok(None)` when the transport is closed for good.
     fn recv(&self) -> impl Future<Output = Result<Option<Delivery>, Self::Error>> + Send;

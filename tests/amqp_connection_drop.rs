@@ -1,6 +1,6 @@
 //! A consumer whose connection drops mid-run loses nothing: lapin reconnects by itself, every
 //! delivery that was not settled comes back (flagged redelivered) and is handled; settling a
-//! delivery from before the drop is harmless.
+//! delivery from before the drop does nothing and says so (`AmqpError::Stale`).
 #![cfg(feature = "amqp")]
 
 mod support;
@@ -9,9 +9,8 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use lapin::BasicProperties;
-use prereq::Transport;
-use prereq::amqp::{AmqpConfig, AmqpTransport, DelayMode};
-use prereq::transport::Settle;
+use prereq::amqp::{AmqpError, Broker, BrokerOptions, DelayMode, Queue, Route};
+use prereq::transport::{Demand, Settle, Transport};
 
 const N: usize = 20;
 const SETTLED_BEFORE_DROP: usize = 5;
@@ -25,14 +24,16 @@ async fn dropped_connection_loses_nothing() {
     let p = support::unique("drop");
     let work = format!("{p}work");
     let proxy = support::Proxy::start(&support::addr()).await;
-    let config = AmqpConfig::new(work.clone(), format!("{p}keys"))
-        .with_addr(proxy.addr(&support::addr()))
-        .with_delay_mode(DelayMode::DelayQueues)
-        .with_prefetch(64);
-    cleanup.config(&config);
-    let transport = AmqpTransport::connect(config)
-        .await
-        .expect("connect via proxy");
+    let route =
+        Route::new(Queue::classic(work.clone())).registrations(Queue::classic(format!("{p}keys")));
+    cleanup.route(&route);
+    let broker = Broker::connect(
+        BrokerOptions::new(proxy.addr(&support::addr())).delay_mode(DelayMode::DelayQueues),
+    )
+    .await
+    .expect("connect via proxy");
+    let transport = broker.transport(route).await.expect("declare");
+    transport.start(Demand::new(N, 1)).await.expect("consume");
 
     let ch = support::confirm_channel(&conn).await;
     for i in 0..N {
@@ -80,27 +81,32 @@ async fn dropped_connection_loses_nothing() {
         back.insert(id.clone());
         done.insert(id);
     }
-    // A decision on a delivery from before the drop neither fails nor duplicates anything.
+    // A decision on a delivery from before the drop does nothing, duplicates nothing, and
+    // says so: it is never counted as done.
     let stale = &before[SETTLED_BEFORE_DROP];
-    transport
-        .settle(
-            stale.id,
-            Settle::Defer {
-                delay: Duration::from_millis(100),
-                attempt: 1,
-            },
-        )
-        .await
-        .expect("stale settle is harmless");
+    assert!(transport.is_stale(stale.id), "void since the drop");
+    assert_eq!(
+        transport
+            .settle(
+                stale.id,
+                Settle::Defer {
+                    delay: Duration::from_millis(100),
+                    attempt: 1,
+                },
+            )
+            .await,
+        Err(AmqpError::Stale)
+    );
     assert!(
         transport.delay_queues().await.is_empty(),
         "no copy of a stale delivery"
     );
     for d in &before[SETTLED_BEFORE_DROP + 1..] {
-        transport
-            .settle(d.id, Settle::Ack)
-            .await
-            .expect("stale ack is harmless");
+        assert_eq!(
+            transport.settle(d.id, Settle::Ack).await,
+            Err(AmqpError::Stale),
+            "a stale ack is void"
+        );
     }
 
     // Acks of the first five may have been lost in the drop: at-least-once allows them back.
@@ -111,7 +117,7 @@ async fn dropped_connection_loses_nothing() {
         transport.settle(d.id, Settle::Ack).await.expect("ack");
     }
     assert_eq!(done.len(), N, "every message handled");
-    transport.close().await.expect("close");
+    broker.close().await.expect("close");
     assert_eq!(
         support::ready_count(&ch, &work).await,
         0,

@@ -8,10 +8,11 @@ use std::time::Duration;
 
 use lapin::BasicProperties;
 use lapin::types::{AMQPValue, FieldTable};
-use prereq::Transport;
-use prereq::amqp::headers::{self, get_int, get_str};
-use prereq::amqp::{AmqpConfig, AmqpError, AmqpTransport, DelayMode};
-use prereq::transport::{DeadLetter, DeadLetterKind, Settle};
+use prereq::amqp::headers;
+use prereq::amqp::{AmqpError, DelayMode, Queue, Route};
+use prereq::transport::{Demand, Settle, Transport};
+use prereq::{DeadLetter, DeadLetterKind};
+use support::{header_int as get_int, header_str as get_str};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dead_letter_lands_in_dot_dead_with_reason_headers() {
@@ -21,13 +22,11 @@ async fn dead_letter_lands_in_dot_dead_with_reason_headers() {
     let cleanup = support::Cleanup::new();
     let p = support::unique("dead");
     let work = format!("{p}work");
-    let config = AmqpConfig::new(work.clone(), format!("{p}keys"))
-        .with_addr(support::addr())
-        .with_delay_mode(DelayMode::DelayQueues)
-        .with_prefetch(16);
-    assert_eq!(config.dead_letter_queue(), format!("{work}.dead"));
-    cleanup.config(&config);
-    let transport = AmqpTransport::connect(config).await.expect("connect");
+    let route =
+        Route::new(Queue::classic(work.clone())).registrations(Queue::classic(format!("{p}keys")));
+    assert_eq!(route.dead_letter_queue().name(), format!("{work}.dead"));
+    let transport =
+        support::transport(&cleanup, route, DelayMode::DelayQueues, Demand::new(8, 1)).await;
 
     let ch = support::confirm_channel(&conn).await;
     let mut h = FieldTable::default();
@@ -47,11 +46,11 @@ async fn dead_letter_lands_in_dot_dead_with_reason_headers() {
         .expect("open");
     assert_eq!(d.attempt, 3);
     assert_eq!(d.max_attempts, Some(3));
-    let dead = DeadLetter {
-        kind: DeadLetterKind::KeyNeverArrived,
-        reason: "client 9 never registered".into(),
-        attempts: 3,
-    };
+    let dead = DeadLetter::new(
+        DeadLetterKind::KeyNeverArrived,
+        "client 9 never registered",
+        3,
+    );
     transport
         .settle(d.id, Settle::DeadLetter(dead))
         .await

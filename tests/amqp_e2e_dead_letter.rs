@@ -7,10 +7,11 @@ mod support;
 
 use std::time::Duration;
 
-use prereq::amqp::headers::{self, get_int, get_str};
-use prereq::transport::DeadLetterKind;
+use prereq::DeadLetterKind;
+use prereq::amqp::headers;
 use prereq::{Backoff, Decision, HoldBudget};
 use support::payments::{Scenario, payment};
+use support::{header_int as get_int, header_str as get_str};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn payment_for_a_client_that_never_comes_is_dead_lettered() {
@@ -18,10 +19,7 @@ async fn payment_for_a_client_that_never_comes_is_dead_lettered() {
         return;
     };
     // The policy would allow 10 attempts; the message itself says 2.
-    let policy = Backoff::constant(Duration::from_millis(300))
-        .with_max_attempts(10)
-        .build()
-        .unwrap();
+    let policy = Backoff::constant(Duration::from_millis(300)).max_attempts(10);
     let mut s = Scenario::start(&conn, "never", policy, HoldBudget::NONE).await;
     s.publish_payment(&payment("pay-3", 404), 2).await;
 

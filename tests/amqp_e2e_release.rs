@@ -17,9 +17,9 @@ async fn held_payment_is_released_when_its_client_arrives() {
     let Some(conn) = support::broker().await else {
         return;
     };
-    let policy = Backoff::linear(Duration::from_secs(1)).build().unwrap();
+    let policy = Backoff::linear(Duration::from_secs(1));
     // Hold up to 2 minutes: the release must come from the registration, not from a retry.
-    let budget = HoldBudget::default().with_max_time(Duration::from_secs(120));
+    let budget = HoldBudget::DEFAULT.max_time(Duration::from_secs(120));
     let mut s = Scenario::start(&conn, "release", policy, budget).await;
 
     s.publish_payment(&payment("pay-1", 5), 10).await;
@@ -64,9 +64,7 @@ async fn deferred_payment_is_handled_at_its_next_retry_after_the_client_arrives(
     let Some(conn) = support::broker().await else {
         return;
     };
-    let policy = Backoff::constant(Duration::from_millis(500))
-        .build()
-        .unwrap();
+    let policy = Backoff::constant(Duration::from_millis(500));
     // No hold: a payment whose client is unknown goes through the broker's delay queue.
     let mut s = Scenario::start(&conn, "retry", policy, HoldBudget::NONE).await;
 

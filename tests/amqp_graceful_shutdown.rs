@@ -15,7 +15,7 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use drill::{DrillChild, Line, Out};
-use prereq::amqp::AmqpConfig;
+use prereq::amqp::payment_demo::{self, PROCESS_KEY, PaymentNames};
 
 const HELD: u64 = 100;
 
@@ -25,21 +25,20 @@ async fn held_messages_go_back_on(signal: &str) {
     };
     let cleanup = support::Cleanup::new();
     let prefix = support::unique(&format!("shutdown-{}", signal.to_lowercase()));
-    let queue = format!("{prefix}payments");
-    let keys = format!("{prefix}clients");
-    let config = AmqpConfig::new(queue.clone(), keys.clone());
-    cleanup.config(&config);
+    let names = PaymentNames::with_prefix(&prefix);
+    let route = payment_demo::route(&names);
+    cleanup.route(&route);
+    let queue = names.payments_queue.clone();
 
     let dir = drill::TempDir::new("shutdown");
     let log = dir.path("drill.log");
     let mut child = DrillChild::spawn(
         &log,
         &[
-            ("DRILL_QUEUE", queue.clone()),
-            ("DRILL_KEYS", keys.clone()),
+            ("PREREQ_PREFIX", prefix.clone()),
+            ("PREREQ_DB", dir.path("clients.db").display().to_string()),
             // Held for a minute: only the signal ends the hold.
-            ("DRILL_HOLD_MS", "60000".to_owned()),
-            ("DRILL_HOLD_MAX", "1000".to_owned()),
+            ("PREREQ_HOLD_MS", "60000".to_owned()),
         ],
     );
     let log_r = log.clone();
@@ -58,9 +57,16 @@ async fn held_messages_go_back_on(signal: &str) {
 
     // Payments of clients that never register: all held.
     let ch = support::confirm_channel(&conn).await;
-    let body = |id: u64| format!(r#"{{"id":{id},"clientId":{}}}"#, 10_000 + id).into_bytes();
+    let body = |id: u64| {
+        format!(
+            r#"{{"id":{id},"clientId":{},"value":200,"operationDate":"2026-11-28T08:31:01Z"}}"#,
+            10_000 + id
+        )
+        .into_bytes()
+    };
     let out = (0..HELD).map(|id| Out {
-        routing_key: queue.clone(),
+        exchange: names.payments_exchange.clone(),
+        routing_key: PROCESS_KEY.to_owned(),
         body: body(id),
         properties: drill::persistent(id.to_string()),
     });
@@ -142,10 +148,7 @@ async fn held_messages_go_back_on(signal: &str) {
         assert!(back.insert(id), "{id} twice in the queue");
     }
     assert_eq!(back, (0..HELD).collect(), "every held message is back");
-    assert_eq!(
-        support::ready_count(&ch, config.dead_letter_queue()).await,
-        0
-    );
+    assert_eq!(support::ready_count(&ch, &names.dead_letter_queue).await, 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -8,9 +8,9 @@ use std::time::Duration;
 
 use lapin::BasicProperties;
 use lapin::types::{AMQPValue, FieldTable};
-use prereq::Transport;
-use prereq::amqp::{AmqpConfig, AmqpTransport, DelayMode};
+use prereq::amqp::{DelayMode, Queue, Route};
 use prereq::transport::Settle;
+use prereq::transport::{Demand, Transport};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_integer_width_decodes_after_a_broker_round_trip() {
@@ -20,12 +20,10 @@ async fn every_integer_width_decodes_after_a_broker_round_trip() {
     let cleanup = support::Cleanup::new();
     let p = support::unique("widths");
     let work = format!("{p}work");
-    let config = AmqpConfig::new(work.clone(), format!("{p}keys"))
-        .with_addr(support::addr())
-        .with_delay_mode(DelayMode::DelayQueues)
-        .with_prefetch(64);
-    cleanup.config(&config);
-    let transport = AmqpTransport::connect(config).await.expect("connect");
+    let route =
+        Route::new(Queue::classic(work.clone())).registrations(Queue::classic(format!("{p}keys")));
+    let transport =
+        support::transport(&cleanup, route, DelayMode::DelayQueues, Demand::new(64, 1)).await;
     let ch = support::confirm_channel(&conn).await;
 
     // (label, value for x-retry and x-retry-limit, expected attempt, expected limit)

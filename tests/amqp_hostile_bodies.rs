@@ -14,9 +14,10 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use prereq::amqp::headers::{self, get_int, get_str};
-use prereq::amqp::{AmqpConfig, AmqpTransport, DelayMode, prefetch_for};
-use prereq::{Decision, DependentConsumer, HandlerError, HoldBudget};
+use prereq::amqp::headers;
+use prereq::amqp::{Broker, BrokerOptions, DelayMode, Queue, Route};
+use prereq::{Decision, DependentConsumer, HoldBudget};
+use support::{header_int as get_int, header_str as get_str};
 
 const TEN_MB: usize = 10 * 1024 * 1024;
 
@@ -43,40 +44,46 @@ async fn huge_and_empty_bodies_are_handled_or_dead_lettered_with_a_reason() {
     let p = support::unique("hostile");
     let queue = format!("{p}payments");
     let keys = format!("{p}clients");
-    let budget = HoldBudget::default()
-        .with_max_messages(100)
-        .with_max_bytes(64 << 20)
-        .with_max_time(Duration::from_secs(60));
-    let config = AmqpConfig::new(queue.clone(), keys.clone())
-        .with_delay_mode(DelayMode::DelayQueues)
-        .with_prefetch(prefetch_for(budget.max_messages, 4));
-    cleanup.config(&config);
-    let dead_queue = config.dead_letter_queue().to_owned();
+    let budget = HoldBudget::DEFAULT
+        .max_messages(100)
+        .max_bytes(64 << 20)
+        .max_time(Duration::from_secs(60));
+    let route =
+        Route::new(Queue::classic(queue.clone())).registrations(Queue::classic(keys.clone()));
+    let dead_queue = route.dead_letter_queue().name().to_owned();
 
     // message id → (decision, memo length when handled)
     let decisions: Arc<Mutex<HashMap<String, Vec<Decision>>>> = Arc::default();
     let memo_len: Arc<Mutex<HashMap<String, usize>>> = Arc::default();
     let (d, m) = (decisions.clone(), memo_len.clone());
-    let consumer = DependentConsumer::<u64, Payment>::builder()
-        .key(|p: &Payment| p.client_id)
-        .registrations(|c: &Client| c.id)
-        .budget(budget)
-        .concurrency(4)
-        .on_event(move |e| {
-            let id = e.message_id.clone().unwrap_or_default();
-            d.lock()
-                .unwrap()
-                .entry(id)
-                .or_default()
-                .push(e.decision.clone());
-        })
-        .handler(move |p: Payment| {
+    let consumer = DependentConsumer::builder(
+        |p: &Payment| p.client_id,
+        move |p: Payment| {
             m.lock().unwrap().insert(p.id.clone(), p.memo.len());
-            async { Ok::<_, HandlerError>(()) }
-        })
-        .build()
-        .expect("consumer");
-    let transport = AmqpTransport::connect(config).await.expect("connect");
+            async { Ok(()) }
+        },
+    )
+    .registrations(|c: &Client| c.id)
+    .budget(budget)
+    .concurrency(4)
+    .on_event(move |e| {
+        let id = e.message_id.clone().unwrap_or_default();
+        d.lock()
+            .unwrap()
+            .entry(id)
+            .or_default()
+            .push(e.decision.clone());
+    })
+    .build();
+    // The consumer itself sizes the prefetch from its budget when it starts the transport.
+    cleanup.route(&route);
+    let transport =
+        Broker::connect(BrokerOptions::new(support::addr()).delay_mode(DelayMode::DelayQueues))
+            .await
+            .expect("connect")
+            .transport(route)
+            .await
+            .expect("declare");
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let run = tokio::spawn(consumer.run(transport, async {
         let _ = stop_rx.await;

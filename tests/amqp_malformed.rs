@@ -6,10 +6,10 @@ mod support;
 
 use std::time::Duration;
 
-use prereq::amqp::headers::demo_new_message_headers;
-use prereq::amqp::headers::{self, get_str};
-use prereq::transport::DeadLetterKind;
+use prereq::DeadLetterKind;
+use prereq::amqp::headers;
 use prereq::{Backoff, Decision, HoldBudget};
+use support::header_str as get_str;
 use support::payments::{Client, Scenario, payment};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -17,13 +17,13 @@ async fn malformed_body_is_dead_lettered() {
     let Some(conn) = support::broker().await else {
         return;
     };
-    let policy = Backoff::constant(Duration::from_secs(1)).build().unwrap();
-    let mut s = Scenario::start(&conn, "malformed", policy, HoldBudget::default()).await;
+    let policy = Backoff::constant(Duration::from_secs(1));
+    let mut s = Scenario::start(&conn, "malformed", policy, HoldBudget::DEFAULT).await;
 
     s.publish_raw_payment(
         b"{\"id\": \"bad\", \"clientId\": ",
         "bad-1",
-        demo_new_message_headers(10),
+        support::payments::demo_headers(10),
     )
     .await;
     let (_, dl) = s.dead_letter(Duration::from_secs(60)).await;

@@ -10,8 +10,8 @@ mod support;
 use std::time::Duration;
 
 use lapin::BasicProperties;
-use prereq::amqp::{AmqpConfig, AmqpError, AmqpTransport, DelayMode};
-use prereq::{Decision, DependentConsumer, Error, Event, HandlerError, Report};
+use prereq::amqp::{AmqpError, Broker, BrokerOptions, DelayMode, Queue, Route};
+use prereq::{Decision, DependentConsumer, Event, Report, RunError};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
@@ -33,25 +33,27 @@ struct Running {
     events: mpsc::UnboundedReceiver<Event<u64>>,
     seen: Vec<Event<u64>>,
     stop: oneshot::Sender<()>,
-    run: JoinHandle<Result<Report, Error<AmqpError>>>,
+    run: JoinHandle<Result<Report, RunError<AmqpError>>>,
 }
 
 impl Running {
-    async fn start(config: &AmqpConfig) -> Self {
-        let transport = AmqpTransport::connect(config.clone())
-            .await
-            .expect("connect");
+    async fn start(route: &Route) -> Self {
+        let transport =
+            Broker::connect(BrokerOptions::new(support::addr()).delay_mode(DelayMode::DelayQueues))
+                .await
+                .expect("connect")
+                .transport(route.clone())
+                .await
+                .expect("declare");
         let (tx, events) = mpsc::unbounded_channel();
-        let consumer = DependentConsumer::<u64, Payment>::builder()
-            .key(|p: &Payment| p.client_id)
-            .id(|p: &Payment| p.id.clone())
-            .registrations(|c: &Client| c.id)
-            .handler(|_p: Payment| async { Ok::<_, HandlerError>(()) })
-            .on_event(move |e: &Event<u64>| {
-                let _ = tx.send(e.clone());
-            })
-            .build()
-            .expect("consumer");
+        let consumer =
+            DependentConsumer::builder(|p: &Payment| p.client_id, |_p: Payment| async { Ok(()) })
+                .id(|p: &Payment| p.id.clone())
+                .registrations(|c: &Client| c.id)
+                .on_event(move |e: &Event<u64>| {
+                    let _ = tx.send(e.clone());
+                })
+                .build();
         let (stop, stop_rx) = oneshot::channel::<()>();
         let run = tokio::spawn(consumer.run(transport, async {
             let _ = stop_rx.await;
@@ -104,12 +106,10 @@ async fn restarted_and_parallel_consumers_learn_every_key_from_the_stream() {
         return;
     };
     let prefix = support::unique("stream");
-    let config = AmqpConfig::new(format!("{prefix}payments"), format!("{prefix}clients"))
-        .with_addr(support::addr())
-        .with_delay_mode(DelayMode::DelayQueues)
-        .with_registration_stream();
+    let route = Route::new(Queue::classic(format!("{prefix}payments")))
+        .registrations(Queue::stream(format!("{prefix}clients")));
     let cleanup = support::Cleanup::new();
-    cleanup.config(&config);
+    cleanup.route(&route);
     let ch = support::confirm_channel(&conn).await;
     let publish = |queue: String, body: String| {
         let ch = ch.clone();
@@ -126,10 +126,13 @@ async fn restarted_and_parallel_consumers_learn_every_key_from_the_stream() {
     };
 
     // The first consumer declares the stream; three clients register while it runs.
-    let mut first = Running::start(&config).await;
+    let mut first = Running::start(&route).await;
     for id in 1..=3 {
         publish(
-            config.registration_queue().to_owned(),
+            route
+                .registration_queue()
+                .map(|q| q.name().to_owned())
+                .unwrap_or_default(),
             format!(r#"{{"id":{id}}}"#),
         )
         .await;
@@ -139,8 +142,8 @@ async fn restarted_and_parallel_consumers_learn_every_key_from_the_stream() {
     assert_eq!(report.registered, 3);
 
     // A restart and a second instance: each reads the stream from the start.
-    let mut restarted = Running::start(&config).await;
-    let mut beside = Running::start(&config).await;
+    let mut restarted = Running::start(&route).await;
+    let mut beside = Running::start(&route).await;
     restarted.registered(3).await;
     beside.registered(3).await;
 
@@ -156,7 +159,7 @@ async fn restarted_and_parallel_consumers_learn_every_key_from_the_stream() {
     ];
     for (id, client) in payments {
         publish(
-            config.queues()[0].clone(),
+            route.consumed()[0].name().to_owned(),
             format!(r#"{{"id":"{id}","clientId":{client}}}"#),
         )
         .await;

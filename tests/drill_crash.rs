@@ -1,11 +1,16 @@
 //! Crash drill on a real RabbitMQ: 10 000 payments race the registrations of their 1 000
-//! clients into a consumer process (`examples/drill_consumer.rs`); the process is killed with
-//! SIGKILL in the middle of the run and a new one takes over. Afterwards:
+//! clients into a consumer process running the `consumer` example's configuration (its route,
+//! its SQLite client store, its policy and hold: `examples/drill_consumer.rs` only adds a
+//! journal); the process is killed with SIGKILL in the middle of the run and a new one takes
+//! over, on the same client store. Afterwards:
 //!
 //! * every payment was handled at least once (none lost, none dead-lettered, queues empty);
-//! * no payment was handled before its client: the consumer's key store said "known" at every
-//!   handle, the client's registration line precedes the payment's handle line in the log, and
-//!   every handle happened after the test started publishing that client's registration;
+//! * no payment was handled before its client: the client store (SQLite) knew the client at
+//!   every handle, every handle happened after the test started publishing that client's
+//!   registration — also for the clients the killed process had registered — and the journal
+//!   records the client's registration (not necessarily before the handle: the store knows a
+//!   client from the moment its row is committed, and a payment looked up then runs at once,
+//!   while the registration's journal line is written when the consumer acknowledges it);
 //! * duplicates exist only because of the crash (at-least-once), at most one per delivery that
 //!   was unacknowledged when the process died (bounded by the prefetch), and deduplicating by
 //!   the payment id (recorded in the same write as the effect) leaves exactly one effect each.
@@ -21,34 +26,21 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use drill::{DrillChild, Line, Out};
-use prereq::amqp::delay::{delay_bucket, delay_queue_name};
-use prereq::amqp::{AmqpConfig, DEFAULT_MAX_DELAY, prefetch_for};
+use drill::{DrillChild, Line, Out, Rng};
+use prereq::HoldBudget;
+use prereq::amqp::payment_demo::{self, PROCESS_KEY, PaymentNames};
+use prereq::transport::Demand;
 
 const CLIENTS: u64 = 1_000;
 const PER_CLIENT: u64 = 10;
 const PAYMENTS: u64 = CLIENTS * PER_CLIENT;
 /// Kill the first consumer once it handled this many distinct payments.
 const KILL_AT: usize = 3_500;
-const HOLD_MAX: usize = 200;
-const CONCURRENCY: usize = 16;
-const DELAY_MS: u64 = 200;
+/// The `consumer` example's concurrency.
+const CONCURRENCY: usize = 8;
 
-/// A small deterministic generator (xorshift64*), so every run races the same way.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
+/// The drills of this file run one at a time: each loads the machine on its own.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 #[derive(Clone, Copy, Debug)]
 enum Ev {
@@ -100,32 +92,24 @@ fn distinct_handled(log: &std::path::Path) -> usize {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_mid_run_loses_nothing_and_never_handles_before_the_client() {
+    let _one = ONE_AT_A_TIME.lock().await;
     let Some(conn) = support::broker().await else {
         return;
     };
     let started = Instant::now();
     let cleanup = support::Cleanup::new();
     let prefix = support::unique("crash");
-    let queue = format!("{prefix}payments");
-    let keys = format!("{prefix}clients");
-    let config = AmqpConfig::new(queue.clone(), keys.clone());
-    cleanup.config(&config);
-    let delay_queue = delay_queue_name(
-        config.delay_queue_prefix(),
-        delay_bucket(Duration::from_millis(DELAY_MS), DEFAULT_MAX_DELAY),
-    );
-    cleanup.queue(delay_queue.clone());
+    let names = PaymentNames::with_prefix(&prefix);
+    let route = payment_demo::route(&names);
+    cleanup
+        .route(&route)
+        .delay_queues(&route, &support::EXAMPLE_POLICY);
 
     let dir = drill::TempDir::new("crash");
     let log = dir.path("drill.log");
     let env = vec![
-        ("DRILL_QUEUE", queue.clone()),
-        ("DRILL_KEYS", keys.clone()),
-        ("DRILL_HOLD_MS", "500".to_owned()),
-        ("DRILL_HOLD_MAX", HOLD_MAX.to_string()),
-        ("DRILL_DELAY_MS", DELAY_MS.to_string()),
-        ("DRILL_ATTEMPTS", "1000".to_owned()),
-        ("DRILL_CONCURRENCY", CONCURRENCY.to_string()),
+        ("PREREQ_PREFIX", prefix.clone()),
+        ("PREREQ_DB", dir.path("clients.db").display().to_string()),
         // Work after each payment's effect: the window in which a crash makes a duplicate.
         ("DRILL_WORK_MS", "5".to_owned()),
     ];
@@ -154,7 +138,10 @@ async fn sigkill_mid_run_loses_nothing_and_never_handles_before_the_client() {
     // publishing each client's registration.
     let registration_sent: Arc<Mutex<HashMap<u64, u128>>> = Arc::default();
     let sent = registration_sent.clone();
-    let (q, k) = (queue.clone(), keys.clone());
+    let (payments_x, clients_x) = (
+        names.payments_exchange.clone(),
+        names.clients_exchange.clone(),
+    );
     let ch = support::confirm_channel(&conn).await;
     let producer = tokio::spawn(async move {
         let mut pace = tokio::time::interval(Duration::from_millis(40));
@@ -163,14 +150,20 @@ async fn sigkill_mid_run_loses_nothing_and_never_handles_before_the_client() {
             let outs: Vec<Out> = batch
                 .iter()
                 .map(|ev| match *ev {
+                    // The Go demo's bodies, exchanges and routing keys.
                     Ev::Payment { id, client } => Out {
-                        routing_key: q.clone(),
-                        body: format!(r#"{{"id":{id},"clientId":{client}}}"#).into_bytes(),
+                        exchange: payments_x.clone(),
+                        routing_key: PROCESS_KEY.to_owned(),
+                        body: format!(
+                            r#"{{"id":{id},"clientId":{client},"value":200,"operationDate":"2026-11-28T08:31:01.958043123-03:00"}}"#
+                        )
+                        .into_bytes(),
                         properties: drill::persistent(format!("pay-{id}")),
                     },
                     Ev::Client(c) => Out {
-                        routing_key: k.clone(),
-                        body: format!(r#"{{"id":{c},"name":"client {c}"}}"#).into_bytes(),
+                        exchange: clients_x.clone(),
+                        routing_key: payment_demo::CLIENT_KEY.to_owned(),
+                        body: format!(r#"{{"id":{c},"name":"novo client"}}"#).into_bytes(),
                         properties: drill::persistent(format!("client-{c}")),
                     },
                 })
@@ -228,7 +221,11 @@ async fn sigkill_mid_run_loses_nothing_and_never_handles_before_the_client() {
 
     // Wait until every payment is handled and nothing is left anywhere on the broker.
     let log_w = log.clone();
-    let dead = config.dead_letter_queue().to_owned();
+    let all_queues: Vec<String> = route
+        .queue_names()
+        .into_iter()
+        .chain((1..=10).map(|secs| format!("{}.{}ms", names.delay_queue_prefix, secs * 1000)))
+        .collect();
     drill::wait_until(
         "every payment handled and the queues drained",
         Duration::from_secs(50),
@@ -248,7 +245,7 @@ async fn sigkill_mid_run_loses_nothing_and_never_handles_before_the_client() {
                 };
             }
             let mut depths = Vec::new();
-            for name in [&queue, &keys, &dead, &delay_queue] {
+            for name in &all_queues {
                 depths.push(drill::depth(&conn, name).await);
             }
             if depths.iter().all(|d| *d == 0) {
@@ -276,19 +273,19 @@ async fn sigkill_mid_run_loses_nothing_and_never_handles_before_the_client() {
         CLIENTS as usize,
         "every registration was published"
     );
-    let mut registered_at_line: HashMap<u64, usize> = HashMap::new();
+    let registered: std::collections::HashSet<u64> = lines
+        .iter()
+        .filter_map(|l| match l {
+            Line::Registered { client, .. } => Some(*client),
+            _ => None,
+        })
+        .collect();
     let mut handles: BTreeMap<u64, u32> = BTreeMap::new();
     let mut effects: BTreeMap<u64, u32> = BTreeMap::new();
     let (mut held, mut deferred, mut after_kill) = ([0usize; 2], [0usize; 2], 0usize);
     for (i, line) in lines.iter().enumerate() {
         let run = usize::from(i >= lines_at_kill);
         match line {
-            Line::Registered { client, .. } => {
-                assert!(
-                    registered_at_line.insert(*client, i).is_none(),
-                    "client {client} registered twice in the store (it persists)"
-                );
-            }
             Line::Handled {
                 payment,
                 client,
@@ -299,13 +296,11 @@ async fn sigkill_mid_run_loses_nothing_and_never_handles_before_the_client() {
                 assert_eq!(*client, payment / PER_CLIENT, "payment {payment} decoded");
                 assert!(
                     *known,
-                    "payment {payment} ran while client {client} was unknown"
+                    "payment {payment} ran while the client store did not know client {client}"
                 );
-                let reg = registered_at_line.get(client).copied();
                 assert!(
-                    reg.is_some_and(|r| r < i),
-                    "payment {payment} (line {i}) handled before client {client}'s \
-                     registration (line {reg:?})"
+                    registered.contains(client),
+                    "payment {payment} (line {i}) handled, client {client} never registered"
                 );
                 let sent_at = sent[client];
                 assert!(
@@ -323,7 +318,11 @@ async fn sigkill_mid_run_loses_nothing_and_never_handles_before_the_client() {
             Line::Held(_) => held[run] += 1,
             Line::Deferred(_) => deferred[run] += 1,
             Line::DeadLettered(l) => panic!("dead-lettered: {l}"),
-            Line::Ready | Line::Requeued(_) | Line::Exit(_) => {}
+            Line::Ready
+            | Line::Registered { .. }
+            | Line::Ended { .. }
+            | Line::Requeued(_)
+            | Line::Exit(_) => {}
         }
     }
     assert_eq!(
@@ -342,7 +341,8 @@ async fn sigkill_mid_run_loses_nothing_and_never_handles_before_the_client() {
     );
     let twice = handles.values().filter(|n| **n > 1).count();
     let extra: u32 = handles.values().map(|n| n - 1).sum();
-    let prefetch = usize::from(prefetch_for(HOLD_MAX, CONCURRENCY));
+    // What one consumer can hold unacknowledged: its prefetch.
+    let prefetch = Demand::new(HoldBudget::DEFAULT.max_messages, CONCURRENCY).in_flight();
     assert!(
         (extra as usize) <= prefetch,
         "{extra} duplicate handles, more than the {prefetch} deliveries a consumer can hold \
@@ -369,6 +369,233 @@ async fn sigkill_mid_run_loses_nothing_and_never_handles_before_the_client() {
          handled; restart took {restart:?}; handled twice: {twice} payments ({extra} extra \
          handles, bound {prefetch}); held {held:?} / deferred {deferred:?} (before/after the \
          kill); total {:?}",
+        started.elapsed()
+    );
+}
+
+/// Clients per round of the registration kill drill (one payment each).
+const ROUND_CLIENTS: u64 = 200;
+/// At least this many rounds end with a SIGKILL…
+const MIN_KILLS: u64 = 3;
+/// …and more, up to this many, until a kill fell between a registration's record and its ack.
+const MAX_KILLS: u64 = 40;
+
+/// Runs of the journal (counted by READY lines) in which each client was registered.
+fn registration_runs(log: &std::path::Path) -> HashMap<u64, std::collections::BTreeSet<usize>> {
+    let mut run = 0usize;
+    let mut runs: HashMap<u64, std::collections::BTreeSet<usize>> = HashMap::new();
+    for line in drill::read_log(log) {
+        match line {
+            Line::Ready => run += 1,
+            Line::Registered { client, .. } => {
+                runs.entry(client).or_default().insert(run);
+            }
+            _ => {}
+        }
+    }
+    runs
+}
+
+/// SIGKILL between recording a registration in the client store (SQLite, the example's) and
+/// acknowledging it: round after round, a consumer is started, payments of new clients are
+/// published then their registrations, and the consumer is killed the moment a random number
+/// of them is recorded; a last one runs to the end. A registration recorded but not
+/// acknowledged comes again and is recorded again (inserting is idempotent): the journal shows
+/// its client registered by two processes. The rounds go on (up to [`MAX_KILLS`]) until that
+/// happened at least once. Afterwards: every payment handled while the store knew its client,
+/// nothing dead-lettered (no `key-never-arrived` for a registered client), no consumer failed
+/// (a duplicate key error would have stopped it), every client once in the store.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_between_the_record_and_the_ack_loses_no_registration() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let Some(conn) = support::broker().await else {
+        return;
+    };
+    let cleanup = support::Cleanup::new();
+    let prefix = support::unique("crashreg");
+    let names = PaymentNames::with_prefix(&prefix);
+    let route = payment_demo::route(&names);
+    cleanup.route(&route);
+    cleanup.delay_queues(
+        &route,
+        &prereq::Backoff::linear(Duration::from_secs(1)).max_attempts(10),
+    );
+    let dir = drill::TempDir::new("crashreg");
+    let log = dir.path("drill.log");
+    let store = dir.path("clients.db");
+    let env = vec![
+        ("PREREQ_PREFIX", prefix.clone()),
+        ("PREREQ_DB", store.display().to_string()),
+    ];
+    let ch = support::confirm_channel(&conn).await;
+    let mut rng = Rng(0x5EED_0000_DB00_0002);
+    let started = Instant::now();
+
+    let mut round = 0u64;
+    let kills = loop {
+        let mut child = DrillChild::spawn(&log, &env);
+        let readies = round as usize + 1;
+        let log_r = log.clone();
+        drill::wait_until("a consumer to start", Duration::from_secs(60), async || {
+            let n = drill::count(&log_r, |l| *l == Line::Ready);
+            if n >= readies {
+                Ok(())
+            } else {
+                Err(format!("{n} READY lines"))
+            }
+        })
+        .await;
+        // Have the kills so far fallen between a record and its ack? (The killed consumer's
+        // unacknowledged registrations came before this round's, and are recorded by now.)
+        let again = registration_runs(&log)
+            .values()
+            .filter(|r| r.len() > 1)
+            .count();
+        let last = round >= MAX_KILLS || (round >= MIN_KILLS && again > 0);
+        let clients = round * ROUND_CLIENTS..(round + 1) * ROUND_CLIENTS;
+        let payments = clients.clone().map(|c| Out {
+            exchange: names.payments_exchange.clone(),
+            routing_key: PROCESS_KEY.to_owned(),
+            body: format!(
+                r#"{{"id":{c},"clientId":{c},"value":200,"operationDate":"2026-11-28T08:31:01.958043123-03:00"}}"#
+            )
+            .into_bytes(),
+            properties: drill::persistent(format!("pay-{c}")),
+        });
+        drill::publish_all(&ch, payments, 64, |_| {}).await;
+        let registrations = clients.clone().map(|c| Out {
+            exchange: names.clients_exchange.clone(),
+            routing_key: payment_demo::CLIENT_KEY.to_owned(),
+            body: format!(r#"{{"id":{c},"name":"novo client"}}"#).into_bytes(),
+            properties: drill::persistent(format!("client-{c}")),
+        });
+        if last {
+            drill::publish_all(&ch, registrations, 64, |_| {}).await;
+            let log_w = log.clone();
+            let total = clients.end as usize;
+            drill::wait_until(
+                "every payment handled",
+                Duration::from_secs(90),
+                async || {
+                    child.assert_running();
+                    let n = distinct_handled(&log_w);
+                    if n >= total {
+                        Ok(())
+                    } else {
+                        Err(format!("{n} of {total} handled"))
+                    }
+                },
+            )
+            .await;
+            // Every registration acknowledged too: none stuck retrying its record.
+            let queue = names.clients_queue.clone();
+            drill::wait_until(
+                "the registrations acknowledged",
+                Duration::from_secs(30),
+                async || {
+                    child.assert_running();
+                    match drill::queue_counts(&queue) {
+                        Some(c) if c.values().all(|c| *c == (0, 0)) => Ok(()),
+                        Some(c) => Err(format!("(ready, unacked): {c:?}")),
+                        None => match drill::depth(&conn, &queue).await {
+                            0 => Ok(()),
+                            n => Err(format!("{n} ready")),
+                        },
+                    }
+                },
+            )
+            .await;
+            child.signal("TERM");
+            let status = child.wait_exit(Duration::from_secs(30)).await;
+            assert!(status.success(), "{status}\n{}", child.stderr());
+            break round;
+        }
+        // Kill the moment a random number of this round's registrations is recorded: the
+        // journal's line comes right before the ack, and is polled without a pause.
+        let kill_at = 10 + rng.below(ROUND_CLIENTS - 20) as usize;
+        let publish = drill::publish_all(&ch, registrations, 64, |_| {});
+        let (log_k, from) = (log.clone(), clients.start);
+        let kill = async move {
+            let deadline = Instant::now() + Duration::from_secs(60);
+            loop {
+                let text = std::fs::read_to_string(&log_k).unwrap_or_default();
+                let n = text
+                    .lines()
+                    .filter_map(|l| l.strip_prefix("R "))
+                    .filter_map(|l| l.split(' ').next()?.parse::<u64>().ok())
+                    .filter(|c| *c >= from)
+                    .count();
+                if n >= kill_at {
+                    break;
+                }
+                child.assert_running();
+                assert!(
+                    Instant::now() < deadline,
+                    "{n} of {kill_at} registrations recorded"
+                );
+                tokio::task::yield_now().await;
+            }
+            child.kill()
+        };
+        let ((), status) = tokio::join!(publish, kill);
+        assert!(!status.success(), "a SIGKILL'd process reported success");
+        round += 1;
+    };
+
+    // --- The record. ---
+    let runs_of = registration_runs(&log);
+    let mut handled: HashMap<u64, u32> = HashMap::new();
+    for line in drill::read_log(&log) {
+        match line {
+            Line::Handled {
+                payment,
+                client,
+                known,
+                ..
+            } => {
+                assert!(
+                    known,
+                    "payment {payment} ran while the store did not know client {client}"
+                );
+                *handled.entry(payment).or_default() += 1;
+            }
+            Line::DeadLettered(l) => panic!("dead-lettered: {l}"),
+            _ => {}
+        }
+    }
+    let exit = drill::read_log(&log)
+        .into_iter()
+        .rev()
+        .find_map(|l| match l {
+            Line::Exit(c) => Some(c),
+            _ => None,
+        })
+        .expect("the last consumer's EXIT line");
+    assert_eq!(exit["requeued"], 0, "nothing left to give back: {exit:?}");
+    let total = (kills + 1) * ROUND_CLIENTS;
+    assert_eq!(handled.len() as u64, total, "every payment handled");
+    assert_eq!(runs_of.len() as u64, total, "every client registered");
+    let again = runs_of.values().filter(|r| r.len() > 1).count();
+    assert!(
+        again > 0,
+        "in {kills} kills, no registration was recorded by a killed consumer and again by the \
+         next: no kill fell between the record and the ack"
+    );
+    let stored: i64 = {
+        use sqlx::Connection as _;
+        let mut db = sqlx::SqliteConnection::connect(&format!("sqlite://{}", store.display()))
+            .await
+            .expect("open the client store");
+        sqlx::query_scalar("SELECT count(*) FROM clients")
+            .fetch_one(&mut db)
+            .await
+            .expect("count the clients")
+    };
+    assert_eq!(stored as u64, total, "every client once in the store");
+    println!(
+        "registration kill drill: {kills} SIGKILLs mid-stream; {again} registrations recorded \
+         by a killed consumer and recorded again (idempotently) by the next; {total} payments \
+         handled, 0 dead-lettered; {:?}",
         started.elapsed()
     );
 }

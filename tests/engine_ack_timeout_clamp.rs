@@ -1,7 +1,8 @@
 //! Held messages are unacknowledged deliveries, and a broker closes a channel whose delivery
-//! stays unacknowledged past its acknowledgement timeout (RabbitMQ's `consumer_timeout`). So
-//! `broker_ack_timeout(T)` clamps the hold time to `T / 2`, and a held message is deferred
-//! through the broker well before `T`.
+//! stays unacknowledged past its acknowledgement timeout (RabbitMQ's `consumer_timeout`). The
+//! transport reports that timeout (`Transport::ack_timeout`; here
+//! `MemoryBroker::with_ack_timeout`), and the consumer clamps its hold time to half of it: a held
+//! message is deferred through the broker well before the broker would take it back.
 
 mod common;
 
@@ -9,82 +10,82 @@ use std::time::Duration;
 
 use common::*;
 use prereq::memory::MemoryBroker;
-use prereq::{DEFAULT_ACK_TIMEOUT, Decision, DeferCause, HandlerError, HoldBudget};
+use prereq::{Decision, DeferCause, HoldBudget};
 use tokio::time::Instant;
-
-fn consumer(
-    rec: &Recorder<u64>,
-    budget: HoldBudget,
-    ack_timeout: Option<Duration>,
-) -> prereq::DependentConsumer<u64, Payment> {
-    let mut b = builder(rec)
-        .budget(budget)
-        .handler(|_p: Payment| async { Ok::<_, HandlerError>(()) });
-    if let Some(t) = ack_timeout {
-        b = b.broker_ack_timeout(t);
-    }
-    b.build().unwrap()
-}
 
 const MIN: Duration = Duration::from_secs(60);
 
-#[test]
-fn hold_time_is_clamped_to_half_the_ack_timeout() {
-    let rec = Recorder::new();
-    let long = HoldBudget::default().with_max_time(60 * MIN);
-    // Default ack timeout: 30 min, so at most 15 min.
-    assert_eq!(DEFAULT_ACK_TIMEOUT, 30 * MIN);
-    assert_eq!(consumer(&rec, long, None).budget().max_time, 15 * MIN);
-    assert_eq!(consumer(&rec, long, Some(MIN)).budget().max_time, MIN / 2);
-    // A hold time already below the clamp is kept, and so is the rest of the budget.
-    let short = HoldBudget::default().with_max_time(Duration::from_secs(5));
-    assert_eq!(consumer(&rec, short, Some(MIN)).budget(), short);
-    let clamped = consumer(&rec, HoldBudget::default(), Some(Duration::from_secs(20))).budget();
-    assert_eq!(
-        clamped,
-        HoldBudget::default().with_max_time(Duration::from_secs(10))
-    );
-    // No acknowledgement timeout to speak of: never hold.
-    assert_eq!(
-        consumer(&rec, long, Some(Duration::ZERO)).budget().max_time,
-        Duration::ZERO
-    );
+fn consumer(rec: &Recorder<u64>, budget: HoldBudget) -> prereq::DependentConsumer<u64, Payment> {
+    builder(rec, |_p: Payment| async { Ok(()) })
+        .budget(budget)
+        .build()
 }
 
-#[tokio::test(start_paused = true)]
-async fn a_held_message_is_deferred_before_the_ack_timeout() {
-    let ack_timeout = Duration::from_secs(10);
-    let broker = MemoryBroker::new();
+fn expired(e: &prereq::Event<u64>) -> bool {
+    e.decision
+        == Decision::Deferred {
+            delay: Duration::from_secs(1),
+            cause: DeferCause::HoldExpired,
+        }
+}
+
+/// Publish one payment whose client never comes, run until it is deferred, and return when
+/// (after its first hold) that happened.
+async fn deferred_after(broker: MemoryBroker, budget: HoldBudget) -> Duration {
     broker.publish(payment(1, 99));
-
     let rec = Recorder::new();
-    let budget = HoldBudget::default().with_max_time(60 * MIN);
     let start = Instant::now();
-    let is_deferred = |e: &prereq::Event<u64>| {
-        e.decision
-            == Decision::Deferred {
-                delay: Duration::from_secs(1),
-                cause: DeferCause::HoldExpired,
-            }
-    };
-    run_until(
-        consumer(&rec, budget, Some(ack_timeout)),
-        &broker,
-        &rec,
-        move |ev| count(ev, is_deferred) == 1,
-    )
+    run_until(consumer(&rec, budget), &broker, &rec, |ev| {
+        count(ev, |e| matches!(e.decision, Decision::Deferred { .. })) == 1
+    })
     .await;
-
     let ev = rec.of("1");
-    assert_eq!(ev[0].decision, Decision::Held);
-    assert_eq!(ev[0].at, start);
-    assert!(is_deferred(&ev[1]), "{ev:?}");
-    assert_eq!(ev[1].at - start, ack_timeout / 2, "deferred at T/2");
-    assert!(ev[1].at - start < ack_timeout);
+    assert_eq!(ev[0].decision, Decision::Held, "{ev:?}");
+    assert!(expired(&ev[1]), "{ev:?}");
     let stats = broker.stats();
     assert_eq!(
         (stats.deferred, stats.acked),
         (1, 1),
         "settled with the broker"
+    );
+    ev[1].at - start
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_held_message_is_deferred_at_half_the_ack_timeout() {
+    let ack_timeout = Duration::from_secs(10);
+    let broker = MemoryBroker::new().with_ack_timeout(ack_timeout);
+    let at = deferred_after(broker, HoldBudget::DEFAULT.max_time(60 * MIN)).await;
+    assert_eq!(at, ack_timeout / 2, "deferred at T/2");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_hold_time_below_the_clamp_is_kept() {
+    let broker = MemoryBroker::new().with_ack_timeout(30 * MIN);
+    let at = deferred_after(broker, HoldBudget::DEFAULT.max_time(Duration::from_secs(5))).await;
+    assert_eq!(at, Duration::from_secs(5));
+}
+
+#[tokio::test(start_paused = true)]
+async fn without_an_ack_timeout_the_hold_time_is_the_budget_s() {
+    let at = deferred_after(MemoryBroker::new(), HoldBudget::DEFAULT.max_time(60 * MIN)).await;
+    assert_eq!(at, 60 * MIN);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_zero_ack_timeout_means_never_hold() {
+    let broker = MemoryBroker::new().with_ack_timeout(Duration::ZERO);
+    broker.publish(payment(1, 99));
+    let rec = Recorder::new();
+    run_until(consumer(&rec, HoldBudget::DEFAULT), &broker, &rec, |ev| {
+        count(ev, |e| matches!(e.decision, Decision::Deferred { .. })) == 1
+    })
+    .await;
+    assert_eq!(
+        rec.decisions_of("1"),
+        vec![Decision::Deferred {
+            delay: Duration::from_secs(1),
+            cause: DeferCause::HoldFull
+        }]
     );
 }

@@ -8,7 +8,7 @@ mod common;
 use common::*;
 use prereq::memory::MemoryBroker;
 use prereq::transport::Source;
-use prereq::{DeadLetterKind, Decision, Event, HandlerError};
+use prereq::{DeadLetterKind, Decision, Event};
 
 const TEN_MB: usize = 10 << 20;
 
@@ -93,13 +93,11 @@ async fn each_bad_body_is_dead_lettered_with_a_readable_reason_and_the_consumer_
     let rec = Recorder::new();
     let seen = Log::new();
     let log = seen.clone();
-    let consumer = builder(&rec)
-        .handler(move |p: Payment| {
-            log.push(p.id);
-            async { Ok::<_, HandlerError>(()) }
-        })
-        .build()
-        .unwrap();
+    let consumer = builder(&rec, move |p: Payment| {
+        log.push(p.id);
+        async { Ok(()) }
+    })
+    .build();
     let expected = inputs.len();
     let report = run_until(consumer, &broker, &rec, move |ev| {
         handled(ev) == 3 && dead(ev) == expected
@@ -160,12 +158,10 @@ async fn a_registration_without_a_registration_decoder_is_dead_lettered() {
     broker.publish(payment(1, 1));
 
     let rec = Recorder::new();
-    let consumer = prereq::DependentConsumer::<u64, Payment>::builder()
-        .key(|p: &Payment| p.client)
-        .on_event(rec.observer())
-        .handler(|_p: Payment| async { Ok::<_, HandlerError>(()) })
-        .build()
-        .unwrap();
+    let consumer =
+        prereq::DependentConsumer::builder(|p: &Payment| p.client, |_p: Payment| async { Ok(()) })
+            .on_event(rec.observer())
+            .build();
     let report = run_until(consumer, &broker, &rec, |ev| {
         dead(ev) == 1 && count(ev, |e| e.decision == Decision::Held) == 1
     })

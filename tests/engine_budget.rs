@@ -8,16 +8,14 @@ use std::time::Duration;
 
 use common::*;
 use prereq::memory::MemoryBroker;
-use prereq::{Decision, DeferCause, Event, HandlerError, HoldBudget};
+use prereq::{Decision, DeferCause, Event, HoldBudget};
 use tokio::time::Instant;
 
 fn consumer(rec: &Recorder<u64>, budget: HoldBudget) -> prereq::DependentConsumer<u64, Payment> {
-    builder(rec)
+    builder(rec, |_p: Payment| async { Ok(()) })
         .policy(linear(1, 3))
         .budget(budget)
-        .handler(|_p: Payment| async { Ok::<_, HandlerError>(()) })
         .build()
-        .unwrap()
 }
 
 fn hold_full(delay_secs: u64) -> Decision {
@@ -42,7 +40,7 @@ async fn full_by_count_defers_at_once_and_other_keys_flow() {
 
     let rec = Recorder::new();
     let start = Instant::now();
-    let budget = HoldBudget::default().with_max_messages(2);
+    let budget = HoldBudget::DEFAULT.max_messages(2);
     let report = run_until(consumer(&rec, budget), &broker, &rec, |ev| {
         n(ev, &Decision::Handled) == 1 && n(ev, &hold_full(1)) == 1
     })
@@ -75,7 +73,7 @@ async fn full_by_count_defers_at_once_and_other_keys_flow() {
 async fn full_by_bytes_defers_at_once() {
     let broker = MemoryBroker::new();
     let (a, b, c) = (payment(1, 100), payment(2, 101), payment(3, 102));
-    let budget = HoldBudget::default().with_max_bytes(a.len() + b.len());
+    let budget = HoldBudget::DEFAULT.max_bytes(a.len() + b.len());
     broker.publish(a);
     broker.publish(b); // exactly fills the byte budget
     broker.publish(c);
@@ -98,7 +96,7 @@ async fn full_by_bytes_defers_at_once() {
 async fn a_message_bigger_than_the_byte_budget_is_never_held() {
     let broker = MemoryBroker::new();
     let big = payment(1_000_000, 100);
-    let budget = HoldBudget::default().with_max_bytes(big.len() - 1);
+    let budget = HoldBudget::DEFAULT.max_bytes(big.len() - 1);
     broker.publish(big);
 
     let rec = Recorder::new();
@@ -119,7 +117,7 @@ async fn release_frees_the_budget() {
     broker.publish(payment(2, 101));
 
     let rec = Recorder::new();
-    let budget = HoldBudget::default().with_max_messages(1);
+    let budget = HoldBudget::DEFAULT.max_messages(1);
     let report = run_until(consumer(&rec, budget), &broker, &rec, |ev| {
         n(ev, &Decision::Handled) == 1 && n(ev, &Decision::Held) == 2
     })

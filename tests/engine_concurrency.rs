@@ -12,8 +12,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use common::*;
+use prereq::Decision;
 use prereq::memory::MemoryBroker;
-use prereq::{Decision, HandlerError};
 use tokio::sync::watch;
 
 /// Counts handlers in flight and the most ever seen at once, and holds them at a gate.
@@ -41,24 +41,22 @@ impl Gauge {
         limit: usize,
     ) -> prereq::DependentConsumer<u64, Payment> {
         let g = self.clone();
-        builder(rec)
-            .concurrency(limit)
-            .handler(move |p: Payment| {
-                let g = g.clone();
-                async move {
-                    g.started.push(p.id);
-                    let n = g.now.fetch_add(1, Ordering::SeqCst) + 1;
-                    g.peak.fetch_max(n, Ordering::SeqCst);
-                    let mut open = g.gate.subscribe();
-                    let _ = open.wait_for(|o| *o).await;
-                    // Stay in flight a little longer, so overlaps would show.
-                    tokio::time::sleep(Duration::from_millis(1)).await;
-                    g.now.fetch_sub(1, Ordering::SeqCst);
-                    Ok::<_, HandlerError>(())
-                }
-            })
-            .build()
-            .unwrap()
+        builder(rec, move |p: Payment| {
+            let g = g.clone();
+            async move {
+                g.started.push(p.id);
+                let n = g.now.fetch_add(1, Ordering::SeqCst) + 1;
+                g.peak.fetch_max(n, Ordering::SeqCst);
+                let mut open = g.gate.subscribe();
+                let _ = open.wait_for(|o| *o).await;
+                // Stay in flight a little longer, so overlaps would show.
+                tokio::time::sleep(Duration::from_millis(1)).await;
+                g.now.fetch_sub(1, Ordering::SeqCst);
+                Ok(())
+            }
+        })
+        .concurrency(limit)
+        .build()
     }
 
     /// Let every task run until idle (virtual time passes only then).

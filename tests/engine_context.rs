@@ -20,21 +20,19 @@ async fn the_handler_sees_key_id_attempt_and_redelivery() {
     let seen: Log<(u64, Context<u64>)> = Log::new();
     let consumer = {
         let seen = seen.clone();
-        builder(&rec)
-            .policy(linear(1, 3))
-            .handler_with_context(move |p: Payment, ctx: Context<u64>| {
-                let first_try = p.id == 1 && ctx.attempt == 0;
-                seen.push((p.id, ctx));
-                async move {
-                    if first_try {
-                        Err(HandlerError::retry("busy"))
-                    } else {
-                        Ok(())
-                    }
+        builder(&rec, move |p: Payment, ctx: Context<u64>| {
+            let first_try = p.id == 1 && ctx.attempt == 0;
+            seen.push((p.id, ctx));
+            async move {
+                if first_try {
+                    Err(HandlerError::retry("busy"))
+                } else {
+                    Ok(())
                 }
-            })
-            .build()
-            .unwrap()
+            }
+        })
+        .policy(linear(1, 3))
+        .build()
     };
     run_until(consumer, &broker, &rec, |ev| {
         count(ev, |e| e.decision == Decision::Handled) == 2
@@ -47,10 +45,11 @@ async fn the_handler_sees_key_id_attempt_and_redelivery() {
         .collect();
     assert_eq!(
         seen,
+        // Payment 2 (same client) waits behind payment 1's deferral: the key keeps its order.
         vec![
             (1, 1, mid(1), 0, false),
-            (2, 1, mid(2), 0, true),
             (1, 1, mid(1), 1, false),
+            (2, 1, mid(2), 0, true),
         ]
     );
 }

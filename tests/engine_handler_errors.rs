@@ -46,22 +46,20 @@ async fn retryable_error_defers_by_policy_then_dead_letters() {
     let rec = Recorder::new();
     let calls = Arc::new(AtomicU32::new(0));
     let c = Arc::clone(&calls);
-    let consumer = builder(&rec)
-        .policy(linear(1, 2))
-        .handler(move |_p: Payment| {
-            c.fetch_add(1, Ordering::SeqCst);
-            async { Err(HandlerError::retry("database busy")) }
-        })
-        .build()
-        .unwrap();
+    let consumer = builder(&rec, move |_p: Payment| {
+        c.fetch_add(1, Ordering::SeqCst);
+        async { Err(HandlerError::retry("database busy")) }
+    })
+    .policy(linear(1, 2))
+    .build();
     let start = Instant::now();
     let report = run_until(consumer, &broker, &rec, |ev| dead(ev) == 1).await;
 
-    let dl = DeadLetter {
-        kind: DeadLetterKind::RetriesExhausted,
-        reason: "handler still failing after 2 deferrals: database busy".into(),
-        attempts: 2,
-    };
+    let dl = DeadLetter::new(
+        DeadLetterKind::RetriesExhausted,
+        "handler still failing after 2 attempts: database busy",
+        2,
+    );
     assert_eq!(
         timeline(&rec, "10", start),
         vec![
@@ -101,20 +99,18 @@ async fn retryable_error_then_success_is_handled_on_retry() {
     let rec = Recorder::new();
     let calls = Arc::new(AtomicU32::new(0));
     let c = Arc::clone(&calls);
-    let consumer = builder(&rec)
-        .policy(linear(1, 5))
-        .handler(move |_p: Payment| {
-            let first = c.fetch_add(1, Ordering::SeqCst) == 0;
-            async move {
-                if first {
-                    Err(HandlerError::retry("timeout"))
-                } else {
-                    Ok(())
-                }
+    let consumer = builder(&rec, move |_p: Payment| {
+        let first = c.fetch_add(1, Ordering::SeqCst) == 0;
+        async move {
+            if first {
+                Err(HandlerError::retry("timeout"))
+            } else {
+                Ok(())
             }
-        })
-        .build()
-        .unwrap();
+        }
+    })
+    .policy(linear(1, 5))
+    .build();
     let start = Instant::now();
     run_until(consumer, &broker, &rec, |ev| handled(ev) == 1).await;
     assert_eq!(
@@ -137,30 +133,24 @@ async fn permanent_error_dead_letters_at_once() {
     let rec = Recorder::new();
     let calls = Arc::new(AtomicU32::new(0));
     let c = Arc::clone(&calls);
-    let consumer = builder(&rec)
-        .handler(move |p: Payment| {
-            c.fetch_add(1, Ordering::SeqCst);
-            async move {
-                if p.id == 10 {
-                    Err(HandlerError::permanent("amount exceeds limit"))
-                } else {
-                    Ok(())
-                }
+    let consumer = builder(&rec, move |p: Payment| {
+        c.fetch_add(1, Ordering::SeqCst);
+        async move {
+            if p.id == 10 {
+                Err(HandlerError::permanent("amount exceeds limit"))
+            } else {
+                Ok(())
             }
-        })
-        .build()
-        .unwrap();
+        }
+    })
+    .build();
     let start = Instant::now();
     let report = run_until(consumer, &broker, &rec, |ev| {
         handled(ev) == 1 && dead(ev) == 1
     })
     .await;
 
-    let dl = DeadLetter {
-        kind: DeadLetterKind::Rejected,
-        reason: "amount exceeds limit".into(),
-        attempts: 0,
-    };
+    let dl = DeadLetter::new(DeadLetterKind::Rejected, "amount exceeds limit", 0);
     assert_eq!(
         timeline(&rec, "10", start),
         vec![(Duration::ZERO, 0, Decision::DeadLettered(dl.clone()))]
@@ -194,44 +184,42 @@ async fn panicking_handler_is_retried_then_dead_lettered(how: Panic) {
     let rec = Recorder::new();
     let calls = Arc::new(AtomicU32::new(0));
     let c = Arc::clone(&calls);
-    let consumer = builder(&rec)
-        .policy(linear(1, 2))
-        .concurrency(1)
-        .handler(move |p: Payment| {
+    let consumer = builder(&rec, move |p: Payment| {
+        if p.id == 10 {
+            c.fetch_add(1, Ordering::SeqCst);
+            if let Panic::Sync = how {
+                panic!("handler bug (sync) for payment {}", p.id);
+            }
+        }
+        async move {
+            tokio::task::yield_now().await;
             if p.id == 10 {
-                c.fetch_add(1, Ordering::SeqCst);
-                if let Panic::Sync = how {
-                    panic!("handler bug (sync) for payment {}", p.id);
-                }
+                panic!("handler bug (async) for payment {}", p.id);
             }
-            async move {
-                tokio::task::yield_now().await;
-                if p.id == 10 {
-                    panic!("handler bug (async) for payment {}", p.id);
-                }
-                Ok(())
-            }
-        })
-        .build()
-        .unwrap();
+            Ok(())
+        }
+    })
+    .policy(linear(1, 2))
+    .concurrency(1)
+    .build();
     let start = Instant::now();
     let report = run_until(consumer, &broker, &rec, |ev| {
         handled(ev) == 1 && dead(ev) == 1
     })
     .await;
 
-    let dl = DeadLetter {
-        kind: DeadLetterKind::RetriesExhausted,
-        reason: format!(
-            "handler still failing after 2 deferrals: handler panicked: handler bug ({}) for payment 10",
+    let dl = DeadLetter::new(
+        DeadLetterKind::RetriesExhausted,
+        format!(
+            "handler still failing after 2 attempts: handler panicked: handler bug ({}) for payment 10",
             if let Panic::Sync = how {
                 "sync"
             } else {
                 "async"
             }
         ),
-        attempts: 2,
-    };
+        2,
+    );
     assert_eq!(
         timeline(&rec, "10", start),
         vec![
@@ -261,4 +249,103 @@ async fn sync_panic_is_retryable_and_ends_dead_lettered() {
 #[tokio::test(start_paused = true)]
 async fn async_panic_is_retryable_and_ends_dead_lettered() {
     panicking_handler_is_retried_then_dead_lettered(Panic::Async).await;
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("inserting payment {0}")]
+struct InsertFailed(u64, #[source] std::io::Error);
+
+/// A handler written like any async function: `?` on a foreign error type.
+async fn save(p: Payment) -> Result<(), HandlerError> {
+    let io = std::io::Error::other("connection reset by peer");
+    Err(InsertFailed(p.id, io))?;
+    Ok(())
+}
+
+#[tokio::test(start_paused = true)]
+async fn question_mark_on_a_foreign_error_retries_and_keeps_its_source_chain() {
+    let broker = MemoryBroker::new();
+    broker.register(client(1));
+    broker.publish(payment(10, 1));
+
+    let rec = Recorder::new();
+    let consumer = builder(&rec, save).policy(linear(1, 2)).build();
+    run_until(consumer, &broker, &rec, |ev| dead(ev) == 1).await;
+
+    let decisions = rec.decisions_of("10");
+    assert_eq!(
+        &decisions[..3],
+        &[
+            Decision::Deferred {
+                delay: Duration::from_secs(1),
+                cause: DeferCause::HandlerRetry
+            },
+            retry(2),
+            decisions[2].clone()
+        ]
+    );
+    let Decision::DeadLettered(dl) = &decisions[2] else {
+        panic!("{decisions:?}");
+    };
+    assert_eq!(dl.kind, DeadLetterKind::RetriesExhausted);
+    assert_eq!(
+        dl.reason,
+        "handler still failing after 2 attempts: inserting payment 10: connection reset by peer",
+        "the source chain is in the reason"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn retry_after_defers_at_least_as_long_as_asked() {
+    let broker = MemoryBroker::new();
+    broker.register(client(1));
+    broker.publish(payment(10, 1));
+    broker.publish(payment(11, 1));
+
+    let rec = Recorder::new();
+    let calls = Arc::new(AtomicU32::new(0));
+    let consumer = {
+        let calls = Arc::clone(&calls);
+        builder(&rec, move |p: Payment| {
+            let n = calls.fetch_add(1, Ordering::SeqCst);
+            async move {
+                match (p.id, n) {
+                    // Rate limited: longer than the policy's 1 s.
+                    (10, 0) => Err(HandlerError::retry_after(
+                        Duration::from_secs(30),
+                        "429 too many requests",
+                    )),
+                    // Shorter than the policy's: the policy wins.
+                    (11, _) if n < 3 => {
+                        Err(HandlerError::retry_after(Duration::from_millis(10), "busy"))
+                    }
+                    _ => Ok(()),
+                }
+            }
+        })
+        .policy(linear(1, 5))
+        .keep_key_order(false)
+        .build()
+    };
+    let start = Instant::now();
+    run_until(consumer, &broker, &rec, |ev| handled(ev) == 2).await;
+    assert_eq!(
+        timeline(&rec, "10", start),
+        vec![
+            (
+                Duration::ZERO,
+                0,
+                Decision::Deferred {
+                    delay: Duration::from_secs(30),
+                    cause: DeferCause::HandlerRetry
+                }
+            ),
+            (Duration::from_secs(30), 1, Decision::Handled),
+        ]
+    );
+    assert_eq!(
+        timeline(&rec, "11", start)[0].2,
+        retry(1),
+        "the policy's delay when it is longer"
+    );
 }

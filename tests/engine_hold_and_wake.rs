@@ -1,6 +1,6 @@
 //! A message whose key is unknown is held (unacknowledged), and released with zero virtual
 //! time once the key arrives, in receive order, before any later message of that key: whether
-//! the key comes from a registration message or from a `KeyHandle`.
+//! the key comes from a registration message or from the service's own code (`MemoryKeys::insert`).
 
 mod common;
 
@@ -8,27 +8,34 @@ use std::time::Duration;
 
 use common::*;
 use prereq::memory::MemoryBroker;
-use prereq::{Decision, HandlerError};
+use prereq::{Decision, MemoryKeys};
 use tokio::time::Instant;
 
 fn recording_consumer(
     rec: &Recorder<u64>,
     seen: &Log<(u64, Instant)>,
 ) -> prereq::DependentConsumer<u64, Payment> {
+    recording_consumer_with(rec, seen, MemoryKeys::new())
+}
+
+fn recording_consumer_with(
+    rec: &Recorder<u64>,
+    seen: &Log<(u64, Instant)>,
+    keys: MemoryKeys<u64>,
+) -> prereq::DependentConsumer<u64, Payment> {
     let log = seen.clone();
-    builder(rec)
-        .concurrency(4)
-        .handler(move |p: Payment| {
-            log.push((p.id, Instant::now()));
-            // Take some virtual time, so that a later message of the key would overtake a
-            // released one if the engine let it.
-            async {
-                tokio::time::sleep(Duration::from_millis(10)).await;
-                Ok::<_, HandlerError>(())
-            }
-        })
-        .build()
-        .unwrap()
+    builder(rec, move |p: Payment| {
+        log.push((p.id, Instant::now()));
+        // Take some virtual time, so that a later message of the key would overtake a
+        // released one if the engine let it.
+        async {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            Ok(())
+        }
+    })
+    .concurrency(4)
+    .keys(keys)
+    .build()
 }
 
 #[tokio::test(start_paused = true)]
@@ -140,8 +147,8 @@ async fn key_handle_insert_releases_held_messages_at_once_in_order() {
 
     let rec = Recorder::new();
     let seen = Log::new();
-    let consumer = recording_consumer(&rec, &seen);
-    let keys = consumer.keys();
+    let keys = MemoryKeys::new();
+    let consumer = recording_consumer_with(&rec, &seen, keys.clone());
     let done = rec.until(|ev| count(ev, |e| e.decision == Decision::Handled) == 3);
     let run = tokio::spawn(consumer.run(broker.transport(), done));
 
@@ -185,7 +192,7 @@ async fn key_handle_insert_releases_held_messages_at_once_in_order() {
 /// first, in order.
 #[tokio::test(start_paused = true)]
 async fn key_known_without_a_wake_releases_held_messages_before_the_new_one() {
-    use prereq::{KeyStore, MemoryKeys};
+    use prereq::MemoryKeys;
     let broker = MemoryBroker::new();
     broker.publish(payment(1, 7));
     broker.publish(payment(2, 7));
@@ -194,14 +201,12 @@ async fn key_known_without_a_wake_releases_held_messages_before_the_new_one() {
     let rec = Recorder::new();
     let seen = Log::new();
     let log = seen.clone();
-    let consumer = builder(&rec)
-        .key_store(keys.clone())
-        .handler(move |p: Payment| {
-            log.push(p.id);
-            async { Ok::<_, HandlerError>(()) }
-        })
-        .build()
-        .unwrap();
+    let consumer = builder(&rec, move |p: Payment| {
+        log.push(p.id);
+        async { Ok(()) }
+    })
+    .keys(keys.clone())
+    .build();
     let done = rec.until(|ev| count(ev, |e| e.decision == Decision::Handled) == 3);
     let run = tokio::spawn(consumer.run(broker.transport(), done));
     rec.until(|ev| count(ev, |e| e.decision == Decision::Held) == 2)
@@ -253,16 +258,14 @@ async fn a_large_release_does_not_stall_other_keys() {
     broker.register(client(1));
     broker.register(client(2));
     let rec = Recorder::new();
-    let consumer = builder(&rec)
-        .concurrency(2)
-        .handler(|p: Payment| async move {
-            if p.client == 1 {
-                tokio::time::sleep(Duration::from_secs(1)).await;
-            }
-            Ok::<_, HandlerError>(())
-        })
-        .build()
-        .unwrap();
+    let consumer = builder(&rec, |p: Payment| async move {
+        if p.client == 1 {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+        Ok(())
+    })
+    .concurrency(2)
+    .build();
     let start = Instant::now();
     run_until(consumer, &broker, &rec, |ev| {
         count(ev, |e| e.decision == Decision::Handled) == 101

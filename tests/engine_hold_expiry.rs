@@ -1,7 +1,7 @@
 //! A message held past `max_time` is deferred through the broker by the policy (attempt + 1),
 //! comes back after exactly `delay(attempt)`, and is dead-lettered with `KeyNeverArrived` and
 //! its attempt count after the last attempt. A per-message limit (`x-retry-limit`, here
-//! `Stored::with_max_attempts`) overrides the policy's.
+//! `Stored::with_max_attempts`) can lower the policy's limit, never raise it.
 
 mod common;
 
@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use common::*;
 use prereq::memory::{MemoryBroker, Stored};
-use prereq::{DeadLetterKind, Decision, DeferCause, HandlerError, HoldBudget};
+use prereq::{DeadLetterKind, Decision, DeferCause, HoldBudget};
 use tokio::time::Instant;
 
 const HOLD: Duration = Duration::from_secs(10);
@@ -19,12 +19,10 @@ fn secs(n: u64) -> Duration {
 }
 
 fn consumer(rec: &Recorder<u64>, max_attempts: u32) -> prereq::DependentConsumer<u64, Payment> {
-    builder(rec)
+    builder(rec, |_p: Payment| async { Ok(()) })
         .policy(linear(1, max_attempts))
-        .budget(HoldBudget::default().with_max_time(HOLD))
-        .handler(|_p: Payment| async { Ok::<_, HandlerError>(()) })
+        .budget(HoldBudget::DEFAULT.max_time(HOLD))
         .build()
-        .unwrap()
 }
 
 fn dead_lettered(ev: &[prereq::Event<u64>]) -> bool {
@@ -68,12 +66,8 @@ async fn held_too_long_is_deferred_by_policy_then_dead_lettered() {
 
     // Held 10 s, deferred 1 s, held 10 s, deferred 2 s, held 10 s, deferred 3 s, held 10 s:
     // the policy allows 3 retries, so the 4th expiry dead-letters.
-    let reason = "prerequisite key 99 still unknown after 3 deferrals".to_owned();
-    let dl = prereq::DeadLetter {
-        kind: DeadLetterKind::KeyNeverArrived,
-        reason,
-        attempts: 3,
-    };
+    let reason = "prerequisite key 99 still unknown after 3 attempts".to_owned();
+    let dl = prereq::DeadLetter::new(DeadLetterKind::KeyNeverArrived, reason, 3);
     assert_eq!(
         timeline(&rec, "1", start),
         vec![
@@ -152,10 +146,12 @@ async fn per_message_limit_below_the_policy_dead_letters_sooner() {
     assert_eq!(broker.stats().deferred, 1);
 }
 
+/// A message's own limit can lower the consumer's, never raise it: a header cannot make a
+/// message retry for ever.
 #[tokio::test(start_paused = true)]
-async fn per_message_limit_above_the_policy_repeats_its_last_delay() {
+async fn per_message_limit_above_the_policy_is_capped_by_it() {
     let broker = MemoryBroker::new();
-    broker.publish_stored(Stored::message(payment(1, 99)).with_max_attempts(5));
+    broker.publish_stored(Stored::message(payment(1, 99)).with_max_attempts(u32::MAX));
 
     let rec = Recorder::new();
     let start = Instant::now();
@@ -165,24 +161,21 @@ async fn per_message_limit_above_the_policy_repeats_its_last_delay() {
         .into_iter()
         .filter(|(_, _, d)| matches!(d, Decision::Deferred { .. }))
         .collect();
-    // Delays 1, 2, 3 s by the policy, then its last delay (3 s) again for retries 4 and 5.
     assert_eq!(
         deferrals,
         vec![
             (secs(10), 0, deferred(1)),
             (secs(21), 1, deferred(2)),
             (secs(33), 2, deferred(3)),
-            (secs(46), 3, deferred(3)),
-            (secs(59), 4, deferred(3)),
         ]
     );
     let dead = broker.dead_letters();
     assert_eq!(dead.len(), 1);
     assert_eq!(dead[0].dead_letter.kind, DeadLetterKind::KeyNeverArrived);
-    assert_eq!(dead[0].dead_letter.attempts, 5);
+    assert_eq!(dead[0].dead_letter.attempts, 3);
     assert_eq!(
         rec.of("1").last().map(|e| e.at - start),
-        Some(secs(72)),
-        "the 6th expiry (62 s + 10 s) dead-letters"
+        Some(secs(46)),
+        "the 4th expiry (36 s + 10 s) dead-letters"
     );
 }

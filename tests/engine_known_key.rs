@@ -3,8 +3,8 @@
 mod common;
 
 use common::*;
+use prereq::Decision;
 use prereq::memory::MemoryBroker;
-use prereq::{Decision, HandlerError};
 use tokio::time::Instant;
 
 #[tokio::test(start_paused = true)]
@@ -17,13 +17,11 @@ async fn known_key_is_handled_at_once_and_acked_without_hold() {
     let rec = Recorder::new();
     let seen = Log::new();
     let log = seen.clone();
-    let consumer = builder(&rec)
-        .handler(move |p: Payment| {
-            log.push((p.id, Instant::now()));
-            async { Ok::<_, HandlerError>(()) }
-        })
-        .build()
-        .unwrap();
+    let consumer = builder(&rec, move |p: Payment| {
+        log.push((p.id, Instant::now()));
+        async { Ok(()) }
+    })
+    .build();
 
     let start = Instant::now();
     let report = run_until(consumer, &broker, &rec, |ev| {
@@ -70,11 +68,11 @@ async fn key_inserted_before_run_counts_as_known() {
     broker.publish(payment(10, 1));
 
     let rec = Recorder::new();
-    let consumer = builder(&rec)
-        .handler(|_p: Payment| async { Ok::<_, HandlerError>(()) })
-        .build()
-        .unwrap();
-    assert!(consumer.keys().insert(1));
+    let keys = prereq::MemoryKeys::new();
+    assert!(keys.insert(1));
+    let consumer = builder(&rec, |_p: Payment| async { Ok(()) })
+        .keys(keys)
+        .build();
 
     let report = run_until(consumer, &broker, &rec, |ev| {
         count(ev, |e| e.decision == Decision::Handled) == 1
@@ -96,10 +94,7 @@ async fn registration_ack_is_reported_as_registered_only() {
     broker.publish(payment(10, 2));
 
     let rec = Recorder::new();
-    let consumer = builder(&rec)
-        .handler(|_p: Payment| async { Ok::<_, HandlerError>(()) })
-        .build()
-        .unwrap();
+    let consumer = builder(&rec, |_p: Payment| async { Ok(()) }).build();
     let report = run_until(consumer, &broker, &rec, |ev| {
         count(ev, |e| e.decision == Decision::Handled) == 1
     })

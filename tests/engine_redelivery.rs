@@ -7,8 +7,8 @@
 mod common;
 
 use common::*;
+use prereq::Decision;
 use prereq::memory::{MemoryBroker, Stored};
-use prereq::{Decision, HandlerError};
 
 fn redelivered(body: Vec<u8>) -> Stored {
     Stored {
@@ -28,13 +28,11 @@ async fn a_redelivered_copy_of_a_held_message_replaces_it() {
     let seen = Log::new();
     let consumer = {
         let seen = seen.clone();
-        builder(&rec)
-            .handler(move |p: Payment| {
-                seen.push(p.id);
-                async { Ok::<_, HandlerError>(()) }
-            })
-            .build()
-            .unwrap()
+        builder(&rec, move |p: Payment| {
+            seen.push(p.id);
+            async { Ok(()) }
+        })
+        .build()
     };
     let report = run_until(consumer, &broker, &rec, |ev| {
         count(ev, |e| e.decision == Decision::Handled) == 2
@@ -58,10 +56,7 @@ async fn a_redelivered_message_that_is_not_held_is_handled_normally() {
     broker.publish_stored(redelivered(payment(1, 7)));
     broker.publish_stored(redelivered(payment(2, 8))); // held: nothing to replace
     let rec = Recorder::new();
-    let consumer = builder(&rec)
-        .handler(|_p: Payment| async { Ok::<_, HandlerError>(()) })
-        .build()
-        .unwrap();
+    let consumer = builder(&rec, |_p: Payment| async { Ok(()) }).build();
     let report = run_until(consumer, &broker, &rec, |ev| {
         count(ev, |e| e.decision == Decision::Handled) == 1
             && count(ev, |e| e.decision == Decision::Held) == 1

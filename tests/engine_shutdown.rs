@@ -33,19 +33,17 @@ async fn shutdown_finishes_running_handlers_and_gives_back_everything_else() {
     let (gate, _) = watch::channel(false);
     let consumer = {
         let (seen, gate) = (seen.clone(), gate.clone());
-        builder(&rec)
-            .key_store(keys.clone())
-            .concurrency(1)
-            .handler(move |p: Payment| {
-                let (seen, mut open) = (seen.clone(), gate.subscribe());
-                async move {
-                    let _ = open.wait_for(|o| *o).await;
-                    seen.push(p.id);
-                    Ok::<_, HandlerError>(())
-                }
-            })
-            .build()
-            .unwrap()
+        builder(&rec, move |p: Payment| {
+            let (seen, mut open) = (seen.clone(), gate.subscribe());
+            async move {
+                let _ = open.wait_for(|o| *o).await;
+                seen.push(p.id);
+                Ok(())
+            }
+        })
+        .keys(keys.clone())
+        .concurrency(1)
+        .build()
     };
     let (stop, stopped) = oneshot::channel::<()>();
     let run = tokio::spawn(consumer.run(broker.transport(), async {
@@ -90,14 +88,12 @@ async fn shutdown_finishes_running_handlers_and_gives_back_everything_else() {
     let rec2 = Recorder::new();
     let consumer2 = {
         let seen = seen.clone();
-        builder(&rec2)
-            .key_store(keys)
-            .handler(move |p: Payment| {
-                seen.push(p.id);
-                async { Ok::<_, HandlerError>(()) }
-            })
-            .build()
-            .unwrap()
+        builder(&rec2, move |p: Payment| {
+            seen.push(p.id);
+            async { Ok(()) }
+        })
+        .keys(keys)
+        .build()
     };
     let report2 = run_until(consumer2, &broker, &rec2, |ev| handled(ev) == 4).await;
     let mut all = seen.get();
@@ -114,11 +110,8 @@ async fn a_closed_transport_also_gives_back_held_messages() {
     let broker = MemoryBroker::new();
     broker.publish(payment(1, 9));
     let rec = Recorder::new();
-    let consumer = builder(&rec)
-        .handler(|_p: Payment| async { Ok::<_, HandlerError>(()) })
-        .build()
-        .unwrap();
-    let run = tokio::spawn(consumer.run(broker.transport(), std::future::pending()));
+    let consumer = builder(&rec, |_p: Payment| async { Ok(()) }).build();
+    let run = tokio::spawn(consumer.run(broker.transport(), std::future::pending::<()>()));
     rec.until(|ev| count(ev, |e| e.decision == Decision::Held) == 1)
         .await;
     broker.close();
@@ -163,12 +156,10 @@ async fn dropping_the_run_future_gives_back_held_messages() {
 
     let keys = MemoryKeys::new();
     let rec = Recorder::new();
-    let consumer = builder(&rec)
-        .key_store(keys.clone())
-        .handler(|_p: Payment| async { Ok::<_, HandlerError>(()) })
-        .build()
-        .unwrap();
-    let run = tokio::spawn(consumer.run(broker.transport(), std::future::pending()));
+    let consumer = builder(&rec, |_p: Payment| async { Ok(()) })
+        .keys(keys.clone())
+        .build();
+    let run = tokio::spawn(consumer.run(broker.transport(), std::future::pending::<()>()));
     rec.until(|ev| count(ev, |e| e.decision == Decision::Held) == 2)
         .await;
     run.abort();
@@ -176,21 +167,18 @@ async fn dropping_the_run_future_gives_back_held_messages() {
     tokio::time::sleep(Duration::from_secs(1)).await;
 
     // No new publish: nothing on the broker may be needed to free the old deliveries.
-    use prereq::KeyStore;
     keys.insert(1);
     keys.insert(2);
     let redelivered = Log::new();
     let rec2 = Recorder::new();
     let consumer2 = {
         let seen = redelivered.clone();
-        builder(&rec2)
-            .key_store(keys)
-            .handler(move |p: Payment| {
-                seen.push(p.id);
-                async { Ok::<_, HandlerError>(()) }
-            })
-            .build()
-            .unwrap()
+        builder(&rec2, move |p: Payment| {
+            seen.push(p.id);
+            async { Ok(()) }
+        })
+        .keys(keys)
+        .build()
     };
     let transport = broker.transport();
     let report = consumer2
@@ -242,14 +230,12 @@ async fn shutdown_abandons_a_stuck_handler_after_the_grace_and_loses_nothing() {
     let started = Log::new();
     let consumer = {
         let started = started.clone();
-        builder(&rec)
-            .shutdown_grace(Duration::from_secs(5))
-            .handler(move |p: Payment| {
-                started.push(p.id);
-                std::future::pending::<Result<(), HandlerError>>()
-            })
-            .build()
-            .unwrap()
+        builder(&rec, move |p: Payment| {
+            started.push(p.id);
+            std::future::pending::<Result<(), HandlerError>>()
+        })
+        .shutdown_grace(Duration::from_secs(5))
+        .build()
     };
     let start = tokio::time::Instant::now();
     let stop = {
@@ -272,11 +258,11 @@ async fn shutdown_abandons_a_stuck_handler_after_the_grace_and_loses_nothing() {
     assert_eq!(broker.stats().requeued, 1);
 
     let rec2 = Recorder::new();
-    let consumer = builder(&rec2)
-        .handler(|_p: Payment| async { Ok::<_, HandlerError>(()) })
-        .build()
-        .unwrap();
-    consumer.keys().insert(1);
+    let keys = prereq::MemoryKeys::new();
+    keys.insert(1);
+    let consumer = builder(&rec2, |_p: Payment| async { Ok(()) })
+        .keys(keys)
+        .build();
     let report = run_until(consumer, &broker, &rec2, |ev| handled(ev) == 1).await;
     assert_eq!(report.handled, 1);
     assert_eq!(broker.pending(), 0);

@@ -7,8 +7,8 @@ use std::io::Write;
 use std::sync::{Arc, Mutex};
 
 use common::*;
+use prereq::Decision;
 use prereq::memory::MemoryBroker;
-use prereq::{Decision, HandlerError};
 
 #[derive(Clone, Default)]
 struct Buffer(Arc<Mutex<Vec<u8>>>);
@@ -40,13 +40,11 @@ async fn decisions_are_traced_and_handlers_run_in_a_span() {
     broker.publish(b"{".to_vec()); // dead-lettered
     broker.register(client(7));
     let rec = Recorder::new();
-    let consumer = builder(&rec)
-        .handler(|p: Payment| async move {
-            tracing::info!(amount = 10, "charging payment {}", p.id);
-            Ok::<_, HandlerError>(())
-        })
-        .build()
-        .unwrap();
+    let consumer = builder(&rec, |p: Payment| async move {
+        tracing::info!(amount = 10, "charging payment {}", p.id);
+        Ok(())
+    })
+    .build();
     run_until(consumer, &broker, &rec, |ev| {
         count(ev, |e| e.decision == Decision::Handled) == 1
     })

@@ -4,8 +4,8 @@
 use std::time::Duration;
 
 use metrics_util::debugging::{DebugValue, DebuggingRecorder};
+use prereq::DependentConsumer;
 use prereq::memory::MemoryBroker;
-use prereq::{DependentConsumer, HandlerError};
 
 #[derive(serde::Deserialize)]
 struct Msg {
@@ -26,13 +26,11 @@ fn decisions_are_counted_and_release_latency_is_recorded() {
             let broker = MemoryBroker::new();
             broker.publish(r#"{"key":1}"#); // held, then released
             broker.publish("not json"); // dead-lettered
-            let consumer = DependentConsumer::<u32, Msg>::builder()
-                .key(|m: &Msg| m.key)
+            let keys = prereq::MemoryKeys::new();
+            let consumer = DependentConsumer::builder(|m: &Msg| m.key, |_m: Msg| async { Ok(()) })
                 .registrations(|m: &Msg| m.key)
-                .handler(|_m: Msg| async { Ok::<_, HandlerError>(()) })
-                .build()
-                .unwrap();
-            let keys = consumer.keys();
+                .keys(keys.clone())
+                .build();
             let producer = async {
                 tokio::time::sleep(Duration::from_millis(250)).await;
                 keys.insert(1);

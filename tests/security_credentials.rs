@@ -1,9 +1,10 @@
 //! Credentials in the AMQP address never leak: not into `tracing` output (every level, every
 //! crate: prereq's, lapin's, its TCP and TLS layers), not into errors (`Display` and `Debug`,
-//! and their `source()` chains), not into the `Debug` of `AmqpAddr`, `AmqpConfig` or
+//! and their `source()` chains), not into the `Debug` of `AmqpAddr`, `BrokerOptions` or
 //! `AmqpTransport`. Checked while failing to connect with a wrong password, to a host that does
 //! not resolve, to a closed port, with `amqps://` against a plain-AMQP port, and while connected.
-//! Passwords are also checked percent-decoded (`p%40ss` is `p@ss`).
+//! Passwords are also checked percent-decoded (`p%40ss` is `p@ss`). A malformed `AMQP_ADDR`
+//! leaks nowhere either (`tests/prop_redaction.rs` covers random mangled addresses).
 #![cfg(feature = "amqp")]
 
 mod support;
@@ -12,8 +13,8 @@ use std::io::Write;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
-use prereq::amqp::{AmqpAddr, AmqpConfig, AmqpError, AmqpTransport, DelayMode};
-use prereq::{DependentConsumer, HandlerError};
+use prereq::DependentConsumer;
+use prereq::amqp::{AmqpAddr, AmqpError, Broker, BrokerOptions, DelayMode, Queue, Route};
 
 /// Everything any crate logs, at every level, for the whole test process.
 fn logs() -> &'static Arc<Mutex<Vec<u8>>> {
@@ -73,16 +74,14 @@ fn everything_about(e: &(dyn std::error::Error + 'static)) -> String {
 
 /// Try to connect for at most `limit`; `None` if it was still trying by then.
 async fn connect_attempt(uri: &str, mode: DelayMode, limit: Duration) -> Option<AmqpError> {
-    let config = AmqpConfig::new("prereq-security-never-declared", "prereq-security-keys")
-        .with_addr(uri)
-        .with_delay_mode(mode);
+    let options = BrokerOptions::new(uri).delay_mode(mode);
     assert_clean(
-        "Debug of AmqpConfig",
-        &format!("{config:?}"),
+        "Debug of BrokerOptions",
+        &format!("{options:?}"),
         &[password_of(uri)],
     );
-    match tokio::time::timeout(limit, AmqpTransport::connect(config)).await {
-        Ok(Ok(t)) => panic!("connected to {}?! {t:?}", AmqpAddr::new(uri)),
+    match tokio::time::timeout(limit, Broker::connect(options)).await {
+        Ok(Ok(b)) => panic!("connected to {}?! {b:?}", AmqpAddr::new(uri)),
         Ok(Err(e)) => Some(e),
         Err(_) => None,
     }
@@ -113,7 +112,10 @@ async fn check_failure(uri: &str, secrets: &[&str], expect_in_error: &str) {
             "the error should say {expect_in_error:?}: {text}"
         );
         // The engine's error wraps the transport's.
-        let wrapped: prereq::Error<AmqpError> = prereq::Error::Transport(e);
+        let wrapped: prereq::RunError<AmqpError> = prereq::RunError::Transport {
+            source: e,
+            report: prereq::Report::default(),
+        };
         assert_clean("the engine error", &everything_about(&wrapped), secrets);
     }
     let addr = AmqpAddr::new(uri);
@@ -190,7 +192,7 @@ async fn amqps_against_a_plain_port_fails_clearly_without_credentials() {
     println!("amqps:// against a plain port: {e}");
 }
 
-/// `AmqpTransport::connect` to an unreachable broker fails at once, although lapin's
+/// `Broker::connect` to an unreachable broker fails at once, although lapin's
 /// auto-recovery alone would retry the first TCP connection for about 11 minutes (16 tries,
 /// 1 s doubling to 60 s): the transport makes a plain pre-flight connection first. A
 /// misconfigured service fails at start.
@@ -222,11 +224,15 @@ async fn a_working_connection_leaks_nothing_either() {
     let needles: Vec<&str> = needles.iter().map(String::as_str).collect();
     let cleanup = support::Cleanup::new();
     let p = support::unique("security");
-    let config = AmqpConfig::new(format!("{p}payments"), format!("{p}clients"))
-        .with_addr(addr.clone())
-        .with_delay_mode(DelayMode::DelayQueues);
-    cleanup.config(&config);
-    let transport = AmqpTransport::connect(config).await.expect("connect");
+    let route = Route::new(Queue::classic(format!("{p}payments")))
+        .registrations(Queue::classic(format!("{p}clients")));
+    let transport = support::transport(
+        &cleanup,
+        route,
+        DelayMode::DelayQueues,
+        prereq::transport::Demand::new(64, 1),
+    )
+    .await;
     assert_clean(
         "Debug of AmqpTransport",
         &format!("{transport:?}"),
@@ -236,11 +242,11 @@ async fn a_working_connection_leaks_nothing_either() {
         format!("{transport:?}").contains(":***@"),
         "the redacted address is shown: {transport:?}"
     );
-    let consumer = DependentConsumer::<u64, serde_json::Value>::builder()
-        .key(|_| 1)
-        .handler(|_| async { Ok::<_, HandlerError>(()) })
-        .build()
-        .unwrap();
+    let consumer = DependentConsumer::builder(
+        |_: &serde_json::Value| 1u64,
+        |_: serde_json::Value| async { Ok(()) },
+    )
+    .build();
     let report = consumer
         .run(transport, async {})
         .await
@@ -252,4 +258,86 @@ async fn a_working_connection_leaks_nothing_either() {
         logged.contains(":***@"),
         "the logs show the redacted address (so the capture works):\n{logged}"
     );
+}
+
+/// Set in the child process of [`a_malformed_amqp_addr_leaks_nowhere`].
+const MALFORMED_CHILD: &str = "PREREQ_TEST_MALFORMED_ADDR_CHILD";
+
+/// A malformed `AMQP_ADDR` (a mangled scheme separator, no scheme, a password holding `/`, `#`
+/// or `@` unencoded, whitespace around) makes the transport fail at once with a clear error,
+/// and its password shows nowhere: not in the error, not in the log, not in the `Debug` of the
+/// configuration. Each address goes through the environment for real: the test runs itself as
+/// a child process with `AMQP_ADDR` set, and the child builds its configuration from it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_malformed_amqp_addr_leaks_nowhere() {
+    if std::env::var_os(MALFORMED_CHILD).is_some() {
+        logs();
+        // `BrokerOptions::from_env` reads `AMQP_ADDR`.
+        let options = BrokerOptions::from_env().connect_timeout(Duration::from_secs(5));
+        println!("options: {options:?}");
+        let e = match tokio::time::timeout(Duration::from_secs(30), Broker::connect(options)).await
+        {
+            Ok(Ok(b)) => panic!("connected with a malformed address?! {b:?}"),
+            Ok(Err(e)) => e,
+            Err(_) => panic!("still connecting after 30 s"),
+        };
+        println!("error: {}", everything_about(&e));
+        println!("logs:\n{}", captured());
+        println!("child done");
+        return;
+    }
+    // Where a host shows, a closed port on this machine: nothing else is ever contacted.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let secret = "M4lf0rmed-S3cret";
+    let addresses = [
+        format!("amqp//alice:{secret}@127.0.0.1:{port}/%2f"),
+        format!("amqp:/alice:{secret}@127.0.0.1:{port}/%2f"),
+        format!("amqp:alice:{secret}@127.0.0.1:{port}"),
+        format!("alice:{secret}@127.0.0.1:{port}"),
+        format!("amqp://alice:{secret}"),
+        format!("amqp://amqp://alice:{secret}"),
+        format!("amqp://alice:M4lf/0rmed#S3cret@127.0.0.1:{port}/%2f"),
+        format!("amqp://alice:12/{secret}@127.0.0.1:{port}/%2f"),
+        format!("  amqp://alice:{secret}@127.0.0.1:{port}/%2f\n"),
+    ];
+    for uri in &addresses {
+        let out = std::process::Command::new(std::env::current_exe().expect("test binary"))
+            .args([
+                "--exact",
+                "a_malformed_amqp_addr_leaks_nowhere",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env(MALFORMED_CHILD, "1")
+            .env("AMQP_ADDR", uri)
+            .env("RUST_BACKTRACE", "0")
+            .output()
+            .expect("run the child");
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            out.status.success() && text.contains("child done"),
+            "the child failed for {}: {text}",
+            AmqpAddr::new(uri.as_str())
+        );
+        for s in [secret, "M4lf/0rmed#S3cret", "M4lf0rmed", "S3cret"] {
+            assert!(
+                !text.contains(s),
+                "{} leaks {s:?}:\n{text}",
+                AmqpAddr::new(uri.as_str())
+            );
+        }
+        // Well-formed but unreachable: refused. Malformed: refused before any connection.
+        assert!(
+            text.contains("refused") || text.contains("not a well-formed AMQP URI"),
+            "{text}"
+        );
+    }
 }

@@ -24,7 +24,7 @@ use super::addr::AmqpAddr;
 use super::error::AmqpError;
 
 /// The exchange type the delayed-message plugin registers.
-pub const DELAYED_EXCHANGE_TYPE: &str = "x-delayed-message";
+pub(crate) const DELAYED_EXCHANGE_TYPE: &str = "x-delayed-message";
 
 /// The longest delay prereq asks a broker for: `u32::MAX` ms (≈ 49.7 days). The plugin treats
 /// larger `x-delay` values as no delay at all.
@@ -52,28 +52,6 @@ pub enum DelayMechanism {
     DelayQueues,
 }
 
-impl DelayMechanism {
-    /// The exchange type of the retry exchange under this mechanism.
-    pub fn retry_exchange_kind(self) -> &'static str {
-        match self {
-            Self::DelayedExchange => DELAYED_EXCHANGE_TYPE,
-            Self::DelayQueues => "direct",
-        }
-    }
-
-    /// The declare arguments of the retry exchange (`x-delayed-type: direct` for the plugin).
-    pub fn retry_exchange_arguments(self) -> FieldTable {
-        let mut args = FieldTable::default();
-        if self == Self::DelayedExchange {
-            args.insert(
-                "x-delayed-type".into(),
-                AMQPValue::LongString(LongString::from("direct")),
-            );
-        }
-        args
-    }
-}
-
 impl fmt::Display for DelayMechanism {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
@@ -95,7 +73,7 @@ const GRID: [u64; 16] = [
 /// (1–9 ms exactly; from 10 ms on 15 values per decade: 1, 1.2, 1.5, 1.8, 2, 2.5, 3, 3.5, 4,
 /// 4.5, 5, 6, 7, 8, 9 × 10ⁿ ms), at most 11.1 % away from the request, never above `max`; a
 /// request at or above `max` gets `max` exactly. Zero stays zero (no delay queue).
-pub fn delay_bucket(delay: Duration, max: Duration) -> Duration {
+pub(crate) fn delay_bucket(delay: Duration, max: Duration) -> Duration {
     let max_ms = clamp_ms(max.min(MAX_BROKER_DELAY));
     let ms = clamp_ms(delay);
     if ms >= max_ms {
@@ -132,7 +110,8 @@ fn bucket_ms(ms: u64) -> u64 {
 
 /// The most delay queues [`delay_bucket`] can ever ask for with this maximum delay: the
 /// number of distinct grid values in `1 ms ..= max` (plus `max` itself).
-pub fn max_delay_queues(max: Duration) -> usize {
+#[cfg(test)]
+pub(crate) fn max_delay_queues(max: Duration) -> usize {
     let max_ms = clamp_ms(max.min(MAX_BROKER_DELAY));
     let mut n = max_ms.min(9) as usize;
     let mut scale = 1u64;
@@ -151,20 +130,26 @@ pub fn max_delay_queues(max: Duration) -> usize {
 }
 
 /// The name of the delay queue for a bucketed delay: `<prefix>.<ms>ms`.
-pub fn delay_queue_name(prefix: &str, delay: Duration) -> String {
+pub(crate) fn delay_queue_name(prefix: &str, delay: Duration) -> String {
     format!("{prefix}.{}ms", delay.as_millis())
 }
 
 /// The declare arguments of a delay queue: a durable quorum queue with `x-message-ttl`, that
 /// dead-letters to `exchange` / `routing_key` with at-least-once dead-lettering (which needs
 /// `x-overflow: reject-publish`). No `x-expires`: it would delete a queue holding messages.
-pub fn delay_queue_arguments(delay: Duration, exchange: &str, routing_key: &str) -> FieldTable {
+pub(crate) fn delay_queue_arguments(
+    delay: Duration,
+    exchange: &str,
+    routing_key: Option<&str>,
+) -> FieldTable {
     let ttl = i64::try_from(delay.as_millis()).unwrap_or(i64::MAX);
     let mut args = FieldTable::default();
     args.insert("x-queue-type".into(), long("quorum"));
     args.insert("x-message-ttl".into(), AMQPValue::LongLongInt(ttl));
     args.insert("x-dead-letter-exchange".into(), long(exchange));
-    args.insert("x-dead-letter-routing-key".into(), long(routing_key));
+    if let Some(key) = routing_key {
+        args.insert("x-dead-letter-routing-key".into(), long(key));
+    }
     args.insert("x-overflow".into(), long("reject-publish"));
     args.insert("x-dead-letter-strategy".into(), long("at-least-once"));
     args
@@ -178,9 +163,24 @@ fn long(s: &str) -> AMQPValue {
 ///
 /// Declares a uniquely named delayed exchange on a throw-away connection (without the plugin
 /// the broker closes the whole connection with `503 COMMAND_INVALID`), deletes it if it was
-/// created, and closes the connection. Errors only when the broker cannot be reached or fails
-/// in another way.
-pub async fn probe_delayed_exchange(addr: &AmqpAddr) -> Result<bool, AmqpError> {
+/// created, and closes the connection. Errors when the broker cannot be reached, fails in
+/// another way, or has not answered within `timeout` (a wrong port, a proxy or a firewall that
+/// accepts connections and stays silent): an [`AmqpError::Connect`] that says so.
+pub(crate) async fn probe_delayed_exchange_within(
+    addr: &AmqpAddr,
+    timeout: Duration,
+) -> Result<bool, AmqpError> {
+    match tokio::time::timeout(timeout, probe(addr)).await {
+        Ok(found) => found,
+        Err(_) => Err(AmqpError::Connect {
+            addr: addr.redacted(),
+            message: format!("plugin probe: no answer within {timeout:?} (the connect timeout)"),
+        }),
+    }
+}
+
+async fn probe(addr: &AmqpAddr) -> Result<bool, AmqpError> {
+    addr.validate()?;
     let conn = Connection::connect(
         addr.expose(),
         ConnectionProperties::default().with_connection_name("prereq-plugin-probe".into()),
@@ -211,7 +211,11 @@ pub async fn probe_delayed_exchange(addr: &AmqpAddr) -> Result<bool, AmqpError> 
                 auto_delete: true,
                 ..ExchangeDeclareOptions::default()
             },
-            DelayMechanism::DelayedExchange.retry_exchange_arguments(),
+            {
+                let mut args = FieldTable::default();
+                args.insert("x-delayed-type".into(), long("direct"));
+                args
+            },
         )
         .await;
     let present = match declared {
@@ -244,17 +248,21 @@ fn is_unknown_exchange_type(e: &lapin::Error) -> bool {
 }
 
 /// Resolve a [`DelayMode`] against a broker (probing only for [`DelayMode::Auto`] and
-/// [`DelayMode::DelayedExchange`]).
-pub async fn resolve(mode: DelayMode, addr: &AmqpAddr) -> Result<DelayMechanism, AmqpError> {
+/// [`DelayMode::DelayedExchange`]); the probe gives up after `timeout`.
+pub(crate) async fn resolve_within(
+    mode: DelayMode,
+    addr: &AmqpAddr,
+    timeout: Duration,
+) -> Result<DelayMechanism, AmqpError> {
     match mode {
         DelayMode::DelayQueues => Ok(DelayMechanism::DelayQueues),
-        DelayMode::Auto => Ok(if probe_delayed_exchange(addr).await? {
+        DelayMode::Auto => Ok(if probe_delayed_exchange_within(addr, timeout).await? {
             DelayMechanism::DelayedExchange
         } else {
             DelayMechanism::DelayQueues
         }),
         DelayMode::DelayedExchange => {
-            if probe_delayed_exchange(addr).await? {
+            if probe_delayed_exchange_within(addr, timeout).await? {
                 Ok(DelayMechanism::DelayedExchange)
             } else {
                 Err(AmqpError::Config(
@@ -334,7 +342,7 @@ mod tests {
     #[test]
     fn queue_names_and_arguments() {
         assert_eq!(delay_queue_name("q.delay", ms(1500)), "q.delay.1500ms");
-        let args = delay_queue_arguments(ms(1500), "retry", "key");
+        let args = delay_queue_arguments(ms(1500), "retry", Some("key"));
         let get = |k: &str| args.inner().get(k).cloned();
         assert_eq!(get("x-message-ttl"), Some(AMQPValue::LongLongInt(1500)));
         assert_eq!(get("x-queue-type"), Some(long("quorum")));
@@ -343,18 +351,10 @@ mod tests {
         assert_eq!(get("x-dead-letter-exchange"), Some(long("retry")));
         assert_eq!(get("x-dead-letter-routing-key"), Some(long("key")));
         assert!(!args.contains_key("x-expires"));
-    }
-
-    #[test]
-    fn retry_exchange_shape() {
-        let m = DelayMechanism::DelayedExchange;
-        assert_eq!(m.retry_exchange_kind(), "x-delayed-message");
-        assert_eq!(
-            m.retry_exchange_arguments().inner().get("x-delayed-type"),
-            Some(&long("direct"))
+        let own_key = delay_queue_arguments(ms(1500), "retry", None);
+        assert!(
+            !own_key.contains_key("x-dead-letter-routing-key"),
+            "keeps the copy's key"
         );
-        let q = DelayMechanism::DelayQueues;
-        assert_eq!(q.retry_exchange_kind(), "direct");
-        assert!(q.retry_exchange_arguments().inner().is_empty());
     }
 }

@@ -7,6 +7,7 @@ use crate::transport::DeliveryId;
 /// Messages are built from lapin's errors with the address's password scrubbed out; the
 /// original lapin error is not kept, so no credential can leak through a `source()` chain.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum AmqpError {
     /// The broker could not be reached or refused the connection.
     #[error("cannot connect to {addr}: {message}")]
@@ -34,6 +35,10 @@ pub enum AmqpError {
         /// Why.
         message: String,
     },
+    /// The delivery's channel failed since it was delivered (a reconnect): settling it is void,
+    /// and the broker delivers the message again.
+    #[error("the delivery predates a reconnect: the broker delivers it again")]
+    Stale,
     /// `settle` was called with an id this transport never handed out, or settled already.
     #[error("unknown or already settled delivery {0:?}")]
     UnknownDelivery(DeliveryId),

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 
-use crate::transport::DeadLetter;
+use crate::DeadLetter;
 
 /// prereq's own attempt counter: how many times the message was deferred.
 pub const ATTEMPT: &str = "x-prereq-attempt";
@@ -43,6 +43,19 @@ pub const RETRY: &str = "x-retry";
 pub const RETRY_LIMIT: &str = "x-retry-limit";
 /// The delayed-message exchange's delay in milliseconds; written, never read.
 pub const DELAY: &str = "x-delay";
+/// A deferred copy on its way to a delay queue through the delay headers exchange: the delay
+/// queue's name (see `Retry::to_source_queue`).
+pub const DELAY_QUEUE: &str = "x-prereq-delay-queue";
+/// Quorum queues: how many times the broker got the message back (set by the broker; read to
+/// stay under the queue's delivery limit, never copied).
+pub const DELIVERY_COUNT: &str = "x-delivery-count";
+/// Deferred copies: the identity of this one copy (each deferral writes a new one). A second
+/// delivery of a copy the consumer has settled or still holds is a duplicate of the broker's,
+/// dropped (a quorum delay queue dead-letters at least once). Dead letters carry none.
+pub const COPY: &str = "x-prereq-copy";
+/// Replayed copies: how many times the message was replayed from a dead-letter queue (see
+/// [`crate::amqp::replay`]).
+pub const REPLAYED: &str = "x-prereq-replayed";
 
 /// Widen any AMQP integer (or integer string) to `i64`; `None` for negative values and for
 /// anything that is not an integer.
@@ -51,7 +64,7 @@ pub const DELAY: &str = "x-delay";
 /// 64-bit type on the wire), decimal strings (short or long, surrounding spaces allowed, an
 /// optional `+`), and floats holding a whole number (some clients send every number as a
 /// double). Rejected: negatives, fractions, NaN, booleans, decimals, tables, arrays, bytes.
-pub fn int_value(value: &AMQPValue) -> Option<i64> {
+pub(crate) fn int_value(value: &AMQPValue) -> Option<i64> {
     let v: i64 = match value {
         AMQPValue::ShortShortInt(v) => i64::from(*v),
         AMQPValue::ShortShortUInt(v) => i64::from(*v),
@@ -86,17 +99,17 @@ fn float_int(f: f64) -> Option<i64> {
 }
 
 /// An integer header, decoded by [`int_value`].
-pub fn get_int(headers: Option<&FieldTable>, name: &str) -> Option<i64> {
+pub(crate) fn get_int(headers: Option<&FieldTable>, name: &str) -> Option<i64> {
     headers?.inner().get(name).and_then(int_value)
 }
 
 /// An integer header as a count: like [`get_int`], saturating at `u32::MAX`.
-pub fn get_count(headers: Option<&FieldTable>, name: &str) -> Option<u32> {
+pub(crate) fn get_count(headers: Option<&FieldTable>, name: &str) -> Option<u32> {
     get_int(headers, name).map(|v| u32::try_from(v).unwrap_or(u32::MAX))
 }
 
 /// A string header (short or long string; invalid UTF-8 is replaced, other types are absent).
-pub fn get_str(headers: Option<&FieldTable>, name: &str) -> Option<String> {
+pub(crate) fn get_str(headers: Option<&FieldTable>, name: &str) -> Option<String> {
     match headers?.inner().get(name)? {
         AMQPValue::ShortString(s) => Some(s.as_str().to_owned()),
         AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
@@ -106,42 +119,45 @@ pub fn get_str(headers: Option<&FieldTable>, name: &str) -> Option<String> {
 
 /// What prereq reads from an incoming message's headers.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
-pub struct Incoming {
+pub(crate) struct Incoming {
     /// Deferrals so far: the larger of [`ATTEMPT`] and [`RETRY`] (another consumer of the same
     /// queue may only know `x-retry`); 0 when neither is readable.
-    pub attempt: u32,
+    pub(crate) attempt: u32,
     /// The per-message limit from [`RETRY_LIMIT`], when readable.
-    pub max_attempts: Option<u32>,
+    pub(crate) max_attempts: Option<u32>,
     /// [`FIRST_SEEN`], when readable.
-    pub first_seen_ms: Option<i64>,
+    pub(crate) first_seen_ms: Option<i64>,
+    /// [`DELIVERY_COUNT`] (quorum queues), when readable.
+    pub(crate) delivery_count: Option<u32>,
 }
 
 /// Decode the headers prereq cares about; never fails.
-pub fn read_incoming(headers: Option<&FieldTable>) -> Incoming {
+pub(crate) fn read_incoming(headers: Option<&FieldTable>) -> Incoming {
     let own = get_count(headers, ATTEMPT);
     let demo = get_count(headers, RETRY);
     Incoming {
         attempt: own.max(demo).unwrap_or(0),
         max_attempts: get_count(headers, RETRY_LIMIT),
         first_seen_ms: get_int(headers, FIRST_SEEN),
+        delivery_count: get_count(headers, DELIVERY_COUNT),
     }
 }
 
 /// Where a message originally came from, and since when prereq knows it.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Origin {
+pub(crate) struct Origin {
     /// The exchange it was first published to.
-    pub exchange: String,
+    pub(crate) exchange: String,
     /// The routing key it was first published with.
-    pub routing_key: String,
+    pub(crate) routing_key: String,
     /// When prereq first saw it (ms since the Unix epoch).
-    pub first_seen_ms: i64,
+    pub(crate) first_seen_ms: i64,
 }
 
 impl Origin {
     /// The origin recorded in `headers` if any, else this delivery's exchange and routing key
     /// and `now_ms`.
-    pub fn of(
+    pub(crate) fn of(
         headers: Option<&FieldTable>,
         exchange: &str,
         routing_key: &str,
@@ -185,37 +201,52 @@ fn with_origin(original: Option<&FieldTable>, origin: &Origin) -> FieldTable {
     h
 }
 
-/// Headers of a deferred copy: the original's, plus the new attempt count (as both
-/// [`ATTEMPT`] and [`RETRY`]), the origin, and — when `with_x_delay` (delayed-message
-/// exchange) — [`DELAY`] in milliseconds; without it any `x-delay` is removed, so a copy
-/// routed through delay queues is never delayed twice.
-pub fn defer_headers(
+/// Headers of a deferred copy: the original's (without the broker's `x-delivery-count`, nor a
+/// previous delay queue's name), plus
+/// the copy's own identity ([`COPY`]), the new attempt (as both [`ATTEMPT`] and [`RETRY`]),
+/// the origin, and [`DELAY`] in
+/// milliseconds — the delay itself on the delayed-message exchange, and for the payment demo's
+/// consumers, which require it as a 32-bit integer, on the delay-queue path too (where no
+/// exchange reads it).
+pub(crate) fn defer_headers(
     original: Option<&FieldTable>,
     origin: &Origin,
     attempt: u32,
     delay: Duration,
-    with_x_delay: bool,
+    copy: &str,
 ) -> FieldTable {
-    let h = with_origin(original, origin);
-    let mut map = h.inner().clone();
-    map.remove(DELAY);
-    let mut h = FieldTable::from(map);
+    let mut h = given_back_headers(original);
+    h = with_origin(Some(&h), origin);
+    h.insert(key(COPY), long(copy));
     h.insert(key(ATTEMPT), int32(u64::from(attempt)));
     h.insert(key(RETRY), int32(u64::from(attempt)));
-    if with_x_delay {
-        let ms = millis(delay);
-        let v = match i32::try_from(ms) {
-            Ok(small) => AMQPValue::LongInt(small),
-            Err(_) => AMQPValue::LongLongInt(i64::try_from(ms).unwrap_or(i64::MAX)),
-        };
-        h.insert(key(DELAY), v);
-    }
+    let ms = millis(delay);
+    let v = match i32::try_from(ms) {
+        Ok(small) => AMQPValue::LongInt(small),
+        Err(_) => AMQPValue::LongLongInt(i64::try_from(ms).unwrap_or(i64::MAX)),
+    };
+    h.insert(key(DELAY), v);
     h
 }
 
-/// Headers of a dead-lettered copy: the original's, plus the origin, the reason's kind and
+/// Route a deferred copy to the delay queue `queue` through the delay headers exchange.
+pub(crate) fn set_delay_queue(h: &mut FieldTable, queue: &str) {
+    h.insert(key(DELAY_QUEUE), long(queue));
+}
+
+/// Headers of a message given back by a copy (rather than a requeue, near a quorum queue's
+/// delivery limit): the original's, without the broker's `x-delivery-count`.
+pub(crate) fn given_back_headers(original: Option<&FieldTable>) -> FieldTable {
+    let mut map = original.map(|h| h.inner().clone()).unwrap_or_default();
+    map.remove(DELIVERY_COUNT);
+    map.remove(DELAY_QUEUE);
+    FieldTable::from(map)
+}
+
+/// Headers of a dead-lettered copy: the original's (without [`DELAY`] nor [`COPY`]: a replayed
+/// dead letter is a new message), plus the origin, the reason's kind and
 /// text, the attempts, the last error and the time.
-pub fn dead_letter_headers(
+pub(crate) fn dead_letter_headers(
     original: Option<&FieldTable>,
     origin: &Origin,
     dead: &DeadLetter,
@@ -223,6 +254,7 @@ pub fn dead_letter_headers(
 ) -> FieldTable {
     let mut map = with_origin(original, origin).inner().clone();
     map.remove(DELAY);
+    map.remove(COPY);
     let mut h = FieldTable::from(map);
     h.insert(key(DEAD_LETTER_KIND), long(dead.kind.as_str()));
     h.insert(key(DEAD_LETTER_REASON), long(&dead.reason));
@@ -232,18 +264,8 @@ pub fn dead_letter_headers(
     h
 }
 
-/// Headers of a new message in the original payment demo's format: `x-delay: 0`, `x-retry: 0`
-/// and `x-retry-limit: retry_limit`, all 32-bit integers.
-pub fn demo_new_message_headers(retry_limit: u32) -> FieldTable {
-    let mut h = FieldTable::default();
-    h.insert(key(DELAY), AMQPValue::LongInt(0));
-    h.insert(key(RETRY), AMQPValue::LongInt(0));
-    h.insert(key(RETRY_LIMIT), int32(u64::from(retry_limit)));
-    h
-}
-
 /// Milliseconds since the Unix epoch, now (0 if the clock is before 1970).
-pub fn now_ms() -> i64 {
+pub(crate) fn now_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
@@ -251,9 +273,12 @@ pub fn now_ms() -> i64 {
 }
 
 #[cfg(test)]
+mod prop_tests;
+
+#[cfg(test)]
 mod tests {
     use super::*;
-    use crate::transport::DeadLetterKind;
+    use crate::DeadLetterKind;
     use lapin::types::{DecimalValue, FieldArray};
 
     fn table(name: &str, v: AMQPValue) -> FieldTable {
@@ -370,7 +395,8 @@ mod tests {
     #[test]
     fn defer_headers_carry_attempt_origin_and_delay() {
         let orig = table(RETRY_LIMIT, AMQPValue::LongInt(10));
-        let h = defer_headers(Some(&orig), &origin(), 4, Duration::from_millis(2500), true);
+        let h = defer_headers(Some(&orig), &origin(), 4, Duration::from_millis(2500), "c1");
+        assert_eq!(get_str(Some(&h), COPY).as_deref(), Some("c1"));
         assert_eq!(h.inner().get(ATTEMPT), Some(&AMQPValue::LongInt(4)));
         assert_eq!(h.inner().get(RETRY), Some(&AMQPValue::LongInt(4)));
         assert_eq!(h.inner().get(DELAY), Some(&AMQPValue::LongInt(2500)));
@@ -390,15 +416,19 @@ mod tests {
     }
 
     #[test]
-    fn defer_headers_without_plugin_drop_x_delay() {
-        let orig = table(DELAY, AMQPValue::LongInt(0));
-        let h = defer_headers(Some(&orig), &origin(), 1, Duration::from_secs(1), false);
-        assert!(!h.contains_key(DELAY));
+    fn copies_always_carry_x_delay_and_never_the_delivery_count() {
+        let mut orig = table(DELAY, AMQPValue::LongInt(0));
+        orig.insert(DELIVERY_COUNT.into(), AMQPValue::LongLongInt(3));
+        let h = defer_headers(Some(&orig), &origin(), 1, Duration::from_secs(1), "c1");
+        assert_eq!(h.inner().get(DELAY), Some(&AMQPValue::LongInt(1000)));
+        assert!(!h.contains_key(DELIVERY_COUNT));
+        assert!(!given_back_headers(Some(&orig)).contains_key(DELIVERY_COUNT));
+        assert_eq!(read_incoming(Some(&orig)).delivery_count, Some(3));
     }
 
     #[test]
     fn huge_delay_uses_64_bits() {
-        let h = defer_headers(None, &origin(), 1, Duration::from_secs(3_000_000), true);
+        let h = defer_headers(None, &origin(), 1, Duration::from_secs(3_000_000), "c1");
         assert_eq!(
             h.inner().get(DELAY),
             Some(&AMQPValue::LongLongInt(3_000_000_000))
@@ -407,7 +437,7 @@ mod tests {
 
     #[test]
     fn origin_prefers_recorded_headers() {
-        let h = defer_headers(None, &origin(), 1, Duration::ZERO, false);
+        let h = defer_headers(None, &origin(), 1, Duration::ZERO, "c1");
         let o = Origin::of(Some(&h), "payments", "reprocess.payment", 99);
         assert_eq!(o, origin());
         let fresh = Origin::of(None, "e", "k", 99);
@@ -442,13 +472,5 @@ mod tests {
             Some("payments")
         );
         assert_eq!(get_int(Some(&h), FIRST_SEEN), Some(1_000));
-    }
-
-    #[test]
-    fn demo_headers_are_32_bit() {
-        let h = demo_new_message_headers(10);
-        assert_eq!(h.inner().get(DELAY), Some(&AMQPValue::LongInt(0)));
-        assert_eq!(h.inner().get(RETRY), Some(&AMQPValue::LongInt(0)));
-        assert_eq!(h.inner().get(RETRY_LIMIT), Some(&AMQPValue::LongInt(10)));
     }
 }

@@ -20,7 +20,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use prereq::memory::MemoryBroker;
-use prereq::{Backoff, ConsumerBuilder, Decision, DependentConsumer, Event, Report};
+use prereq::{Backoff, ConsumerBuilder, Decision, DependentConsumer, Event, Handler, Report};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
@@ -57,17 +57,16 @@ pub fn mid(id: u64) -> Option<String> {
 
 /// A linear policy: retry `n` waits `n × step_secs` seconds, at most `max_attempts` retries.
 pub fn linear(step_secs: u64, max_attempts: u32) -> Backoff {
-    Backoff::linear(Duration::from_secs(step_secs))
-        .with_max_attempts(max_attempts)
-        .build()
-        .unwrap()
+    Backoff::linear(Duration::from_secs(step_secs)).max_attempts(max_attempts)
 }
 
-/// A builder for payments keyed by client, with client registrations, the payment id as
-/// message id, and `rec` observing every event. Add `.handler(..)` and build.
-pub fn builder(rec: &Recorder<u64>) -> ConsumerBuilder<u64, Payment> {
-    DependentConsumer::<u64, Payment>::builder()
-        .key(|p: &Payment| p.client)
+/// A builder for payments keyed by client, handled by `handler`, with client registrations,
+/// the payment id as message id, and `rec` observing every event. Add any option and build.
+pub fn builder<A>(
+    rec: &Recorder<u64>,
+    handler: impl Handler<u64, Payment, A>,
+) -> ConsumerBuilder<u64, Payment> {
+    DependentConsumer::builder(|p: &Payment| p.client, handler)
         .registrations(|c: &Client| c.id)
         .id(|p: &Payment| p.id.to_string())
         .on_event(rec.observer())
@@ -156,6 +155,17 @@ impl<K: Clone + Debug + Send + Sync + 'static> Recorder<K> {
             .filter(|e| e.message_id.as_deref() == Some(message_id))
             .cloned()
             .collect()
+    }
+
+    /// When the first event with `decision` about key `key` was emitted.
+    pub fn of_key(&self, key: K, decision: Decision) -> Option<tokio::time::Instant>
+    where
+        K: PartialEq,
+    {
+        self.lock()
+            .iter()
+            .find(|e| e.key.as_ref() == Some(&key) && e.decision == decision)
+            .map(|e| e.at)
     }
 
     /// The decisions about the message with this message id, in order.

@@ -63,12 +63,48 @@ pub fn unique(tag: &str) -> String {
     )
 }
 
+/// The payment examples' policy (`examples/payments`): linear 1 s, 10 attempts; for
+/// [`Cleanup::delay_queues`] of tests that run the examples.
+pub const EXAMPLE_POLICY: prereq::Backoff =
+    prereq::Backoff::linear(Duration::from_secs(1)).max_attempts(10);
+
 /// Deletes every queue and exchange registered with it when dropped — also when the test
 /// panics. Deletion runs on its own thread and runtime, so it works from any context.
 #[derive(Default)]
 pub struct Cleanup {
     queues: Mutex<Vec<String>>,
     exchanges: Mutex<Vec<String>>,
+    /// Delay queue prefixes: every queue named `<prefix>.…` is deleted too (a jittered delay
+    /// makes names no list can foresee), where `rabbitmqctl` sees the broker under test.
+    delay_prefixes: Mutex<Vec<String>>,
+}
+
+/// The queues of the broker under test whose names start with one of `prefixes`, from
+/// `rabbitmqctl` (nothing where it cannot run, or talks to another broker than the local one).
+fn queues_named(prefixes: &[String]) -> Vec<String> {
+    // `rabbitmqctl` talks to the local node: only when that is the broker under test.
+    let local = match std::env::var("AMQP_ADDR") {
+        Err(_) => true,
+        Ok(addr) => url::Url::parse(addr.trim()).is_ok_and(|u| {
+            matches!(u.host_str(), Some("127.0.0.1" | "localhost"))
+                && u.port_or_known_default().unwrap_or(5672) == 5672
+        }),
+    };
+    if prefixes.is_empty() || !local {
+        return Vec::new();
+    }
+    let Ok(out) = std::process::Command::new("rabbitmqctl")
+        .args(["list_queues", "-q", "--no-table-headers", "name"])
+        .output()
+    else {
+        return Vec::new();
+    };
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::trim)
+        .filter(|name| prefixes.iter().any(|p| name.starts_with(&format!("{p}."))))
+        .map(str::to_owned)
+        .collect()
 }
 
 impl Cleanup {
@@ -86,21 +122,36 @@ impl Cleanup {
         self
     }
 
-    /// Register everything a transport configuration declares (not its delay queues).
-    pub fn config(&self, config: &prereq::amqp::AmqpConfig) -> &Self {
-        for q in config.queues() {
-            self.queue(q.clone());
+    /// Register every queue and exchange a route declares (not its delay queues: see
+    /// [`Cleanup::delay_queues`]).
+    pub fn route(&self, route: &prereq::amqp::Route) -> &Self {
+        for q in route.queue_names() {
+            self.queue(q);
         }
-        self.queue(config.registration_queue());
-        self.queue(config.dead_letter_queue());
-        self.exchange(config.retry_exchange());
-        let t = config.topology();
-        for e in &t.exchanges {
-            self.exchange(e.clone());
+        for x in route.exchange_names() {
+            self.exchange(x);
         }
-        for (q, _) in &t.queues {
-            self.queue(q.clone());
+        self
+    }
+
+    /// Register the delay queues (and their exchange) a route may need for the delays of
+    /// `policy`'s first 20 attempts, on the delay-queue path.
+    pub fn delay_queues(&self, route: &prereq::amqp::Route, policy: &impl prereq::Policy) -> &Self {
+        for attempt in 1..=20 {
+            if let Some(d) = policy.delay_for(attempt, 0) {
+                // Whole milliseconds up to 10 s are exact delay buckets; other delays are
+                // rounded by the transport: list both neighbours.
+                let ms = d.as_millis();
+                for v in [ms, ms.saturating_sub(1), ms + 1] {
+                    self.queue(format!("{}.{v}ms", route.delay_prefix()));
+                }
+            }
         }
+        self.exchange(route.delay_prefix());
+        self.delay_prefixes
+            .lock()
+            .unwrap()
+            .push(route.delay_prefix().to_owned());
         self
     }
 }
@@ -111,6 +162,13 @@ impl Drop for Cleanup {
             std::mem::take(&mut *self.queues.lock().unwrap_or_else(|e| e.into_inner()));
         let mut exchanges =
             std::mem::take(&mut *self.exchanges.lock().unwrap_or_else(|e| e.into_inner()));
+        let prefixes = std::mem::take(
+            &mut *self
+                .delay_prefixes
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()),
+        );
+        queues.extend(queues_named(&prefixes));
         queues.sort();
         queues.dedup();
         exchanges.sort();
@@ -155,6 +213,54 @@ impl Drop for Cleanup {
         });
         let _ = worker.join();
     }
+}
+
+/// A header as text (short or long string).
+pub fn header_str(headers: Option<&FieldTable>, name: &str) -> Option<String> {
+    match headers?.inner().get(name)? {
+        lapin::types::AMQPValue::ShortString(s) => Some(s.as_str().to_owned()),
+        lapin::types::AMQPValue::LongString(s) => {
+            Some(String::from_utf8_lossy(s.as_bytes()).into_owned())
+        }
+        _ => None,
+    }
+}
+
+/// A header as an integer, whatever its width.
+pub fn header_int(headers: Option<&FieldTable>, name: &str) -> Option<i64> {
+    use lapin::types::AMQPValue as V;
+    Some(match headers?.inner().get(name)? {
+        V::ShortShortInt(v) => i64::from(*v),
+        V::ShortShortUInt(v) => i64::from(*v),
+        V::ShortInt(v) => i64::from(*v),
+        V::ShortUInt(v) => i64::from(*v),
+        V::LongInt(v) => i64::from(*v),
+        V::LongUInt(v) => i64::from(*v),
+        V::LongLongInt(v) => *v,
+        V::Timestamp(v) => i64::try_from(*v).ok()?,
+        _ => return None,
+    })
+}
+
+/// A transport for `route` on the broker under test, with delay mechanism `mode`, consuming
+/// with the prefetch of `demand`; everything the route declares is registered with `cleanup`.
+pub async fn transport(
+    cleanup: &Cleanup,
+    route: prereq::amqp::Route,
+    mode: prereq::amqp::DelayMode,
+    demand: prereq::transport::Demand,
+) -> prereq::amqp::AmqpTransport {
+    use prereq::transport::Transport;
+    cleanup.route(&route);
+    let transport =
+        prereq::amqp::Broker::connect(prereq::amqp::BrokerOptions::new(addr()).delay_mode(mode))
+            .await
+            .expect("connect")
+            .transport(route)
+            .await
+            .expect("declare the route");
+    transport.start(demand).await.expect("consume");
+    transport
 }
 
 /// A channel in confirm mode, for publishing test messages.
@@ -336,6 +442,66 @@ pub fn init_tracing() {
         .try_init();
 }
 
+/// Every `prereq` log line at `info` and above, captured for the whole test binary (a global
+/// subscriber, installed by the first call): tests look for lines naming their own unique queues.
+pub fn captured_logs() -> &'static CapturedLogs {
+    static LOGS: std::sync::OnceLock<CapturedLogs> = std::sync::OnceLock::new();
+    LOGS.get_or_init(|| {
+        let logs = CapturedLogs::default();
+        let writer = logs.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new("prereq=info"))
+            .with_ansi(false)
+            .with_writer(move || writer.clone())
+            .finish();
+        let _ = tracing::subscriber::set_global_default(subscriber);
+        logs
+    })
+}
+
+/// What [`captured_logs`] collected.
+#[derive(Clone, Default)]
+pub struct CapturedLogs(Arc<Mutex<Vec<u8>>>);
+
+impl CapturedLogs {
+    /// The lines that contain `needle`.
+    pub fn lines_with(&self, needle: &str) -> Vec<String> {
+        let bytes = self.0.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        String::from_utf8_lossy(&bytes)
+            .lines()
+            .filter(|l| l.contains(needle))
+            .map(str::to_owned)
+            .collect()
+    }
+}
+
+impl std::io::Write for CapturedLogs {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Poll `cond` every 20 ms until it holds or `timeout` passes; panics naming `what`.
+pub async fn eventually(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + timeout;
+    while !cond() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        // Polling interval: the state polled has no change notification.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 pub mod payments {
     //! The payment scenario against the real broker: the demo's topology under a unique
     //! prefix, a publisher, and a running `DependentConsumer` whose events a test can await.
@@ -343,15 +509,11 @@ pub mod payments {
     use std::sync::{Arc, Mutex};
     use std::time::Duration;
 
-    use lapin::types::FieldTable;
+    use lapin::types::{AMQPValue, FieldTable};
     use lapin::{BasicProperties, Channel, Connection};
-    use prereq::amqp::delay::{delay_bucket, delay_queue_name};
-    use prereq::amqp::headers::demo_new_message_headers;
-    use prereq::amqp::topology::{self, CLIENT_KEY, PROCESS_KEY, PaymentNames};
-    use prereq::amqp::{AmqpConfig, AmqpTransport, DelayMechanism, DelayMode, prefetch_for};
-    use prereq::{
-        Backoff, DeadLetter, Decision, DependentConsumer, Event, HandlerError, HoldBudget, Report,
-    };
+    use prereq::amqp::payment_demo::{self, CLIENT_KEY, PROCESS_KEY, PaymentNames};
+    use prereq::amqp::{Broker, BrokerOptions, DelayMode};
+    use prereq::{Backoff, DeadLetter, Decision, DependentConsumer, Event, HoldBudget, Report};
     use serde::{Deserialize, Serialize};
     use tokio::sync::{mpsc, oneshot};
 
@@ -383,6 +545,19 @@ pub mod payments {
         }
     }
 
+    /// The headers the Go demo's producer gives a new payment: `x-delay: 0`, `x-retry: 0`,
+    /// `x-retry-limit: limit`, all 32-bit integers (AMQP type `I`).
+    pub fn demo_headers(limit: u32) -> FieldTable {
+        let mut headers = FieldTable::default();
+        headers.insert("x-delay".into(), AMQPValue::LongInt(0));
+        headers.insert("x-retry".into(), AMQPValue::LongInt(0));
+        headers.insert(
+            "x-retry-limit".into(),
+            AMQPValue::LongInt(i32::try_from(limit).unwrap_or(i32::MAX)),
+        );
+        headers
+    }
+
     /// A consumer running on the demo topology (prefixed), and what it did.
     pub struct Scenario {
         pub names: PaymentNames,
@@ -391,8 +566,9 @@ pub mod payments {
         pub publisher: Channel,
         pub seen: Vec<Event<u64>>,
         stop: Option<oneshot::Sender<()>>,
-        run:
-            Option<tokio::task::JoinHandle<Result<Report, prereq::Error<prereq::amqp::AmqpError>>>>,
+        run: Option<
+            tokio::task::JoinHandle<Result<Report, prereq::RunError<prereq::amqp::AmqpError>>>,
+        >,
         // Last: dropped after the consumer is stopped.
         _cleanup: Cleanup,
     }
@@ -408,46 +584,39 @@ pub mod payments {
             let cleanup = Cleanup::new();
             let names = PaymentNames::with_prefix(&super::unique(tag));
             let concurrency = 4;
-            let config: AmqpConfig = topology::payments(&names)
-                .with_addr(super::addr())
-                .with_delay_mode(DelayMode::Auto)
-                .with_prefetch(prefetch_for(budget.max_messages, concurrency));
-            cleanup.config(&config);
-            for attempt in 1..=20 {
-                if let Some(d) = policy.delay(attempt) {
-                    cleanup.queue(delay_queue_name(
-                        config.delay_queue_prefix(),
-                        delay_bucket(d, config.max_delay()),
-                    ));
-                }
-            }
-            let transport = AmqpTransport::connect(config)
-                .await
-                .expect("connect transport");
-            assert_eq!(transport.mechanism(), DelayMechanism::DelayQueues);
+            let route = payment_demo::route(&names);
+            cleanup.route(&route).delay_queues(&route, &policy);
+            // Whichever mechanism the broker offers (the plugin where it has it).
+            let transport =
+                Broker::connect(BrokerOptions::new(super::addr()).delay_mode(DelayMode::Auto))
+                    .await
+                    .expect("connect")
+                    .transport(route)
+                    .await
+                    .expect("declare the route");
 
             let (tx, events) = mpsc::unbounded_channel();
             let handled: Arc<Mutex<Vec<String>>> = Arc::default();
             let h = handled.clone();
-            let consumer = DependentConsumer::<u64, Payment>::builder()
-                .key(|p: &Payment| p.client_id)
-                .id(|p: &Payment| p.id.clone())
-                .registrations(|c: &Client| c.id)
-                .handler(move |p: Payment| {
+            let consumer = DependentConsumer::builder(
+                |p: &Payment| p.client_id,
+                move |p: Payment| {
                     let h = h.clone();
                     async move {
                         h.lock().unwrap().push(p.id);
-                        Ok::<(), HandlerError>(())
+                        Ok(())
                     }
-                })
-                .policy(policy)
-                .budget(budget)
-                .concurrency(concurrency)
-                .on_event(move |e: &Event<u64>| {
-                    let _ = tx.send(e.clone());
-                })
-                .build()
-                .expect("build consumer");
+                },
+            )
+            .id(|p: &Payment| p.id.clone())
+            .registrations(|c: &Client| c.id)
+            .policy(policy)
+            .budget(budget)
+            .concurrency(concurrency)
+            .on_event(move |e: &Event<u64>| {
+                let _ = tx.send(e.clone());
+            })
+            .build();
             let (stop, stop_rx) = oneshot::channel::<()>();
             let run = tokio::spawn(consumer.run(transport, async move {
                 let _ = stop_rx.await;
@@ -468,12 +637,8 @@ pub mod payments {
         /// Publish a payment the way the demo's producer does (`x-delay: 0`, `x-retry: 0`,
         /// `x-retry-limit: limit`, 32-bit integers).
         pub async fn publish_payment(&self, p: &Payment, limit: u32) {
-            self.publish_raw_payment(
-                &serde_json::to_vec(p).unwrap(),
-                &p.id,
-                demo_new_message_headers(limit),
-            )
-            .await;
+            self.publish_raw_payment(&serde_json::to_vec(p).unwrap(), &p.id, demo_headers(limit))
+                .await;
         }
 
         /// Publish any body as a payment.
@@ -540,6 +705,103 @@ pub mod payments {
                 .expect("consumer stops in time")
                 .expect("consumer task")
                 .expect("consumer run")
+        }
+    }
+
+    /// A payment consumer (keyed by client, registrations from clients, the payment id as
+    /// message id) running on a transport the test made, and what it did.
+    pub struct Running {
+        pub events: mpsc::UnboundedReceiver<Event<u64>>,
+        pub handled: Arc<Mutex<Vec<String>>>,
+        pub seen: Vec<Event<u64>>,
+        stop: Option<oneshot::Sender<()>>,
+        run: Option<
+            tokio::task::JoinHandle<Result<Report, prereq::RunError<prereq::amqp::AmqpError>>>,
+        >,
+    }
+
+    impl Running {
+        /// Run the payment consumer on `transport`, with `policy`, `budget` and key order kept
+        /// or not; every handled payment id is recorded.
+        pub fn start(
+            transport: prereq::amqp::AmqpTransport,
+            policy: Backoff,
+            budget: HoldBudget,
+            keep_order: bool,
+        ) -> Self {
+            let (tx, events) = mpsc::unbounded_channel();
+            let handled: Arc<Mutex<Vec<String>>> = Arc::default();
+            let h = handled.clone();
+            let consumer = DependentConsumer::builder(
+                |p: &Payment| p.client_id,
+                move |p: Payment| {
+                    let h = h.clone();
+                    async move {
+                        h.lock().unwrap().push(p.id);
+                        Ok(())
+                    }
+                },
+            )
+            .id(|p: &Payment| p.id.clone())
+            .registrations(|c: &Client| c.id)
+            .policy(policy)
+            .budget(budget)
+            .keep_key_order(keep_order)
+            .concurrency(4)
+            .on_event(move |e: &Event<u64>| {
+                let _ = tx.send(e.clone());
+            })
+            .build();
+            let (stop, stop_rx) = oneshot::channel::<()>();
+            let run = tokio::spawn(consumer.run(transport, async move {
+                let _ = stop_rx.await;
+            }));
+            Self {
+                events,
+                handled,
+                seen: Vec::new(),
+                stop: Some(stop),
+                run: Some(run),
+            }
+        }
+
+        /// Wait for an event `pred` accepts.
+        pub async fn wait(
+            &mut self,
+            timeout: Duration,
+            pred: impl FnMut(&Event<u64>) -> bool,
+        ) -> Event<u64> {
+            super::wait_for(&mut self.events, timeout, pred, &mut self.seen).await
+        }
+
+        /// The payment ids handled so far, in order.
+        pub fn handled(&self) -> Vec<String> {
+            self.handled.lock().unwrap().clone()
+        }
+
+        /// Stop the consumer gracefully; its result (a report, or the error it ended with).
+        pub async fn stop(mut self) -> Result<Report, prereq::RunError<prereq::amqp::AmqpError>> {
+            if let Some(stop) = self.stop.take() {
+                let _ = stop.send(());
+            }
+            self.join().await
+        }
+
+        /// Wait (up to 60 s) for the consumer to end by itself; its result.
+        pub async fn join(&mut self) -> Result<Report, prereq::RunError<prereq::amqp::AmqpError>> {
+            let run = self.run.take().expect("running");
+            tokio::time::timeout(Duration::from_secs(60), run)
+                .await
+                .expect("consumer ends in time")
+                .expect("consumer task")
+        }
+    }
+
+    impl Drop for Running {
+        fn drop(&mut self) {
+            if let Some(run) = self.run.take() {
+                run.abort();
+            }
         }
     }
 

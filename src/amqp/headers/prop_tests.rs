@@ -1,5 +1,5 @@
-//! Hostile headers: property tests over arbitrary AMQP header tables, through the public
-//! decoding functions of `prereq::amqp::headers`.
+//! Hostile headers: property tests over arbitrary AMQP header tables, through the decoding
+//! functions of the headers module.
 //!
 //! Every AMQP value type (booleans, every signed and unsigned integer width, floats, decimals,
 //! short and long strings, byte arrays, nested arrays and tables, timestamps, void), with
@@ -9,17 +9,15 @@
 //! must treat negative and non-integer values as absent, and must never read `x-delay`.
 //! Tables also go through the AMQP wire encoding and lapin's parser (what a consumer really
 //! receives), and arbitrary bytes through the parser: whatever parses decodes without a panic.
-#![cfg(feature = "amqp")]
-
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use lapin::types::{AMQPValue, ByteArray, DecimalValue, FieldArray, FieldTable, ShortString};
-use prereq::amqp::headers::{
-    self, ATTEMPT, DELAY, FIRST_SEEN, Incoming, Origin, RETRY, RETRY_LIMIT, get_count, get_int,
-    get_str, int_value, read_incoming,
+use super::{
+    self as headers, ATTEMPT, DELAY, FIRST_SEEN, Incoming, Origin, RETRY, RETRY_LIMIT, get_count,
+    get_int, get_str, int_value, read_incoming,
 };
-use prereq::transport::{DeadLetter, DeadLetterKind};
+use crate::{DeadLetter, DeadLetterKind};
+use lapin::types::{AMQPValue, ByteArray, DecimalValue, FieldArray, FieldTable, ShortString};
 use proptest::prelude::*;
 
 /// Strings that look like integers (in every spelling), and garbage.
@@ -214,6 +212,7 @@ proptest! {
             attempt: own.max(demo).unwrap_or(0),
             max_attempts: expected_count(&t, RETRY_LIMIT),
             first_seen_ms: t.inner().get(FIRST_SEEN).and_then(expected),
+            delivery_count: expected_count(&t, headers::DELIVERY_COUNT),
         }, "{:?}", t);
         for name in [ATTEMPT, RETRY, RETRY_LIMIT, FIRST_SEEN, DELAY, "anything"] {
             prop_assert_eq!(get_int(Some(&t), name), t.inner().get(name).and_then(expected));
@@ -254,32 +253,32 @@ proptest! {
 
     /// Whatever garbage the original carries, a deferred copy reads back with exactly the new
     /// attempt count (saturated to the 32-bit width it is written in), keeps a readable limit,
-    /// and carries no `x-delay` unless asked to.
+    /// and carries its delay in `x-delay` and its own copy identity (a dead letter carries
+    /// neither).
     #[test]
     fn copies_of_hostile_messages_carry_the_new_attempt(
         t in table(),
         attempt in prop_oneof![0u32..100, any::<u32>()],
         delay_ms in any::<u32>(),
-        with_x_delay in any::<bool>(),
     ) {
         let t = wire_safe(&t);
         let origin = Origin::of(Some(&t), "ex", "rk", 7);
         let delay = Duration::from_millis(delay_ms.into());
-        let h = headers::defer_headers(Some(&t), &origin, attempt, delay, with_x_delay);
+        let h = headers::defer_headers(Some(&t), &origin, attempt, delay, "copy-7");
+        // The copy's identity is its own, whatever the original carried.
+        let copy = get_str(Some(&h), headers::COPY);
+        prop_assert_eq!(copy.as_deref(), Some("copy-7"));
         let back = read_incoming(Some(&through_the_wire(&h)));
         prop_assert_eq!(back.attempt, attempt.min(i32::MAX as u32));
         prop_assert_eq!(back.max_attempts, expected_count(&t, RETRY_LIMIT));
-        prop_assert_eq!(h.contains_key(DELAY), with_x_delay);
-        if with_x_delay {
-            prop_assert_eq!(get_int(Some(&h), DELAY), Some(i64::from(delay_ms)));
-        }
-        let dead = DeadLetter {
-            kind: DeadLetterKind::KeyNeverArrived,
-            reason: "r".into(),
-            attempts: attempt,
-        };
+        prop_assert_eq!(get_int(Some(&h), DELAY), Some(i64::from(delay_ms)));
+        let dead = DeadLetter::new(DeadLetterKind::KeyNeverArrived, "r", attempt);
         let d = headers::dead_letter_headers(Some(&t), &origin, &dead, 9);
         prop_assert!(!d.contains_key(DELAY));
+        prop_assert!(!d.contains_key(headers::COPY));
+        let redeferred = headers::defer_headers(Some(&h), &origin, attempt, delay, "copy-8");
+        let copy = get_str(Some(&redeferred), headers::COPY);
+        prop_assert_eq!(copy.as_deref(), Some("copy-8"));
         let kind = get_str(Some(&d), headers::DEAD_LETTER_KIND);
         prop_assert_eq!(kind.as_deref(), Some("key-never-arrived"));
     }

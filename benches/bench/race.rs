@@ -1,0 +1,240 @@
+//! The race: payments whose clients register at random times after them, through prereq (hold,
+//! or a given hold budget) or the seed-style strategy (no hold); release latency, where it goes,
+//! re-publishes, and the memory the held payments cost.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use prereq::{Decision, DependentConsumer, HoldBudget, Report};
+use tokio::sync::{Notify, oneshot};
+use tokio::time::Instant;
+
+use crate::cleanup::lock;
+use crate::data::{Client, Payment, RaceData, payment_body};
+use crate::env::{Env, clients_queue, payments_queue};
+use crate::heap;
+use crate::publish::{confirm_channel, publish_all, register_on_schedule};
+use crate::rss::{peak_rss_mb, reset_peak_rss, rss_mb};
+use crate::shared::Shared;
+use crate::{Res, STUCK, timeout};
+
+/// What one race measured.
+pub struct Race {
+    /// Release latency per payment, in ms: handler run minus the later of the payment's and its
+    /// registration's publish.
+    pub latencies_ms: Vec<f64>,
+    /// The same, for the first payment of each client only (no wait behind the key's others).
+    pub first_of_key_ms: Vec<f64>,
+    /// Registration published → `Registered` in the engine (broker and transport), per client.
+    pub key_path_ms: Vec<f64>,
+    /// `Released` → handler run (lane and handler slot), per released payment.
+    pub lane_ms: Vec<f64>,
+    /// Handler runs before the registration was even published (must be 0).
+    pub early: u64,
+    pub drain: Duration,
+    pub deferred: u64,
+    pub report: Report,
+    pub peak_rss_mb: f64,
+    pub rss_before_mb: f64,
+    /// Net heap growth (process-wide) from just before the payments were published to the
+    /// moment every payment had reached the consumer, in bytes.
+    pub intake_heap_bytes: i64,
+    /// Payments held at that moment.
+    pub held_at_intake: u64,
+}
+
+#[derive(Default)]
+struct RaceCounters {
+    /// Payments taken in once (held, or deferred on their first delivery).
+    taken_in: AtomicU64,
+    /// Payments held right now.
+    held: AtomicU64,
+    deferred: AtomicU64,
+    handled: AtomicU64,
+}
+
+/// One race of `scenario` with this hold budget and payment bodies of `body_bytes`.
+pub async fn race(
+    env: &Env,
+    scenario: &str,
+    data: &RaceData,
+    budget: HoldBudget,
+    body_bytes: usize,
+) -> Res<Race> {
+    let n = data.client_of.len();
+    let prefix = env.prefix(scenario);
+    let route = env.route(&prefix);
+    let payments_q = payments_queue(&prefix);
+    let clients_q = clients_queue(&prefix);
+
+    let handled_at: Arc<Vec<Mutex<Option<Instant>>>> =
+        Arc::new((0..n).map(|_| Mutex::new(None)).collect());
+    let released_at: Arc<Vec<Mutex<Option<Instant>>>> =
+        Arc::new((0..n).map(|_| Mutex::new(None)).collect());
+    let known_at: Arc<Vec<Mutex<Option<Instant>>>> =
+        Arc::new((0..data.reg_at.len()).map(|_| Mutex::new(None)).collect());
+    let (released_o, known_o) = (Arc::clone(&released_at), Arc::clone(&known_at));
+    let counters = Arc::new(RaceCounters::default());
+    let all_in = Arc::new(Notify::new());
+    let all_done = Arc::new(Notify::new());
+
+    let handled_h = Arc::clone(&handled_at);
+    let (c, in_o, done_o) = (
+        Arc::clone(&counters),
+        Arc::clone(&all_in),
+        Arc::clone(&all_done),
+    );
+    let n64 = n as u64;
+    let consumer = DependentConsumer::builder(
+        |p: &Payment| p.client,
+        move |p: Payment| {
+            let now = Instant::now();
+            if let Some(slot) = handled_h.get(p.id as usize) {
+                lock(slot).get_or_insert(now);
+            }
+            async { Ok(()) }
+        },
+    )
+    .registrations(|c: &Client| c.id)
+    .budget(budget)
+    .id(|p: &Payment| p.id.to_string())
+    .on_event(move |e| {
+        let first_time = e.attempt == 0;
+        match e.decision {
+            Decision::Held => {
+                c.held.fetch_add(1, Ordering::Relaxed);
+                if first_time && c.taken_in.fetch_add(1, Ordering::Relaxed) + 1 == n64 {
+                    in_o.notify_one();
+                }
+            }
+            Decision::Deferred { .. } => {
+                c.deferred.fetch_add(1, Ordering::Relaxed);
+                if first_time && c.taken_in.fetch_add(1, Ordering::Relaxed) + 1 == n64 {
+                    in_o.notify_one();
+                }
+            }
+            Decision::Handled if c.handled.fetch_add(1, Ordering::Relaxed) + 1 == n64 => {
+                done_o.notify_one();
+            }
+            Decision::Released { .. } => {
+                c.held.fetch_sub(1, Ordering::Relaxed);
+                let id = e
+                    .message_id
+                    .as_deref()
+                    .and_then(|m| m.parse::<usize>().ok());
+                if let Some(slot) = id.and_then(|i| released_o.get(i)) {
+                    *lock(slot) = Some(e.at);
+                }
+            }
+            Decision::Registered => {
+                if let Some(slot) = e.key.and_then(|k| known_o.get(k as usize)) {
+                    lock(slot).get_or_insert(e.at);
+                }
+            }
+            _ => {}
+        }
+    })
+    .build();
+
+    // Allocated before the heap is measured: the bench's own data.
+    let bodies: Vec<Vec<u8>> = data
+        .client_of
+        .iter()
+        .enumerate()
+        .map(|(i, c)| payment_body(i as u64, *c, body_bytes))
+        .collect();
+    let mut paid_at = vec![Instant::now(); n];
+    let rss_before_mb = rss_mb();
+    reset_peak_rss();
+    let transport = env.transport(&prefix, route).await?;
+    let (stop_tx, stop_rx) = oneshot::channel::<()>();
+    let running = tokio::spawn(
+        consumer.run(Shared(Arc::clone(&transport.transport)), async {
+            let _ = stop_rx.await;
+        }),
+    );
+
+    let outcome = async {
+        let ch = confirm_channel(env.conn()).await?;
+        // The payments, all before any registration; the heap counted until each reached the
+        // consumer.
+        let window = heap::Window::open();
+        publish_all(&ch, &payments_q, &bodies, |i| paid_at[i] = Instant::now()).await?;
+        // Every payment has reached the consumer (held, or deferred once): the registrations
+        // start now, at random times within 0..T.
+        timeout(
+            &format!("{scenario}: taking in payments"),
+            STUCK,
+            all_in.notified(),
+        )
+        .await?;
+        let intake_heap_bytes = window.grown();
+        let held_at_intake = counters.held.load(Ordering::Relaxed);
+        drop(window);
+        let t0 = Instant::now();
+        let registered_at = register_on_schedule(&ch, &clients_q, data, t0).await?;
+        timeout(&format!("{scenario}: draining"), STUCK, all_done.notified()).await?;
+        let _ = ch.close(200, "done".into()).await;
+        Res::Ok((t0, registered_at, intake_heap_bytes, held_at_intake))
+    }
+    .await;
+    let _ = stop_tx.send(());
+    let report = running.await;
+    transport.close().await;
+    let report = report??;
+    let peak_rss_mb = peak_rss_mb();
+    let (t0, registered_at, intake_heap_bytes, held_at_intake) = outcome?;
+
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    let mut latencies_ms = Vec::with_capacity(n);
+    let mut first_of_key_ms = Vec::new();
+    let mut lane_ms = Vec::new();
+    let mut seen = vec![false; data.reg_at.len()];
+    let mut early = 0;
+    let mut last = t0;
+    for (i, slot) in handled_at.iter().enumerate() {
+        let ran = lock(slot).ok_or_else(|| format!("{scenario}: payment {i} never ran"))?;
+        last = last.max(ran);
+        let client = data.client_of[i] as usize;
+        let arrived = registered_at[client].max(paid_at[i]);
+        if ran < arrived {
+            early += 1;
+        }
+        let latency = ms(ran.saturating_duration_since(arrived));
+        latencies_ms.push(latency);
+        if !std::mem::replace(&mut seen[client], true) {
+            first_of_key_ms.push(latency);
+        }
+        if let Some(released) = *lock(&released_at[i]) {
+            lane_ms.push(ms(ran.saturating_duration_since(released)));
+        }
+    }
+    let mut key_path_ms: Vec<f64> = known_at
+        .iter()
+        .zip(&registered_at)
+        .filter_map(|(k, r)| lock(k).map(|k| ms(k.saturating_duration_since(*r))))
+        .collect();
+    for v in [
+        &mut latencies_ms,
+        &mut first_of_key_ms,
+        &mut lane_ms,
+        &mut key_path_ms,
+    ] {
+        v.sort_by(f64::total_cmp);
+    }
+    Ok(Race {
+        latencies_ms,
+        first_of_key_ms,
+        key_path_ms,
+        lane_ms,
+        early,
+        drain: last - t0,
+        deferred: counters.deferred.load(Ordering::Relaxed),
+        report,
+        peak_rss_mb,
+        rss_before_mb,
+        intake_heap_bytes,
+        held_at_intake,
+    })
+}

@@ -1,0 +1,158 @@
+//! The bare-lapin baselines: throughput (publish with confirms; consume with each ack awaited,
+//! or with acks pipelined) and publish → delivery latency on the race's schedule.
+
+use std::time::Duration;
+
+use futures::StreamExt;
+use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions, QueueDeclareOptions};
+use lapin::types::FieldTable;
+use lapin::{Channel, Connection, ConnectionProperties};
+use tokio::time::Instant;
+
+use crate::data::{BODY_BYTES, Client, RaceData, payment_body};
+use crate::env::{Env, default_prefetch};
+use crate::publish::{PUBLISH_WINDOW, confirm_channel, publish_all, register_on_schedule};
+use crate::sizes::Sizes;
+use crate::{Res, STUCK, timeout};
+
+/// Bare lapin's rates, messages per second.
+pub struct Raw {
+    pub publish_per_s: f64,
+    pub consume_per_s: f64,
+    pub consume_pipelined_per_s: f64,
+}
+
+/// A durable classic queue of its own for a bare-lapin scenario (deleted with the rest), and a
+/// confirm channel to publish to it.
+async fn scratch_queue(env: &Env, tag: &str) -> Res<(String, Channel)> {
+    let queue = format!("{}queue", env.prefix(tag));
+    env.cleanup.queue(queue.clone());
+    let ch = confirm_channel(env.conn()).await?;
+    ch.queue_declare(
+        queue.as_str().into(),
+        QueueDeclareOptions {
+            durable: true,
+            ..QueueDeclareOptions::default()
+        },
+        FieldTable::default(),
+    )
+    .await?;
+    Ok((queue, ch))
+}
+
+/// N payments published with confirms, consumed with each ack awaited, published again,
+/// consumed with acks pipelined.
+pub async fn raw(env: &Env, s: &Sizes) -> Res<Raw> {
+    let (queue, ch) = scratch_queue(env, "raw").await?;
+    let bodies: Vec<Vec<u8>> = (0..s.n as u64)
+        .map(|i| payment_body(i, i % s.k, BODY_BYTES))
+        .collect();
+    let t = Instant::now();
+    publish_all(&ch, &queue, &bodies, |_| {}).await?;
+    let publish = t.elapsed();
+    let consume = raw_consume(env.conn(), &queue, s.n, false).await?;
+    // The same messages again, for the pipelined variant.
+    publish_all(&ch, &queue, &bodies, |_| {}).await?;
+    let pipelined = raw_consume(env.conn(), &queue, s.n, true).await?;
+    let _ = ch.close(200, "done".into()).await;
+    Ok(Raw {
+        publish_per_s: s.n as f64 / publish.as_secs_f64(),
+        consume_per_s: s.n as f64 / consume.as_secs_f64(),
+        consume_pipelined_per_s: s.n as f64 / pipelined.as_secs_f64(),
+    })
+}
+
+/// Consume `n` messages with a manual ack each, from the first delivery to the last ack: each
+/// ack awaited before the next delivery, or (`pipelined`) acks sent without waiting for one
+/// another, awaited in windows of [`PUBLISH_WINDOW`].
+async fn raw_consume(conn: &Connection, queue: &str, n: usize, pipelined: bool) -> Res<Duration> {
+    // The same prefetch as prereq's consumer gets by default.
+    let cch = conn.create_channel().await?;
+    cch.basic_qos(default_prefetch(), BasicQosOptions::default())
+        .await?;
+    let mut consumer = cch
+        .basic_consume(
+            queue.into(),
+            "".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    let mut first = None;
+    let consumed = timeout("raw consume", STUCK, async {
+        let mut acks = futures::stream::FuturesUnordered::new();
+        for _ in 0..n {
+            let d = consumer.next().await.ok_or("raw consumer closed")??;
+            first.get_or_insert_with(Instant::now);
+            if pipelined {
+                let acker = d.acker;
+                acks.push(async move { acker.ack(BasicAckOptions::default()).await });
+                if acks.len() >= PUBLISH_WINDOW {
+                    while let Some(r) = acks.next().await {
+                        r?;
+                    }
+                }
+            } else {
+                d.acker.ack(BasicAckOptions::default()).await?;
+            }
+        }
+        while let Some(r) = acks.next().await {
+            r?;
+        }
+        Res::Ok(())
+    })
+    .await?;
+    consumed?;
+    let elapsed = first.map(|f| f.elapsed()).unwrap_or_default();
+    let _ = cch.close(200, "done".into()).await;
+    Ok(elapsed)
+}
+
+/// The floor of the key path: registrations published on the race's schedule into a queue that
+/// bare lapin consumes (on its own connection, as prereq's transport does), latency from
+/// publish to delivery, in ms, sorted.
+pub async fn raw_latency(env: &Env, data: &RaceData) -> Res<Vec<f64>> {
+    let (queue, ch) = scratch_queue(env, "rawlat").await?;
+    let k = data.reg_at.len();
+    let consumer_conn =
+        Connection::connect(env.broker.addr().expose(), ConnectionProperties::default()).await?;
+    let cch = consumer_conn.create_channel().await?;
+    cch.basic_qos(
+        prereq::amqp::DEFAULT_REGISTRATION_PREFETCH,
+        BasicQosOptions::default(),
+    )
+    .await?;
+    let mut consumer = cch
+        .basic_consume(
+            queue.as_str().into(),
+            "".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    let receiver = tokio::spawn(async move {
+        let mut got = vec![None; k];
+        for _ in 0..k {
+            let d = consumer.next().await.ok_or("raw consumer closed")??;
+            let now = Instant::now();
+            let c: Client = serde_json::from_slice(&d.data)?;
+            if let Some(slot) = got.get_mut(c.id as usize) {
+                *slot = Some(now);
+            }
+            d.acker.ack(BasicAckOptions::default()).await?;
+        }
+        Res::Ok(got)
+    });
+    let t0 = Instant::now() + Duration::from_millis(50);
+    let sent_at = register_on_schedule(&ch, &queue, data, t0).await?;
+    let got = timeout("raw latency", STUCK, receiver).await???;
+    let _ = consumer_conn.close(200, "done".into()).await;
+    let _ = ch.close(200, "done".into()).await;
+    let mut v: Vec<f64> = got
+        .iter()
+        .zip(&sent_at)
+        .filter_map(|(g, s)| g.map(|g| g.saturating_duration_since(*s).as_secs_f64() * 1e3))
+        .collect();
+    v.sort_by(f64::total_cmp);
+    Ok(v)
+}

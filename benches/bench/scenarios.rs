@@ -1,0 +1,260 @@
+//! The broker scenarios in order (raw, steady, raw latency, the races, the router's hop), their
+//! table rows, figures and plot.
+
+use std::collections::HashMap;
+
+use prereq::HoldBudget;
+
+use crate::Res;
+use crate::data::{BIG_BODY_BYTES, BODY_BYTES, RaceData};
+use crate::env::Env;
+use crate::figures::{Figures, percentile};
+use crate::plot::plot;
+use crate::race::{Race, race};
+use crate::raw::{raw, raw_latency};
+use crate::router::{p50_p99, router_hop};
+use crate::rss::peak_rss_mb;
+use crate::sizes::Sizes;
+use crate::steady::steady;
+use crate::table::Table;
+
+/// Held memory per message, in KiB: the heap growth while the payments came in, over the
+/// payments held then.
+fn held_kb_per_msg(r: &Race) -> f64 {
+    if r.held_at_intake == 0 {
+        return f64::NAN;
+    }
+    r.intake_heap_bytes as f64 / 1024.0 / r.held_at_intake as f64
+}
+
+/// raw, steady, raw latency, race (prereq and seed-style), bounded and the large-body race;
+/// returns the highest peak RSS seen.
+pub async fn broker_scenarios(env: &Env, s: &Sizes, f: &mut Figures, t: &mut Table) -> Res<f64> {
+    let r = raw(env, s).await?;
+    t.row(
+        "raw lapin publish (confirms)",
+        format!("{:.0} msg/s ({} msgs)", r.publish_per_s, s.n),
+    );
+    t.row(
+        "raw lapin consume (each ack awaited)",
+        format!("{:.0} msg/s", r.consume_per_s),
+    );
+    t.row(
+        "raw lapin consume (acks pipelined)",
+        format!("{:.0} msg/s", r.consume_pipelined_per_s),
+    );
+    f.set("n", s.n as u64);
+    f.num("raw_publish_per_s", r.publish_per_s, 0);
+    f.num("raw_consume_per_s", r.consume_per_s, 0);
+    f.num("raw_consume_pipelined_per_s", r.consume_pipelined_per_s, 0);
+
+    let st = steady(env, s).await?;
+    let ratio = st.per_s / r.consume_per_s;
+    let ratio_pipelined = st.per_s / r.consume_pipelined_per_s;
+    t.row(
+        "steady (prereq, keys known)",
+        format!(
+            "{:.0} msg/s = {ratio:.2}x raw (awaited), {ratio_pipelined:.2}x raw (pipelined)",
+            st.per_s
+        ),
+    );
+    f.num("steady_per_s", st.per_s, 0);
+    f.num("steady_ratio", ratio, 3);
+    f.num("steady_ratio_pipelined", ratio_pipelined, 3);
+    if st.report.handled != s.n as u64 || st.report.deferred != 0 {
+        return Err(format!("steady: unexpected report {:?}", st.report).into());
+    }
+
+    let data = RaceData::new(s.race_n, s.race_k, s.race_t, 0x5EED_5EED);
+    let n = s.race_n as f64;
+    let floor = raw_latency(env, &data).await?;
+    let (f50, f99, fmax) = (
+        percentile(&floor, 50.0),
+        percentile(&floor, 99.0),
+        percentile(&floor, 100.0),
+    );
+    t.row(
+        "raw lapin publish -> delivery (race schedule)",
+        format!("p50/p99/max {f50:.2} / {f99:.2} / {fmax:.2} ms"),
+    );
+    f.num("raw_latency_p50_ms", f50, 3);
+    f.num("raw_latency_p99_ms", f99, 3);
+    f.num("raw_latency_max_ms", fmax, 3);
+    let mut peak = peak_rss_mb();
+    let mut runs: HashMap<&str, Race> = HashMap::new();
+    let bounded_budget = (s.race_n / 4).max(1);
+    for (name, budget, body) in [
+        ("race", HoldBudget::DEFAULT, BODY_BYTES),
+        ("seed", HoldBudget::NONE, BODY_BYTES),
+        (
+            "bounded",
+            HoldBudget::DEFAULT.max_messages(bounded_budget),
+            BODY_BYTES,
+        ),
+        ("race1k", HoldBudget::DEFAULT, BIG_BODY_BYTES),
+    ] {
+        let r = race(env, name, &data, budget, body).await?;
+        if r.early > 0 {
+            return Err(
+                format!("{name}: {} handlers ran before their key arrived", r.early).into(),
+            );
+        }
+        peak = peak.max(r.peak_rss_mb);
+        runs.insert(name, r);
+    }
+    let run = |name: &str| runs.get(name).ok_or_else(|| format!("{name}: did not run"));
+    f.set("race_n", s.race_n as u64);
+    f.set("race_k", s.race_k);
+    f.num("race_t_s", s.race_t.as_secs_f64(), 3);
+    for (name, label) in [
+        ("race", "race, prereq default (hold)"),
+        ("seed", "race, seed-style (no hold)"),
+    ] {
+        let r = run(name)?;
+        let (p50, p99, max) = (
+            percentile(&r.latencies_ms, 50.0),
+            percentile(&r.latencies_ms, 99.0),
+            percentile(&r.latencies_ms, 100.0),
+        );
+        t.row(
+            &format!("{label}: release p50/p99/max"),
+            format!("{p50:.2} / {p99:.2} / {max:.2} ms"),
+        );
+        t.row(
+            &format!("{label}: drain, re-publish/msg"),
+            format!(
+                "{:.2} s, {:.3} ({} deferred)",
+                r.drain.as_secs_f64(),
+                r.deferred as f64 / n,
+                r.deferred
+            ),
+        );
+        t.row(
+            &format!("{label}: peak held, peak RSS"),
+            format!(
+                "{}, {:.1} MiB (RSS before {:.1} MiB)",
+                r.report.peak_held, r.peak_rss_mb, r.rss_before_mb
+            ),
+        );
+        f.num(&format!("{name}_release_p50_ms"), p50, 3);
+        f.num(&format!("{name}_release_p99_ms"), p99, 3);
+        f.num(&format!("{name}_release_max_ms"), max, 3);
+        f.num(&format!("{name}_drain_s"), r.drain.as_secs_f64(), 3);
+        f.num(&format!("{name}_peak_rss_mb"), r.peak_rss_mb, 1);
+        f.set(&format!("{name}_peak_held"), r.report.peak_held as u64);
+    }
+    f.num("republish_per_msg", run("race")?.deferred as f64 / n, 4);
+    f.num(
+        "seed_republish_per_msg",
+        run("seed")?.deferred as f64 / n,
+        4,
+    );
+    let b = run("bounded")?;
+    t.row(
+        "bounded (hold budget N/4): peak held",
+        format!(
+            "{} of budget {bounded_budget}, {:.1} MiB peak RSS, {:.3} re-publish/msg, release p99 {:.2} ms",
+            b.report.peak_held,
+            b.peak_rss_mb,
+            b.deferred as f64 / n,
+            percentile(&b.latencies_ms, 99.0)
+        ),
+    );
+    f.set("bounded_budget", bounded_budget as u64);
+    f.set("bounded_peak_held", b.report.peak_held as u64);
+    f.num("bounded_peak_rss_mb", b.peak_rss_mb, 1);
+    f.num("bounded_republish_per_msg", b.deferred as f64 / n, 4);
+    f.num(
+        "bounded_release_p99_ms",
+        percentile(&b.latencies_ms, 99.0),
+        3,
+    );
+    let race = run("race")?;
+    let (first_p99, key_p50, key_p99, lane_p50, lane_p99) = (
+        percentile(&race.first_of_key_ms, 99.0),
+        percentile(&race.key_path_ms, 50.0),
+        percentile(&race.key_path_ms, 99.0),
+        percentile(&race.lane_ms, 50.0),
+        percentile(&race.lane_ms, 99.0),
+    );
+    t.row(
+        "race, prereq: where the release time goes",
+        format!(
+            "registration publish -> engine p50/p99 {key_p50:.2} / {key_p99:.2} ms; \
+             released -> handler p50/p99 {lane_p50:.2} / {lane_p99:.2} ms; \
+             first payment of each key p99 {first_p99:.2} ms"
+        ),
+    );
+    f.num("race_key_path_p50_ms", key_p50, 3);
+    f.num("race_key_path_p99_ms", key_p99, 3);
+    f.num("race_lane_p50_ms", lane_p50, 3);
+    f.num("race_lane_p99_ms", lane_p99, 3);
+    f.num("race_first_of_key_p99_ms", first_p99, 3);
+    f.num("key_path_over_raw_p99", key_p99 / f99, 3);
+    let (rel_p99, big) = (percentile(&race.latencies_ms, 99.0), run("race1k")?);
+    f.num("release_over_raw_p99", rel_p99 / f99, 3);
+    let (held_kb, held_kb_1k) = (held_kb_per_msg(race), held_kb_per_msg(big));
+    t.row(
+        "held memory per payment (heap growth / held)",
+        format!(
+            "{held_kb:.2} KiB ({BODY_BYTES}-byte bodies, {} held), {held_kb_1k:.2} KiB \
+             ({BIG_BODY_BYTES}-byte bodies, {} held)",
+            race.held_at_intake, big.held_at_intake
+        ),
+    );
+    f.num("held_kb_per_msg", held_kb, 3);
+    f.num("held_kb_per_msg_1k", held_kb_1k, 3);
+    f.num(
+        "race1k_release_p99_ms",
+        percentile(&big.latencies_ms, 99.0),
+        3,
+    );
+
+    let svg = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/release-latency.svg");
+    let title = format!(
+        "Release latency, {} payments / {} clients, keys within {:.0} s ({} mode)",
+        s.race_n,
+        s.race_k,
+        s.race_t.as_secs_f64(),
+        s.mode
+    );
+    match plot(&svg, &race.latencies_ms, &run("seed")?.latencies_ms, &title) {
+        Ok(()) => t.row("plot", "docs/release-latency.svg".to_owned()),
+        Err(e) => t.row("plot", format!("not written: {e}")),
+    }
+
+    let hop = router_hop(env, s.n).await?;
+    let (d50, d99) = p50_p99(&hop.direct);
+    let (r50, r99) = p50_p99(&hop.routed);
+    t.row(
+        "keyed publish -> partition (direct)",
+        format!(
+            "p50/p99 {d50:.2} / {d99:.2} ms, {:.0} msg/s",
+            hop.direct.per_s
+        ),
+    );
+    t.row(
+        "publish -> router -> partition",
+        format!(
+            "p50/p99 {r50:.2} / {r99:.2} ms = {:.2}x / {:.2}x direct, {:.0} msg/s = {:.2}x direct",
+            r50 / d50,
+            r99 / d99,
+            hop.routed.per_s,
+            hop.routed.per_s / hop.direct.per_s
+        ),
+    );
+    f.num("direct_keyed_p50_ms", d50, 3);
+    f.num("direct_keyed_p99_ms", d99, 3);
+    f.num("direct_keyed_per_s", hop.direct.per_s, 0);
+    f.num("routed_p50_ms", r50, 3);
+    f.num("routed_p99_ms", r99, 3);
+    f.num("routed_per_s", hop.routed.per_s, 0);
+    f.num("router_hop_p50_ratio", r50 / d50, 3);
+    f.num("router_hop_p99_ratio", r99 / d99, 3);
+    f.num(
+        "router_hop_throughput_ratio",
+        hop.routed.per_s / hop.direct.per_s,
+        3,
+    );
+    Ok(peak)
+}

@@ -1,0 +1,108 @@
+//! How much each scenario does: the quick mode (`cargo bench`), the full mode
+//! (`PREREQ_BENCH=full`) and the engine-only modes for profiling (`PREREQ_BENCH=engine`, both
+//! paths; `engine-known` or `engine-held`, one path, `PREREQ_BENCH_N` messages).
+
+use std::time::Duration;
+
+/// The sizes of one bench run.
+#[derive(Clone, Copy, Debug)]
+pub struct Sizes {
+    pub mode: &'static str,
+    /// Messages in raw and steady.
+    pub n: usize,
+    /// Clients in raw and steady.
+    pub k: u64,
+    /// Payments in the race.
+    pub race_n: usize,
+    /// Clients in the race.
+    pub race_k: u64,
+    /// Registrations arrive within 0..race_t after the payments.
+    pub race_t: Duration,
+    /// Messages per engine run (steady path).
+    pub engine_n: usize,
+    /// Messages per engine run (hold-then-release path).
+    pub engine_hold_n: usize,
+    /// Engine runs per path (the median is reported).
+    pub engine_runs: usize,
+}
+
+impl Sizes {
+    /// The sizes `PREREQ_BENCH` asks for (quick when unset).
+    pub fn from_env() -> Self {
+        match std::env::var("PREREQ_BENCH").as_deref() {
+            Ok("full") => Self {
+                mode: "full",
+                n: 100_000,
+                k: 10_000,
+                race_n: 10_000,
+                race_k: 1_000,
+                race_t: Duration::from_secs(5),
+                engine_n: 500_000,
+                engine_hold_n: 100_000,
+                engine_runs: 5,
+            },
+            // For profiling (e.g. under callgrind): the engine scenario only, one run each.
+            Ok("engine") => Self {
+                mode: "engine",
+                engine_n: 20_000,
+                engine_hold_n: 10_000,
+                engine_runs: 1,
+                ..Self::quick()
+            },
+            // For instruction counts: one path, one run of `PREREQ_BENCH_N` messages (the
+            // difference between two N gives the cost per message without the fixed costs).
+            Ok(mode @ ("engine-known" | "engine-held")) => {
+                let n = std::env::var("PREREQ_BENCH_N")
+                    .ok()
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(20_000);
+                Self {
+                    mode: if mode == "engine-known" {
+                        "engine-known"
+                    } else {
+                        "engine-held"
+                    },
+                    engine_n: n,
+                    engine_hold_n: n,
+                    engine_runs: 1,
+                    ..Self::quick()
+                }
+            }
+            _ => Self::quick(),
+        }
+    }
+
+    /// The broker scenarios run (not an engine-only mode).
+    pub fn broker(&self) -> bool {
+        !self.mode.starts_with("engine")
+    }
+
+    /// The known-key engine path runs.
+    pub fn engine_known(&self) -> bool {
+        self.mode != "engine-held"
+    }
+
+    /// The held-then-released engine path runs.
+    pub fn engine_held(&self) -> bool {
+        self.mode != "engine-known"
+    }
+
+    /// The held-memory measurement runs (not in a one-path mode).
+    pub fn engine_memory(&self) -> bool {
+        self.engine_known() && self.engine_held()
+    }
+
+    fn quick() -> Self {
+        Self {
+            mode: "quick",
+            n: 20_000,
+            k: 2_000,
+            race_n: 5_000,
+            race_k: 500,
+            race_t: Duration::from_secs(2),
+            engine_n: 50_000,
+            engine_hold_n: 10_000,
+            engine_runs: 3,
+        }
+    }
+}

@@ -1,0 +1,321 @@
+//! [`Broker`]: one connection to RabbitMQ (one plugin probe), handing out a transport per
+//! [`Route`] and publishers; [`BrokerOptions`]: its address and limits, with documented defaults.
+
+use std::fmt;
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use lapin::Connection;
+use tokio::sync::watch;
+use tracing::info;
+
+use super::addr::AmqpAddr;
+use super::connect::{CONNECT_TIMEOUT, connect_within};
+use super::declare::declare_route;
+use super::delay::{self, DelayMechanism, DelayMode, MAX_BROKER_DELAY};
+use super::error::AmqpError;
+use super::route::Route;
+
+/// How long a lost connection may stay down by default before the transports give up and their
+/// consumers stop with an error (10 minutes).
+pub const DEFAULT_RECONNECT_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// RabbitMQ's default acknowledgement timeout (`consumer_timeout`, 30 minutes). A consumer holds
+/// messages for at most half of the broker's.
+pub const DEFAULT_ACK_TIMEOUT: Duration = Duration::from_secs(30 * 60);
+
+/// The default longest delay of a deferred copy (one day); longer delays are clamped.
+pub const DEFAULT_MAX_DELAY: Duration = Duration::from_secs(86_400);
+
+/// Where the broker is and how to treat it. Every setting has a default:
+///
+/// | setting | default |
+/// |---|---|
+/// | address | `AMQP_ADDR`, else `amqp://guest:guest@127.0.0.1:5672/%2f` ([`BrokerOptions::from_env`]) |
+/// | connection name | `prereq` (shown by `rabbitmqctl list_connections`) |
+/// | delay mode | [`DelayMode::Auto`]: the plugin if the broker has it, else delay queues |
+/// | connect timeout | [`CONNECT_TIMEOUT`] (10 s) per connection attempt, reconnects included |
+/// | reconnect timeout | [`DEFAULT_RECONNECT_TIMEOUT`] (10 min) |
+/// | ack timeout | [`DEFAULT_ACK_TIMEOUT`] (30 min): set it to your broker's `consumer_timeout` |
+/// | max delay | [`DEFAULT_MAX_DELAY`] (one day) |
+#[derive(Clone, Debug)]
+#[must_use]
+pub struct BrokerOptions {
+    addr: AmqpAddr,
+    connection_name: String,
+    delay_mode: DelayMode,
+    connect_timeout: Duration,
+    reconnect_timeout: Duration,
+    ack_timeout: Duration,
+    max_delay: Duration,
+}
+
+impl BrokerOptions {
+    /// The broker at `addr`, with the defaults above.
+    pub fn new(addr: impl Into<AmqpAddr>) -> Self {
+        Self {
+            addr: addr.into(),
+            connection_name: "prereq".to_owned(),
+            delay_mode: DelayMode::Auto,
+            connect_timeout: CONNECT_TIMEOUT,
+            reconnect_timeout: DEFAULT_RECONNECT_TIMEOUT,
+            ack_timeout: DEFAULT_ACK_TIMEOUT,
+            max_delay: DEFAULT_MAX_DELAY,
+        }
+    }
+
+    /// The broker at `AMQP_ADDR`, else the local default.
+    pub fn from_env() -> Self {
+        Self::new(AmqpAddr::from_env())
+    }
+
+    /// The connection name the management UI and `rabbitmqctl list_connections` show.
+    pub fn connection_name(mut self, name: impl Into<String>) -> Self {
+        self.connection_name = name.into();
+        self
+    }
+
+    /// How deferred copies are delayed.
+    pub fn delay_mode(mut self, mode: DelayMode) -> Self {
+        self.delay_mode = mode;
+        self
+    }
+
+    /// How long each connection attempt may take (the plugin probe, the pre-flight connection,
+    /// the kept connection, every reconnection attempt). A broker that has not answered by then
+    /// (a wrong port, a proxy or a firewall that accepts and stays silent) fails the attempt
+    /// with a clear error. Zero is raised to 1 ms.
+    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect_timeout = timeout.max(Duration::from_millis(1));
+        self
+    }
+
+    /// How long a lost connection may stay down before the transports give up: their consumers
+    /// then stop with an error. Until then prereq retries every 100 to 500 ms, so it consumes
+    /// again within about half a second of the broker accepting connections. Zero is raised to
+    /// 1 ms.
+    pub fn reconnect_timeout(mut self, timeout: Duration) -> Self {
+        self.reconnect_timeout = timeout.max(Duration::from_millis(1));
+        self
+    }
+
+    /// The broker's acknowledgement timeout (its `consumer_timeout`): a consumer holds messages
+    /// for at most half of it, so that the broker never takes them back.
+    pub fn ack_timeout(mut self, timeout: Duration) -> Self {
+        self.ack_timeout = timeout;
+        self
+    }
+
+    /// The longest delay of a deferred copy; longer ones are clamped (never above
+    /// [`MAX_BROKER_DELAY`], about 49 days).
+    pub fn max_delay(mut self, max: Duration) -> Self {
+        self.max_delay = max.min(MAX_BROKER_DELAY);
+        self
+    }
+
+    /// The address.
+    pub fn addr(&self) -> &AmqpAddr {
+        &self.addr
+    }
+
+    /// The acknowledgement timeout.
+    pub fn get_ack_timeout(&self) -> Duration {
+        self.ack_timeout
+    }
+
+    pub(crate) fn get_max_delay(&self) -> Duration {
+        self.max_delay
+    }
+
+    pub(crate) fn get_reconnect_timeout(&self) -> Duration {
+        self.reconnect_timeout
+    }
+}
+
+/// One connection to RabbitMQ, shared by every transport and publisher made from it. Cheap to
+/// clone.
+///
+/// [`Broker::connect`] probes for the delayed-message plugin (once), connects (failing fast
+/// on a wrong address, password or port), and keeps the connection up (bounded reconnect
+/// backoff). [`Broker::transport`](crate::amqp::Broker::transport) declares a [`Route`] and returns the transport a consumer
+/// runs on; call it once per consumer.
+///
+/// ```no_run
+/// use prereq::amqp::{Broker, BrokerOptions, Exchange, Queue, Route};
+///
+/// # async fn f() -> Result<(), prereq::amqp::AmqpError> {
+/// let broker = Broker::connect(BrokerOptions::from_env()).await?;
+/// println!("deferring through {}", broker.mechanism());
+/// let orders = broker
+///     .transport(Route::new(Queue::classic("orders").bound_to(Exchange::direct("shop"), "order")))
+///     .await?;
+/// let refunds = broker
+///     .transport(Route::new(Queue::classic("refunds").bound_to(Exchange::direct("shop"), "refund")))
+///     .await?;
+/// # let _ = (orders, refunds); Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct Broker {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    options: BrokerOptions,
+    mechanism: DelayMechanism,
+    connection: Connection,
+    /// Set (for good) once the connection is lost and not recovered within the reconnect
+    /// timeout: every transport ends its consumer with this error.
+    lost: watch::Sender<Option<AmqpError>>,
+}
+
+impl fmt::Debug for Broker {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Broker")
+            .field("addr", &self.inner.options.addr)
+            .field("mechanism", &self.inner.mechanism)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Broker {
+    /// Resolve the delay mechanism (probing for the plugin under [`DelayMode::Auto`], on a
+    /// throw-away connection), then connect with automatic recovery.
+    pub async fn connect(options: BrokerOptions) -> Result<Self, AmqpError> {
+        let addr = &options.addr;
+        let mechanism =
+            delay::resolve_within(options.delay_mode, addr, options.connect_timeout).await?;
+        info!(target: "prereq", mechanism = %mechanism, addr = %addr, "delay mechanism selected");
+        let connection = connect_within(
+            addr,
+            &options.connection_name,
+            options.connect_timeout,
+            options.reconnect_timeout,
+        )
+        .await?;
+        Ok(Self::from_connection(connection, mechanism, options))
+    }
+
+    /// A broker handle on a connection you opened yourself (the escape hatch to lapin). The
+    /// delay mechanism must be given: probing for the plugin would close a connection that
+    /// lacks it. `options` gives the address (for redacted errors) and the limits.
+    pub fn from_connection(
+        connection: Connection,
+        mechanism: DelayMechanism,
+        options: BrokerOptions,
+    ) -> Self {
+        let inner = Arc::new(Inner {
+            options,
+            mechanism,
+            connection,
+            lost: watch::channel(None).0,
+        });
+        tokio::spawn(watch_connection(Arc::downgrade(&inner)));
+        Self { inner }
+    }
+
+    /// Declare `route` (checking it first) without consuming it: for a producer that may start
+    /// before any consumer.
+    pub async fn declare(&self, route: &Route) -> Result<(), AmqpError> {
+        route.check()?;
+        // A failed declaration closes its channel: declare on one of its own.
+        let declaring = self.channel("open a declaring channel").await?;
+        declare_route(&declaring, route, self.mechanism(), self.addr()).await?;
+        let _ = declaring.close(200, "declared".into()).await;
+        Ok(())
+    }
+
+    /// The delay mechanism in use.
+    pub fn mechanism(&self) -> DelayMechanism {
+        self.inner.mechanism
+    }
+
+    /// The options.
+    pub fn options(&self) -> &BrokerOptions {
+        &self.inner.options
+    }
+
+    /// The connection name.
+    pub(crate) fn connection_name(&self) -> &str {
+        &self.inner.options.connection_name
+    }
+
+    /// The broker's address (shown redacted).
+    pub fn addr(&self) -> &AmqpAddr {
+        &self.inner.options.addr
+    }
+
+    /// The connection (the escape hatch to lapin).
+    pub fn connection(&self) -> &Connection {
+        &self.inner.connection
+    }
+
+    /// Close the connection (`200 OK`): every transport's unsettled deliveries go back to their
+    /// queues.
+    pub async fn close(&self) -> Result<(), AmqpError> {
+        self.inner
+            .connection
+            .close(200, "prereq: closing".into())
+            .await
+            .map_err(|e| self.addr().broker_error("close connection", &e))
+    }
+
+    /// A subscription to the connection being lost for good.
+    pub(crate) fn lost(&self) -> watch::Receiver<Option<AmqpError>> {
+        self.inner.lost.subscribe()
+    }
+
+    /// A new channel on the connection.
+    pub(crate) async fn channel(&self, what: &str) -> Result<lapin::Channel, AmqpError> {
+        self.inner
+            .connection
+            .create_channel()
+            .await
+            .map_err(|e| self.addr().broker_error(what, &e))
+    }
+
+    /// Is the connection up (not recovering)?
+    pub(crate) fn connected(&self) -> bool {
+        self.inner.connection.status().connected()
+    }
+}
+
+/// How often [`watch_connection`] looks at the connection.
+const WATCH_INTERVAL: Duration = Duration::from_millis(200);
+
+/// Declare the connection lost when it has been down for longer than the reconnect timeout.
+///
+/// lapin's recovery alone may never end: a peer that accepts the reconnection and then stays
+/// silent holds it forever, and a consumer's stream just waits meanwhile. So the connection's
+/// state is watched, and a connection that is not back within the reconnect timeout ends every
+/// transport's deliveries with an error. Ends with the broker handle.
+async fn watch_connection(inner: Weak<Inner>) {
+    let mut down_since: Option<tokio::time::Instant> = None;
+    let mut tick = tokio::time::interval(WATCH_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Some(inner) = inner.upgrade() else {
+            return;
+        };
+        let status = inner.connection.status();
+        if status.connected() {
+            down_since = None;
+            continue;
+        }
+        if status.closing() || status.closed() {
+            // Closed on purpose (`close`).
+            return;
+        }
+        let limit = inner.options.reconnect_timeout;
+        let since = *down_since.get_or_insert_with(tokio::time::Instant::now);
+        if since.elapsed() >= limit {
+            inner.lost.send_replace(Some(AmqpError::Connect {
+                addr: inner.options.addr.redacted(),
+                message: format!(
+                    "connection lost, and not recovered within {limit:?} (the reconnect timeout)"
+                ),
+            }));
+            return;
+        }
+    }
+}

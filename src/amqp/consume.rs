@@ -1,0 +1,448 @@
+//! Consuming one queue, for as long as the transport runs: riding out connection recoveries,
+//! and re-subscribing when the broker ends the consumer (the queue was deleted, or on RabbitMQ
+//! 4.3 an acknowledgement timeout on a quorum queue) — never stopping silently.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::{FutureExt, StreamExt};
+use lapin::message::Delivery as LapinDelivery;
+use lapin::options::{BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
+use lapin::types::{AMQPValue, FieldTable, LongString};
+use lapin::{Channel, Consumer};
+use tokio::sync::{mpsc, watch};
+use tracing::{debug, info, warn};
+
+use super::declare::{declare_queue, short};
+use super::error::AmqpError;
+use super::group::Assignment;
+use super::headers;
+use super::route::{Queue, QueueKind};
+use super::shared::{Shared, Unsettled};
+use crate::transport::{Delivery, Source};
+
+/// The first pause before re-subscribing a cancelled consumer; pauses double…
+const RESUBSCRIBE_FIRST: Duration = Duration::from_millis(100);
+/// …up to this.
+const RESUBSCRIBE_MAX: Duration = Duration::from_secs(5);
+
+/// What one consumer feeds the transport.
+pub(crate) struct Consumption {
+    /// The queue.
+    pub(crate) queue: Queue,
+    /// Messages or registrations.
+    pub(crate) source: Source,
+    /// Its prefetch.
+    pub(crate) prefetch: u16,
+    /// For a partition of a group: its index, and the partitions this instance owns.
+    pub(crate) partition: Option<(u32, watch::Receiver<Assignment>)>,
+}
+
+/// Where deliveries go: the transport's receiver.
+pub(crate) type Deliveries = mpsc::Sender<Result<Delivery, AmqpError>>;
+
+/// Consume `c.queue` until the transport is dropped; send an error and stop if the consumer
+/// cannot be restored within the reconnect timeout.
+pub(crate) async fn consume(shared: Arc<Shared>, c: Consumption, tx: Deliveries) {
+    let stream = c.queue.kind == QueueKind::Stream;
+    let limit = c.queue.effective_delivery_limit();
+    let name = c.queue.name.clone();
+    let mut c = c;
+    // A first subscription that fails (the connection dropped while the channel opened, say)
+    // is retried like any later one, within the reconnect timeout.
+    let mut subscribed = match subscribe(&shared, &c).await {
+        Ok(s) => Some(s),
+        Err(e) => {
+            if tx.is_closed() || shared.is_stopping() {
+                return;
+            }
+            warn!(target: "prereq", queue = %name, error = %e,
+                "could not consume yet; retrying within the reconnect timeout");
+            None
+        }
+    };
+    loop {
+        if let Some((channel, consumer)) = subscribed.take() {
+            shared.health.set(&name, true);
+            let ended = forward(&shared, &mut c, channel, consumer, stream, limit, &tx).await;
+            if tx.is_closed() || shared.is_stopping() {
+                return;
+            }
+            shared.health.set(&name, false);
+            match ended {
+                Ended::Cancelled => warn!(target: "prereq", queue = %name,
+                    "the broker ended the consumer (queue deleted? ack timeout?); re-subscribing"),
+                Ended::Failed(e) => warn!(target: "prereq", queue = %name, error = %e,
+                    "the consumer's channel failed; re-subscribing"),
+            }
+        }
+        match resubscribe(&shared, &c, &tx).await {
+            Ok((channel, consumer)) if shared.is_stopping() => {
+                let _ = channel
+                    .basic_cancel(consumer.tag(), BasicCancelOptions::default())
+                    .await;
+                return;
+            }
+            Ok(s) => {
+                info!(target: "prereq", queue = %name, "consuming again");
+                subscribed = Some(s);
+            }
+            Err(e) => {
+                let _ = tx.send(Err(e)).await;
+                return;
+            }
+        }
+    }
+}
+
+enum Ended {
+    /// The stream ended: the broker cancelled the consumer.
+    Cancelled,
+    /// The channel failed and did not recover.
+    Failed(AmqpError),
+}
+
+/// Open a channel, set its prefetch and consume.
+async fn subscribe(shared: &Shared, c: &Consumption) -> Result<(Channel, Consumer), AmqpError> {
+    let addr = shared.broker.addr();
+    let name = &c.queue.name;
+    let channel = shared.broker.channel("open a consumer channel").await?;
+    shared
+        .channels
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .push(channel.clone());
+    channel
+        .basic_qos(c.prefetch, BasicQosOptions::default())
+        .await
+        .map_err(|e| addr.broker_error(format!("set the prefetch on {name}"), &e))?;
+    let mut arguments = FieldTable::default();
+    if c.queue.kind == QueueKind::Stream {
+        // Every key ever registered (within the stream's retention), on every connect.
+        arguments.insert(
+            "x-stream-offset".into(),
+            AMQPValue::LongString(LongString::from("first")),
+        );
+    }
+    let consumer = channel
+        .basic_consume(
+            short(name)?,
+            "".into(),
+            BasicConsumeOptions::default(),
+            arguments,
+        )
+        .await
+        .map_err(|e| addr.broker_error(format!("consume {name}"), &e))?;
+    shared.track(name, &channel, consumer.tag());
+    Ok((channel, consumer))
+}
+
+/// Re-subscribe with backoff: wait for the connection, declare the queue again if prereq owns
+/// it (it may have been deleted), consume. Gives up after the reconnect timeout.
+async fn resubscribe(
+    shared: &Shared,
+    c: &Consumption,
+    tx: &Deliveries,
+) -> Result<(Channel, Consumer), AmqpError> {
+    let limit = shared.broker.options().get_reconnect_timeout();
+    let started = tokio::time::Instant::now();
+    let mut wait = RESUBSCRIBE_FIRST;
+    loop {
+        let attempt = async {
+            if !shared.broker.connected() {
+                return Err(AmqpError::Broker {
+                    operation: format!("consume {}", c.queue.name),
+                    message: "the connection is recovering".into(),
+                });
+            }
+            let declaring = shared.broker.channel("open a declaring channel").await?;
+            // A queue someone else declares is only checked: if it is gone, that is an error
+            // prereq may not repair, and it says so.
+            declare_queue(&declaring, &c.queue, shared.broker.addr()).await?;
+            if c.queue.declare {
+                for (exchange, key) in &c.queue.bindings {
+                    if exchange.name.is_empty() {
+                        continue;
+                    }
+                    declaring
+                        .queue_bind(
+                            short(&c.queue.name)?,
+                            short(&exchange.name)?,
+                            short(key)?,
+                            Default::default(),
+                            FieldTable::default(),
+                        )
+                        .await
+                        .map_err(|e| {
+                            shared
+                                .broker
+                                .addr()
+                                .broker_error(format!("bind {}", c.queue.name), &e)
+                        })?;
+                }
+            }
+            let _ = declaring.close(200, "declared".into()).await;
+            subscribe(shared, c).await
+        };
+        match attempt.await {
+            Ok(subscribed) => return Ok(subscribed),
+            Err(e) if started.elapsed() >= limit => {
+                return Err(AmqpError::Broker {
+                    operation: format!("consume {}", c.queue.name),
+                    message: format!(
+                        "the consumer could not be restored within {limit:?} (the reconnect \
+                         timeout): {e}"
+                    ),
+                });
+            }
+            Err(e) => {
+                warn!(target: "prereq", queue = %c.queue.name, error = %e, retry_in = ?wait,
+                    "could not consume again yet");
+            }
+        }
+        if tx.is_closed() {
+            return Err(AmqpError::Broker {
+                operation: format!("consume {}", c.queue.name),
+                message: "the transport is gone".into(),
+            });
+        }
+        tokio::time::sleep(wait).await;
+        wait = (wait * 2).min(RESUBSCRIBE_MAX);
+    }
+}
+
+/// Move deliveries from one lapin consumer to the transport, riding out connection recoveries,
+/// until the consumer ends. A partition's consumer hands the partition over whenever this
+/// instance does not own it.
+async fn forward(
+    shared: &Arc<Shared>,
+    c: &mut Consumption,
+    mut channel: Channel,
+    mut consumer: Consumer,
+    stream: bool,
+    limit: Option<u32>,
+    tx: &Deliveries,
+) -> Ended {
+    // Shared by every delivery of this consumer's record (see `Unsettled::queue`).
+    let name: Arc<str> = Arc::from(c.queue.name.as_str());
+    let index = c.partition.as_ref().map(|(i, _)| *i);
+    loop {
+        let owned = |c: &Consumption| {
+            c.partition
+                .as_ref()
+                .is_none_or(|(i, owned)| owned.borrow().owns(*i))
+        };
+        let ownership_changed = async {
+            match c.partition.as_mut() {
+                Some((_, owned)) => {
+                    if owned.changed().await.is_err() {
+                        // The group is gone (the transport is stopping): no more changes.
+                        std::future::pending::<()>().await;
+                    }
+                    true
+                }
+                None => std::future::pending().await,
+            }
+        };
+        let next = tokio::select! {
+            next = consumer.next() => next,
+            changed = ownership_changed => {
+                if changed && !owned(c) {
+                    match hand_over(shared, c, &channel, consumer, Vec::new()).await {
+                        Ok((ch, standby)) => {
+                            shared.track(&name, &ch, standby.tag());
+                            (channel, consumer) = (ch, standby);
+                        }
+                        Err(e) => return Ended::Failed(e),
+                    }
+                }
+                continue;
+            }
+            () = tx.closed() => return Ended::Cancelled,
+        };
+        match next {
+            Some(Ok(d)) if !owned(c) => {
+                // Active on a partition another instance owns: give it up, this delivery too.
+                match hand_over(shared, c, &channel, consumer, vec![d]).await {
+                    Ok((ch, standby)) => {
+                        shared.track(&name, &ch, standby.tag());
+                        (channel, consumer) = (ch, standby);
+                    }
+                    Err(e) => return Ended::Failed(e),
+                }
+            }
+            Some(Ok(d)) => {
+                if let Some(copy) = shared.delivered_twice(&d) {
+                    drop_duplicate(shared, d, &name, &copy).await;
+                    continue;
+                }
+                let delivery = shared.register(d, &name, c.source, stream, limit, index);
+                if let Some(refresh) = near_limit(shared, &delivery) {
+                    // One more return would take it past the queue's delivery limit: start
+                    // a new count now, while the message is in hand.
+                    tokio::spawn(refresh);
+                    continue;
+                }
+                if tx.send(Ok(delivery)).await.is_err() {
+                    return Ended::Cancelled;
+                }
+            }
+            Some(Err(e)) => {
+                warn!(target: "prereq", queue = %name,
+                    error = %shared.broker.addr().scrub(&e.to_string()),
+                    "consumer interrupted, waiting for the connection to recover");
+                if let Err(e) = channel.wait_for_recovery(e).await {
+                    return Ended::Failed(
+                        shared
+                            .broker
+                            .addr()
+                            .broker_error(format!("consume {name}"), &e),
+                    );
+                }
+                info!(target: "prereq", queue = %name, "consumer recovered");
+            }
+            None => return Ended::Cancelled,
+        }
+    }
+}
+
+/// Hand a partition over: the consumer gives back what it holds of it and lets its handlers
+/// finish; meanwhile new deliveries are kept aside; then the channel is closed and the
+/// partition consumed again, on a new channel, as a standby (the broker makes it active again
+/// only when the active consumer goes).
+///
+/// What the consumer gives back is not requeued one by one ([`Shared::returned_by_close`]):
+/// closing the channel returns everything it was given and did not settle in one step, in the
+/// order it was delivered, so a later message of a key does not overtake an earlier one.
+async fn hand_over(
+    shared: &Arc<Shared>,
+    c: &Consumption,
+    channel: &Channel,
+    mut consumer: Consumer,
+    mut parked: Vec<LapinDelivery>,
+) -> Result<(Channel, Consumer), AmqpError> {
+    let Some((partition, _)) = &c.partition else {
+        return Ok((channel.clone(), consumer));
+    };
+    let partition = *partition;
+    let addr = shared.broker.addr();
+    let name = &c.queue.name;
+    shared.revoke(partition);
+    loop {
+        let changed = shared.changed.notified();
+        tokio::pin!(changed);
+        changed.as_mut().enable();
+        if shared.handed_over(partition) {
+            break;
+        }
+        tokio::select! {
+            () = changed => {}
+            next = consumer.next() => match next {
+                Some(Ok(d)) => parked.push(d),
+                Some(Err(e)) => {
+                    channel
+                        .wait_for_recovery(e)
+                        .await
+                        .map_err(|e| addr.broker_error(format!("consume {name}"), &e))?;
+                }
+                // Cancelled by the broker meanwhile: nothing more will come.
+                None => {}
+            },
+        }
+    }
+    // What lapin has received already: the close would return it unseen.
+    while let Some(Some(next)) = consumer.next().now_or_never() {
+        if let Ok(d) = next {
+            parked.push(d);
+        }
+    }
+    let given_back = parked.len();
+    refresh_near_limit(shared, c, &mut parked).await;
+    let _ = channel
+        .close(200, "prereq: partition handed over".into())
+        .await;
+    drop(parked);
+    drop(consumer);
+    shared.unrevoke(partition);
+    info!(target: "prereq", queue = %name, given_back, "partition handed over; standing by");
+    subscribe(shared, c).await
+}
+
+/// Of the deliveries kept aside during a hand-over, copy those one return away from their
+/// queue's delivery limit to the back of the queue (a new count) and acknowledge them: the
+/// channel's close would bring them to the limit, and the broker would drop them. A copy that
+/// fails leaves its original to the close.
+async fn refresh_near_limit(shared: &Shared, c: &Consumption, parked: &mut Vec<LapinDelivery>) {
+    let Some(limit) = c.queue.effective_delivery_limit() else {
+        return;
+    };
+    let mut kept = Vec::with_capacity(parked.len());
+    for d in parked.drain(..) {
+        let count = headers::read_incoming(d.properties.headers().as_ref())
+            .delivery_count
+            .unwrap_or(0);
+        if count.saturating_add(1) < limit {
+            kept.push(d);
+            continue;
+        }
+        let p = Unsettled {
+            acker: d.acker,
+            exchange: Arc::from(d.exchange.as_str()),
+            routing_key: Arc::from(d.routing_key.as_str()),
+            properties: d.properties,
+            body: d.data,
+            queue: Arc::from(c.queue.name.as_str()),
+            stream: false,
+            returns: Some((count, limit)),
+            received_ms: headers::now_ms(),
+            partition: c.partition.as_ref().map(|(i, _)| *i),
+            copy: None,
+        };
+        match shared.copy_back(&p).await {
+            Ok(()) => {
+                if let Err(e) = p.acker.ack(BasicAckOptions::default()).await {
+                    warn!(target: "prereq", queue = %c.queue.name,
+                        error = %shared.broker.addr().scrub(&e.to_string()),
+                        "could not acknowledge a message copied back (it comes twice)");
+                }
+            }
+            Err(e) => warn!(target: "prereq", queue = %c.queue.name, error = %e,
+                "could not copy back a message near its queue's delivery limit"),
+        }
+    }
+    *parked = kept;
+}
+
+/// Acknowledge a deferred copy the broker delivered twice (see [`super::copies`]), without
+/// handing it to the consumer. If the ack is lost with its channel, the broker delivers the
+/// copy again, and it is recognised again.
+async fn drop_duplicate(shared: &Shared, d: LapinDelivery, queue: &str, copy: &str) {
+    debug!(target: "prereq", queue, copy,
+        "a deferred copy delivered twice by the broker: acknowledged, not handled again");
+    #[cfg(feature = "metrics")]
+    crate::metrics::duplicate_copy_dropped();
+    if let Err(e) = d.acker.ack(BasicAckOptions::default()).await {
+        warn!(target: "prereq", queue,
+            error = %shared.broker.addr().scrub(&e.to_string()),
+            "could not acknowledge a duplicate copy (the broker delivers it again)");
+    }
+}
+
+/// A task that gives `delivery` back by a copy, if it came back so often that one more return
+/// (a dropped connection, a give-back) would take it past its queue's delivery limit.
+fn near_limit(
+    shared: &Arc<Shared>,
+    delivery: &Delivery,
+) -> Option<impl std::future::Future<Output = ()> + Send + 'static> {
+    if !shared.is_near_limit(delivery.id) {
+        return None;
+    }
+    let shared = Arc::clone(shared);
+    let id = delivery.id;
+    Some(async move {
+        if let Err(e) = shared.settle(id, crate::transport::Settle::Requeue).await {
+            warn!(target: "prereq", error = %e,
+                "could not refresh a message near its queue's delivery limit");
+        }
+    })
+}

@@ -1,0 +1,259 @@
+//! [`route_by_key`]: the ingress router for producers that cannot route by key themselves — it
+//! consumes their queue and re-publishes every message to a group's [`Partitions`] with its key
+//! as routing key, confirmed before the original is acknowledged.
+//!
+//! Only one router consumes the queue at a time (an exclusive consumer), so messages keep their
+//! order; the others wait and take over when it goes. The router is an extra hop: one publish
+//! and one confirm per message, up to [`ROUTER_PREFETCH`] of them in flight (see
+//! `docs/scaling.md`).
+
+use std::future::Future;
+use std::time::Duration;
+
+use futures::StreamExt;
+use futures::stream::FuturesOrdered;
+use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
+use lapin::types::{AMQPValue, FieldTable, LongString};
+use lapin::{Acker, BasicProperties, Confirmation};
+
+use super::addr::AmqpAddr;
+use super::broker::Broker;
+use super::declare::{declare_queue, short};
+use super::error::AmqpError;
+use super::headers;
+use super::publish::{Copy, confirmed, confirmed_channel, publish};
+use super::route::{Partitions, Queue};
+use super::settle::copy_properties;
+
+/// How long a waiting router waits before trying to become the active one again.
+const STANDBY_RETRY: Duration = Duration::from_secs(1);
+/// Messages the router takes at once, and copies it has in flight: re-published in order, each
+/// original acknowledged once its copy is confirmed.
+const ROUTER_PREFETCH: u16 = 256;
+
+/// What a router did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct RouterReport {
+    /// Messages re-published to their partition.
+    pub routed: u64,
+    /// Messages without a usable key, sent to the partitions' dead-letter queue.
+    pub dead_lettered: u64,
+}
+
+/// Consume `from` and re-publish each message to `partitions` with the key `key` finds in its
+/// body, until `shutdown` completes. A body `key` cannot read (its error text is the reason)
+/// goes to the partitions' dead-letter queue (`<name>.dead`). Each original is acknowledged only
+/// after its copy was confirmed as routed.
+///
+/// ```no_run
+/// use prereq::amqp::{Broker, BrokerOptions, Partitions, Queue, route_by_key};
+///
+/// # async fn f() -> Result<(), prereq::amqp::AmqpError> {
+/// let broker = Broker::connect(BrokerOptions::from_env()).await?;
+/// let partitions = Partitions::new("payments-by-client", 32);
+/// // The Go demo's payments carry their client only in the body.
+/// route_by_key(&broker, Queue::classic("payment-processor"), &partitions, |body: &[u8]| {
+///     let v: serde_json::Value = serde_json::from_slice(body).map_err(|e| e.to_string())?;
+///     v["clientId"].as_u64().map(|c| c.to_string()).ok_or_else(|| "no clientId".to_owned())
+/// }, tokio::signal::ctrl_c())
+/// .await?;
+/// # Ok(()) }
+/// ```
+pub async fn route_by_key<F, S>(
+    broker: &Broker,
+    from: Queue,
+    partitions: &Partitions,
+    key: F,
+    shutdown: S,
+) -> Result<RouterReport, AmqpError>
+where
+    F: Fn(&[u8]) -> Result<String, String>,
+    S: Future,
+{
+    let addr = broker.addr();
+    let dead = Queue::quorum(format!("{}.dead", partitions.name));
+    let declaring = broker.channel("open a declaring channel").await?;
+    declare_queue(&declaring, &from, addr).await?;
+    declare_queue(&declaring, &dead, addr).await?;
+    let _ = declaring.close(200, "declared".into()).await;
+    let publisher = confirmed_channel(broker, "open the router's publisher channel").await?;
+    let exchange = partitions.name.clone();
+    let mut report = RouterReport::default();
+    tokio::pin!(shutdown);
+    'standby: loop {
+        // Become the one active router, or wait for the active one to go.
+        let channel = broker.channel("open the router's channel").await?;
+        channel
+            .basic_qos(ROUTER_PREFETCH, BasicQosOptions::default())
+            .await
+            .map_err(|e| addr.broker_error("set the router's prefetch", &e))?;
+        let consumer = channel
+            .basic_consume(
+                short(&from.name)?,
+                "".into(),
+                BasicConsumeOptions {
+                    exclusive: true,
+                    ..BasicConsumeOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await;
+        let mut consumer = match consumer {
+            Ok(c) => c,
+            Err(_) => {
+                // Another router is active: the refusal closed this channel.
+                tokio::select! {
+                    _ = &mut shutdown => return Ok(report),
+                    () = tokio::time::sleep(STANDBY_RETRY) => continue 'standby,
+                }
+            }
+        };
+        tracing::info!(target: "prereq", queue = %from.name, "routing by key");
+        // Copies published and not confirmed yet, oldest first: each original is acknowledged
+        // once its copy is confirmed, in order. Publishes on the one channel keep their order.
+        let mut unconfirmed = FuturesOrdered::new();
+        loop {
+            tokio::select! {
+                biased;
+                _ = &mut shutdown => {
+                    // What was published is acknowledged before the channel closes (else it
+                    // would come back and be routed twice).
+                    settle_all(&mut unconfirmed, &exchange, addr, &mut report).await?;
+                    let _ = channel.close(200, "router stopping".into()).await;
+                    return Ok(report);
+                }
+                Some(done) = unconfirmed.next(), if !unconfirmed.is_empty() => {
+                    settle_routed(done, &exchange, addr, &mut report).await?;
+                }
+                next = consumer.next(), if unconfirmed.len() < usize::from(ROUTER_PREFETCH) => {
+                    let d = match next {
+                        Some(Ok(d)) => d,
+                        Some(Err(e)) => {
+                            // Copies in flight on a failed channel: their originals come back.
+                            unconfirmed = FuturesOrdered::new();
+                            channel.wait_for_recovery(e).await.map_err(|e| {
+                                addr.broker_error(format!("consume {}", from.name), &e)
+                            })?;
+                            continue;
+                        }
+                        // Cancelled (the queue was deleted?): settle what is in flight, start
+                        // over.
+                        None => {
+                            settle_all(&mut unconfirmed, &exchange, addr, &mut report).await?;
+                            continue 'standby;
+                        }
+                    };
+                    let (to_exchange, routing_key, properties) = match key(&d.data) {
+                        Ok(k) => (exchange.as_str(), k, d.properties.clone()),
+                        Err(reason) => (
+                            "",
+                            dead.name.clone(),
+                            with_reason(
+                                &d.properties,
+                                &d.exchange.to_string(),
+                                &d.routing_key.to_string(),
+                                &reason,
+                            ),
+                        ),
+                    };
+                    let dead_lettered = to_exchange.is_empty();
+                    let confirm = publish(
+                        &publisher,
+                        short(to_exchange)?,
+                        short(&routing_key)?,
+                        true,
+                        &d.data,
+                        properties,
+                    )
+                    .await
+                    .map_err(|e| addr.broker_error("route by key", &e))?;
+                    let acker = d.acker;
+                    unconfirmed.push_back(async move {
+                        Routed {
+                            confirmation: confirm.await,
+                            acker,
+                            routing_key,
+                            dead_lettered,
+                        }
+                    });
+                }
+            }
+        }
+    }
+}
+
+/// A copy the router published, with what settles its original.
+struct Routed {
+    /// The broker's answer.
+    confirmation: Result<Confirmation, lapin::Error>,
+    /// Acknowledges the original.
+    acker: Acker,
+    /// The copy's routing key: the message's key, or the dead-letter queue's name.
+    routing_key: String,
+    /// It went to the dead-letter queue (no key found), through the default exchange.
+    dead_lettered: bool,
+}
+
+/// Settle every copy in flight, oldest first.
+async fn settle_all(
+    unconfirmed: &mut FuturesOrdered<impl Future<Output = Routed>>,
+    exchange: &str,
+    addr: &AmqpAddr,
+    report: &mut RouterReport,
+) -> Result<(), AmqpError> {
+    while let Some(done) = unconfirmed.next().await {
+        settle_routed(done, exchange, addr, report).await?;
+    }
+    Ok(())
+}
+
+/// The copy (to `exchange`, the partitions', unless dead-lettered) was confirmed: acknowledge
+/// its original. Not confirmed: an error (the router stops, and the original, unacknowledged,
+/// goes back to its queue).
+async fn settle_routed(
+    done: Routed,
+    exchange: &str,
+    addr: &AmqpAddr,
+    report: &mut RouterReport,
+) -> Result<(), AmqpError> {
+    let to = Copy {
+        what: "route by key",
+        exchange: if done.dead_lettered { "" } else { exchange },
+        routing_key: &done.routing_key,
+        mandatory: true,
+    };
+    let confirmation = done
+        .confirmation
+        .map_err(|e| addr.broker_error("route by key", &e))?;
+    confirmed(to, confirmation)?;
+    done.acker
+        .ack(BasicAckOptions::default())
+        .await
+        .map_err(|e| addr.broker_error("ack a routed message", &e))?;
+    if done.dead_lettered {
+        report.dead_lettered += 1;
+    } else {
+        report.routed += 1;
+    }
+    Ok(())
+}
+
+/// The properties of a message the router could not find a key in, for the dead-letter queue.
+fn with_reason(
+    p: &BasicProperties,
+    exchange: &str,
+    routing_key: &str,
+    reason: &str,
+) -> BasicProperties {
+    let mut h = p.headers().clone().unwrap_or_default();
+    let text = |s: &str| AMQPValue::LongString(LongString::from(s.as_bytes().to_vec()));
+    h.insert(headers::DEAD_LETTER_KIND.into(), text("undecodable"));
+    h.insert(
+        headers::DEAD_LETTER_REASON.into(),
+        text(&format!("the router found no key: {reason}")),
+    );
+    h.insert(headers::ORIGINAL_EXCHANGE.into(), text(exchange));
+    h.insert(headers::ORIGINAL_ROUTING_KEY.into(), text(routing_key));
+    copy_properties(p, h)
+}

@@ -1,0 +1,170 @@
+//! [`Lanes`]: the messages of known keys waiting for a handler, one queue per key, and the keys
+//! whose next message may start.
+//!
+//! One key never runs two handlers at once: a lane is *running* while its key's handler runs,
+//! and *runnable* (listed once in `runnable`) while it has messages and nothing runs.
+
+use std::collections::{HashMap, VecDeque};
+use std::hash::Hash;
+
+struct Lane<V> {
+    /// Waiting messages by position, ascending.
+    queue: VecDeque<(u64, V)>,
+    /// A handler of this key runs.
+    running: bool,
+    /// The key is listed in `Lanes::runnable`.
+    runnable: bool,
+}
+
+/// Per-key queues of messages whose key is known.
+pub(crate) struct Lanes<K, V> {
+    /// The queue of every key with waiting or running messages.
+    lanes: HashMap<K, Lane<V>>,
+    /// Keys whose next message may start, in the order they became startable.
+    runnable: VecDeque<K>,
+    /// Messages waiting in all queues (not running).
+    queued: usize,
+}
+
+impl<K: Eq + Hash + Clone, V> Lanes<K, V> {
+    pub(crate) fn new() -> Self {
+        Self {
+            lanes: HashMap::new(),
+            runnable: VecDeque::new(),
+            queued: 0,
+        }
+    }
+
+    /// Messages waiting for a handler.
+    pub(crate) fn queued(&self) -> usize {
+        self.queued
+    }
+
+    /// Queue `value` for `key` at position `pos` (its place among the key's messages).
+    pub(crate) fn push(&mut self, key: K, pos: u64, value: V) {
+        let lane = self.lanes.entry(key.clone()).or_insert_with(|| Lane {
+            queue: VecDeque::new(),
+            running: false,
+            runnable: false,
+        });
+        let at = if lane.queue.back().is_none_or(|(p, _)| *p < pos) {
+            lane.queue.len()
+        } else {
+            lane.queue.partition_point(|(p, _)| *p < pos)
+        };
+        lane.queue.insert(at, (pos, value));
+        self.queued += 1;
+        if !lane.running && !lane.runnable {
+            lane.runnable = true;
+            self.runnable.push_back(key);
+        }
+    }
+
+    /// The next message that may start, its key's lane now running.
+    pub(crate) fn start_next(&mut self) -> Option<(K, V)> {
+        while let Some(key) = self.runnable.pop_front() {
+            let Some(lane) = self.lanes.get_mut(&key) else {
+                continue;
+            };
+            lane.runnable = false;
+            let Some((_, value)) = lane.queue.pop_front() else {
+                continue;
+            };
+            lane.running = true;
+            self.queued -= 1;
+            return Some((key, value));
+        }
+        None
+    }
+
+    /// The handler of `key` returned: its next message may start. The one place a lane is
+    /// freed.
+    pub(crate) fn finish(&mut self, key: &K) {
+        let Some(lane) = self.lanes.get_mut(key) else {
+            return;
+        };
+        lane.running = false;
+        if lane.queue.is_empty() {
+            self.lanes.remove(key);
+        } else if !lane.runnable {
+            lane.runnable = true;
+            self.runnable.push_back(key.clone());
+        }
+    }
+
+    /// Remove the messages waiting for `key` (not a running one), in order.
+    pub(crate) fn take(&mut self, key: &K) -> Vec<(u64, V)> {
+        let Some(lane) = self.lanes.get_mut(key) else {
+            return Vec::new();
+        };
+        let taken: Vec<(u64, V)> = lane.queue.drain(..).collect();
+        self.queued -= taken.len();
+        if !lane.running {
+            self.lanes.remove(key);
+        }
+        taken
+    }
+
+    /// Remove the waiting messages `pred` selects (not running ones).
+    pub(crate) fn take_where(&mut self, pred: impl Fn(&V) -> bool) -> Vec<(K, V)> {
+        let mut out = Vec::new();
+        let mut emptied = Vec::new();
+        for (key, lane) in &mut self.lanes {
+            let before = lane.queue.len();
+            let mut kept = VecDeque::with_capacity(before);
+            for (pos, v) in lane.queue.drain(..) {
+                if pred(&v) {
+                    out.push((key.clone(), v));
+                } else {
+                    kept.push_back((pos, v));
+                }
+            }
+            self.queued -= before - kept.len();
+            lane.queue = kept;
+            if lane.queue.is_empty() && !lane.running {
+                emptied.push(key.clone());
+            }
+        }
+        for key in emptied {
+            self.lanes.remove(&key);
+        }
+        out
+    }
+
+    /// Remove every waiting message.
+    pub(crate) fn drain(&mut self) -> Vec<(K, V)> {
+        self.runnable.clear();
+        self.queued = 0;
+        let mut out = Vec::new();
+        for (key, lane) in self.lanes.drain() {
+            out.extend(lane.queue.into_iter().map(|(_, v)| (key.clone(), v)));
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_running_per_key_in_position_order() {
+        let mut l = Lanes::new();
+        l.push("a", 2, 'x');
+        l.push("a", 1, 'w');
+        l.push("b", 3, 'y');
+        assert_eq!(l.queued(), 3);
+        assert_eq!(l.start_next(), Some(("a", 'w')));
+        assert_eq!(l.start_next(), Some(("b", 'y')));
+        assert_eq!(l.start_next(), None, "a is running");
+        l.finish(&"a");
+        assert_eq!(l.start_next(), Some(("a", 'x')));
+        l.push("a", 4, 'z');
+        assert_eq!(l.take(&"a"), vec![(4, 'z')]);
+        l.finish(&"a");
+        l.finish(&"b");
+        assert_eq!((l.queued(), l.start_next()), (0, None));
+        l.push("c", 5, 'q');
+        assert_eq!(l.drain(), vec![("c", 'q')]);
+    }
+}

@@ -1,0 +1,41 @@
+//! [`Pending`]: a decoded message on its way through the engine, and [`Meta`], what it takes to
+//! settle and describe it without the message itself.
+
+use tokio::time::Instant;
+
+use crate::transport::DeliveryId;
+
+/// A decoded message on its way through the engine.
+pub(crate) struct Pending<M> {
+    /// The decoded body, handed to the handler.
+    pub(crate) msg: M,
+    /// Everything else.
+    pub(crate) meta: Meta,
+}
+
+/// What the engine knows of a message besides its body.
+#[derive(Clone, Debug)]
+pub(crate) struct Meta {
+    /// The transport's handle to settle it.
+    pub(crate) id: DeliveryId,
+    /// Its position among the messages of its key: arrival order, kept when it comes back
+    /// from a deferral (so it goes before the messages that arrived after it).
+    pub(crate) pos: u64,
+    /// Which attempt this delivery is (0 the first time).
+    pub(crate) attempt: u32,
+    /// The sender's limit on retries, if any (it can only lower the policy's).
+    pub(crate) max_attempts: Option<u32>,
+    /// The message id (from the consumer's extractor, else the transport's).
+    pub(crate) message_id: Option<String>,
+    /// The broker delivered it before, to a consumer that did not settle it.
+    pub(crate) redelivered: bool,
+    /// A stable hash of the message id (or body): seeds jitter, recognises a deferred message
+    /// when it comes back.
+    pub(crate) seed: u64,
+    /// Body bytes, counted against the hold's byte budget.
+    pub(crate) size: usize,
+    /// When it was first held, for the release latency.
+    pub(crate) held_at: Option<Instant>,
+    /// The partition it came from, if the transport consumes partitions.
+    pub(crate) partition: Option<u32>,
+}

@@ -1,0 +1,202 @@
+//! Group membership on a real RabbitMQ: members hear each other's heartbeats, a leaver is gone
+//! from the others' sets at once, a member whose connection dies is gone after a few beats, and
+//! a member whose connection is cut comes back by itself.
+#![cfg(feature = "amqp")]
+
+mod support;
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use prereq::amqp::{Broker, BrokerOptions, DelayMode, Membership};
+use tokio::sync::watch;
+
+/// A broker connection of its own, named `name` (as `rabbitmqctl list_connections` shows).
+async fn connect(addr: prereq::amqp::AmqpAddr, name: &str) -> Broker {
+    Broker::connect(
+        BrokerOptions::new(addr)
+            .delay_mode(DelayMode::DelayQueues)
+            .connection_name(name),
+    )
+    .await
+    .expect("connect")
+}
+
+fn set(names: &[&str]) -> BTreeSet<String> {
+    names.iter().map(|s| (*s).to_owned()).collect()
+}
+
+/// Wait until `rx` shows `want`, for up to `timeout`; panics with the last set otherwise.
+async fn wait_for(
+    who: &str,
+    rx: &mut watch::Receiver<BTreeSet<String>>,
+    want: &BTreeSet<String>,
+    timeout: Duration,
+) {
+    let got = tokio::time::timeout(timeout, rx.wait_for(|s| s == want))
+        .await
+        .map(|r| r.is_ok());
+    match got {
+        Ok(true) => {}
+        Ok(false) => panic!("{who}: membership gone"),
+        Err(_) => panic!(
+            "{who}: wanted {want:?} within {timeout:?}, has {:?}",
+            *rx.borrow()
+        ),
+    }
+}
+
+/// Three members see each other; one leaves and the others drop it at once — long before it
+/// could have expired (the beat is 3 s, so expiry would take 9 s); the sets do not change
+/// while nobody comes or goes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn members_see_each_other_and_a_leaver_is_gone_at_once() {
+    let Some(_conn) = support::broker().await else {
+        return;
+    };
+    support::init_tracing();
+    let cleanup = support::Cleanup::new();
+    let p = support::unique("members");
+    let exchange = format!("{p}members");
+    cleanup.exchange(&exchange);
+    for m in ["a", "b", "c"] {
+        cleanup.queue(format!("{exchange}.{m}"));
+    }
+    let beat = Duration::from_secs(3);
+    let mut members = Vec::new();
+    for m in ["a", "b", "c"] {
+        let broker = connect(support::addr(), &format!("{p}{m}")).await;
+        let membership = Membership::join(&broker, &exchange, m.to_owned(), beat)
+            .await
+            .expect("join");
+        members.push((m, broker, membership));
+    }
+    let all = set(&["a", "b", "c"]);
+    // A member hears those who joined before it at their next beat.
+    for (m, _, membership) in &members {
+        wait_for(m, &mut membership.members(), &all, beat * 4).await;
+    }
+    // Nothing changes while the group is stable: the watch only moves on a change.
+    let mut quiet: Vec<_> = members.iter().map(|(_, _, m)| m.members()).collect();
+    for rx in &mut quiet {
+        rx.mark_unchanged();
+    }
+    tokio::time::sleep(beat * 2).await;
+    for rx in &quiet {
+        assert!(
+            !rx.has_changed().expect("open"),
+            "changed: {:?}",
+            *rx.borrow()
+        );
+    }
+
+    let (_, b_broker, b) = members.remove(1);
+    b.leave().await;
+    let rest = set(&["a", "c"]);
+    for (m, _, membership) in &members {
+        // Well before an expiry (3 beats = 9 s): the leave removed it.
+        wait_for(m, &mut membership.members(), &rest, beat).await;
+    }
+    let _ = b_broker.close().await;
+    for (_, broker, membership) in members {
+        membership.leave().await;
+        let _ = broker.close().await;
+    }
+}
+
+/// A member whose connection closes without leaving is gone from the others' sets after a few
+/// beats; the others keep each other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_that_dies_without_leaving_expires() {
+    let Some(_conn) = support::broker().await else {
+        return;
+    };
+    support::init_tracing();
+    let cleanup = support::Cleanup::new();
+    let p = support::unique("members-expire");
+    let exchange = format!("{p}members");
+    cleanup.exchange(&exchange);
+    for m in ["a", "b", "c"] {
+        cleanup.queue(format!("{exchange}.{m}"));
+    }
+    let beat = Duration::from_millis(200);
+    let mut members = Vec::new();
+    for m in ["a", "b", "c"] {
+        let broker = connect(support::addr(), &format!("{p}{m}")).await;
+        let membership = Membership::join(&broker, &exchange, m.to_owned(), beat)
+            .await
+            .expect("join");
+        members.push((m, broker, membership));
+    }
+    let all = set(&["a", "b", "c"]);
+    for (m, _, membership) in &members {
+        wait_for(m, &mut membership.members(), &all, Duration::from_secs(10)).await;
+    }
+    // c's connection goes away without a word (as with kill -9, the broker closes it).
+    let (_, c_broker, c) = members.pop().expect("c");
+    c_broker.close().await.expect("close c");
+    let rest = set(&["a", "b"]);
+    for (m, _, membership) in &members {
+        wait_for(m, &mut membership.members(), &rest, Duration::from_secs(10)).await;
+    }
+    // And the survivors stay together (they keep beating).
+    tokio::time::sleep(beat * 8).await;
+    for (m, _, membership) in &members {
+        assert_eq!(*membership.members().borrow(), rest, "{m}");
+    }
+    drop(c);
+    for (_, broker, membership) in members {
+        membership.leave().await;
+        let _ = broker.close().await;
+    }
+}
+
+/// A member whose connection is cut (a network failure) comes back by itself: it hears a
+/// member that joined after the cut, and the others hear it again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_comes_back_after_its_connection_is_cut() {
+    let Some(_conn) = support::broker().await else {
+        return;
+    };
+    support::init_tracing();
+    let cleanup = support::Cleanup::new();
+    let p = support::unique("members-cut");
+    let exchange = format!("{p}members");
+    cleanup.exchange(&exchange);
+    for m in ["a", "b", "d"] {
+        cleanup.queue(format!("{exchange}.{m}"));
+    }
+    let beat = Duration::from_millis(300);
+    let proxy = support::Proxy::start(&support::addr()).await;
+    let a_broker = connect(support::addr(), &format!("{p}a")).await;
+    let a = Membership::join(&a_broker, &exchange, "a".into(), beat)
+        .await
+        .expect("join a");
+    let b_broker = connect(proxy.addr(&support::addr()), &format!("{p}b")).await;
+    let b = Membership::join(&b_broker, &exchange, "b".into(), beat)
+        .await
+        .expect("join b");
+    let ab = set(&["a", "b"]);
+    wait_for("a", &mut a.members(), &ab, Duration::from_secs(10)).await;
+    wait_for("b", &mut b.members(), &ab, Duration::from_secs(10)).await;
+
+    assert!(proxy.cut() > 0, "b's connection went through the proxy");
+    // While b is away, d joins: b can only hear it once its queue is consumed again.
+    let d_broker = connect(support::addr(), &format!("{p}d")).await;
+    let d = Membership::join(&d_broker, &exchange, "d".into(), beat)
+        .await
+        .expect("join d");
+    let abd = set(&["a", "b", "d"]);
+    wait_for("b", &mut b.members(), &abd, Duration::from_secs(30)).await;
+    wait_for("a", &mut a.members(), &abd, Duration::from_secs(30)).await;
+    wait_for("d", &mut d.members(), &abd, Duration::from_secs(30)).await;
+    // And b stays (it beats again: it would have expired after 3 beats otherwise).
+    tokio::time::sleep(beat * 8).await;
+    assert_eq!(*a.members().borrow(), abd);
+    assert_eq!(*d.members().borrow(), abd);
+
+    for (m, broker) in [(a, a_broker), (b, b_broker), (d, d_broker)] {
+        m.leave().await;
+        let _ = broker.close().await;
+    }
+}

@@ -1,0 +1,214 @@
+//! Partitioned consumption on a real RabbitMQ (consistent-hash exchange, quorum partition
+//! queues with a single active consumer): keyed messages are handled after their key, a
+//! deferred message comes back to its own partition (through the delay queues' headers
+//! exchange, keeping its routing key), and the ingress router re-publishes a keyless producer's
+//! messages by key.
+#![cfg(feature = "amqp")]
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions};
+use lapin::{Connection, ConnectionProperties};
+use prereq::amqp::{
+    AmqpAddr, Broker, BrokerOptions, DelayMode, Message, Partitions, Queue, Route, route_by_key,
+};
+use prereq::{Backoff, Decision, DependentConsumer, HandlerError, HoldBudget, MemoryKeys};
+
+#[derive(serde::Deserialize)]
+struct Payment {
+    id: u64,
+    #[serde(rename = "clientId")]
+    client_id: u64,
+}
+
+/// A broker connection, or a printed skip (a failure under `PREREQ_REQUIRE_BROKER=1`).
+async fn broker() -> Option<Connection> {
+    let addr = AmqpAddr::from_env();
+    match Connection::connect(addr.expose(), ConnectionProperties::default()).await {
+        Ok(c) => Some(c),
+        Err(e) => {
+            let reason = format!(
+                "RabbitMQ at {addr} unreachable: {}",
+                addr.scrub(&e.to_string())
+            );
+            assert!(
+                std::env::var("PREREQ_REQUIRE_BROKER").as_deref() != Ok("1"),
+                "PREREQ_REQUIRE_BROKER=1 but {reason}"
+            );
+            use std::io::Write as _;
+            let _ = writeln!(std::io::stderr(), "skipping a broker test: {reason}");
+            None
+        }
+    }
+}
+
+fn unique(tag: &str) -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    format!("prereq-test.{tag}.{}.{nanos}", std::process::id())
+}
+
+/// Delete what the test declared.
+async fn cleanup(conn: &Connection, queues: &[String], exchanges: &[String]) {
+    for q in queues {
+        if let Ok(ch) = conn.create_channel().await {
+            let _ = ch
+                .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
+                .await;
+        }
+    }
+    for x in exchanges {
+        if let Ok(ch) = conn.create_channel().await {
+            let _ = ch
+                .exchange_delete(x.as_str().into(), ExchangeDeleteOptions::default())
+                .await;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keyed_messages_are_held_released_retried_to_their_partition_and_routed() {
+    let Some(conn) = broker().await else { return };
+    let name = unique("partitions");
+    let partitions = Partitions::new(&name, 4);
+    let route = Route::partitioned(partitions.clone());
+    let broker = Broker::connect(
+        BrokerOptions::from_env()
+            .delay_mode(DelayMode::DelayQueues)
+            .connection_name(format!("{name}.instance")),
+    )
+    .await
+    .expect("connect");
+    let transport = match broker.transport(route.clone()).await {
+        Ok(t) => t,
+        Err(e) => panic!("{e} (is rabbitmq_consistent_hash_exchange enabled?)"),
+    };
+
+    let keys = MemoryKeys::new();
+    let handled: Arc<Mutex<Vec<(u64, u32)>>> = Arc::default();
+    let h = handled.clone();
+    let consumer = DependentConsumer::builder(
+        |p: &Payment| p.client_id,
+        move |p: Payment, ctx: prereq::Context<u64>| {
+            let h = h.clone();
+            async move {
+                // Payment 2 fails once: deferred, it must come back to its partition.
+                if p.id == 2 && ctx.attempt == 0 {
+                    return Err(HandlerError::retry("busy"));
+                }
+                h.lock().unwrap().push((p.id, ctx.attempt));
+                Ok(())
+            }
+        },
+    )
+    .keys(keys.clone())
+    .policy(Backoff::constant(Duration::from_millis(200)))
+    .budget(HoldBudget::DEFAULT.max_time(Duration::from_secs(30)))
+    .on_event(|e| {
+        if matches!(e.decision, Decision::DeadLettered(_)) {
+            eprintln!("dead-lettered: {e}");
+        }
+    })
+    .build();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let run = tokio::spawn(consumer.run(transport, async {
+        let _ = stop_rx.await;
+    }));
+
+    // A producer that cannot route by key publishes into a plain queue; the router does it.
+    let ingress = format!("{name}.ingress");
+    let publisher = broker.publisher().await.expect("publisher");
+    let router = {
+        let broker = broker.clone();
+        let partitions = partitions.clone();
+        let ingress = ingress.clone();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            route_by_key(
+                &broker,
+                Queue::classic(&ingress),
+                &partitions,
+                |body: &[u8]| {
+                    let v: serde_json::Value =
+                        serde_json::from_slice(body).map_err(|e| e.to_string())?;
+                    v["clientId"]
+                        .as_u64()
+                        .map(|c| c.to_string())
+                        .ok_or_else(|| "no clientId".to_owned())
+                },
+                async {
+                    let _ = stopped.await;
+                },
+            )
+            .await
+        });
+        (stop, task)
+    };
+    // Keyed publishing, for producers that can.
+    let body = |id: u64, client: u64| format!(r#"{{"id":{id},"clientId":{client}}}"#);
+    publisher
+        .publish_keyed(&partitions, "1", body(1, 1).as_bytes(), &Message::new())
+        .await
+        .expect("publish 1");
+    publisher
+        .publish_keyed(&partitions, "2", body(2, 2).as_bytes(), &Message::new())
+        .await
+        .expect("publish 2");
+    // Through the router (the ingress queue exists once the router declared it).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let sent = publisher
+            .publish("", &ingress, body(3, 3).as_bytes(), &Message::new())
+            .await;
+        if sent.is_ok() {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "ingress never appeared: {sent:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    keys.insert(1);
+    keys.insert(2);
+    keys.insert(3);
+
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let done = handled.lock().unwrap().len();
+        if done == 3 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "handled so far: {:?}",
+            handled.lock().unwrap()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let _ = stop_tx.send(());
+    let report = run.await.expect("run").expect("clean stop");
+    let _ = router.0.send(());
+    let routed = router.1.await.expect("router").expect("router ran");
+    let mut got = handled.lock().unwrap().clone();
+    got.sort_unstable();
+    assert_eq!(
+        got,
+        vec![(1, 0), (2, 1), (3, 0)],
+        "payment 2 came back once"
+    );
+    assert_eq!(report.deferred, 1);
+    assert_eq!(report.dead_lettered, 0);
+    assert_eq!(routed.routed, 1);
+
+    let mut queues: Vec<String> = route.queue_names();
+    queues.push(ingress);
+    queues.push(format!("{name}.delay.200ms"));
+    let mut exchanges = route.exchange_names();
+    exchanges.push(format!("{name}.delay"));
+    exchanges.push(partitions.members_exchange());
+    cleanup(&conn, &queues, &exchanges).await;
+}

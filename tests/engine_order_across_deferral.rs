@@ -1,0 +1,166 @@
+//! A deferred message keeps its place in its key's order: later messages of the key wait behind
+//! it (held, or deferred in turn when the hold is full) and run after it when it comes back.
+//! `keep_key_order(false)` opts out.
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use common::*;
+use prereq::memory::MemoryBroker;
+use prereq::{Decision, DeferCause, HandlerError, HoldBudget};
+
+fn handled(ev: &[prereq::Event<u64>]) -> usize {
+    count(ev, |e| e.decision == Decision::Handled)
+}
+
+/// Payment 1 fails once (deferred 1 s); payment 2 of the same client arrives 100 ms later.
+async fn retry_then_later_message(keep_order: bool) -> Vec<u64> {
+    let broker = MemoryBroker::new();
+    broker.register(client(5));
+    broker.publish(payment(1, 5));
+    let rec = Recorder::new();
+    let seen = Log::new();
+    let failed_once = Arc::new(AtomicBool::new(false));
+    let consumer = {
+        let seen = seen.clone();
+        builder(&rec, move |p: Payment| {
+            let fail = p.id == 1 && !failed_once.swap(true, Ordering::SeqCst);
+            if !fail {
+                seen.push(p.id);
+            }
+            async move {
+                if fail {
+                    Err(HandlerError::retry("busy"))
+                } else {
+                    Ok(())
+                }
+            }
+        })
+        .policy(linear(1, 3))
+        .keep_key_order(keep_order)
+        .build()
+    };
+    let producer = {
+        let broker = broker.clone();
+        async move {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            broker.publish(payment(2, 5));
+        }
+    };
+    let (report, ()) = tokio::join!(
+        consumer.run(broker.transport(), rec.until(|ev| handled(ev) == 2)),
+        producer
+    );
+    report.unwrap();
+    if keep_order {
+        assert_eq!(
+            rec.decisions_of("2"),
+            vec![
+                Decision::Held,
+                Decision::Released {
+                    waited: Duration::from_millis(900)
+                },
+                Decision::Handled
+            ],
+            "payment 2 waited behind payment 1 until it came back"
+        );
+    }
+    seen.get()
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_later_message_waits_behind_a_retried_one() {
+    assert_eq!(retry_then_later_message(true).await, vec![1, 2]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn without_key_order_a_later_message_overtakes_a_retried_one() {
+    assert_eq!(retry_then_later_message(false).await, vec![2, 1]);
+}
+
+/// The hold is full when payment 1 arrives (deferred), its client registers, then payment 2
+/// arrives: the key is known, but payment 2 waits for payment 1.
+#[tokio::test(start_paused = true)]
+async fn a_later_message_waits_behind_a_message_deferred_for_a_full_hold() {
+    let broker = MemoryBroker::new();
+    broker.publish(payment(100, 9)); // fills the hold
+    broker.publish(payment(1, 5)); // hold full: deferred 1 s
+    broker.register(client(9)); // the hold has room again
+    broker.register(client(5));
+    broker.publish(payment(2, 5)); // key known, held behind payment 1
+    let rec = Recorder::new();
+    let seen = Log::new();
+    let consumer = {
+        let seen = seen.clone();
+        builder(&rec, move |p: Payment| {
+            seen.push(p.id);
+            async { Ok(()) }
+        })
+        .policy(linear(1, 3))
+        .budget(HoldBudget::DEFAULT.max_messages(1))
+        .build()
+    };
+    run_until(consumer, &broker, &rec, |ev| handled(ev) == 3).await;
+    assert_eq!(seen.get(), vec![100, 1, 2]);
+    assert_eq!(
+        rec.decisions_of("1")[0],
+        Decision::Deferred {
+            delay: Duration::from_secs(1),
+            cause: DeferCause::HoldFull
+        }
+    );
+    assert_eq!(rec.decisions_of("2")[0], Decision::Held);
+}
+
+/// With no room to wait in the hold, later messages are deferred in turn (without using an
+/// attempt) and still run in order.
+#[tokio::test(start_paused = true)]
+async fn with_no_room_later_messages_are_deferred_in_turn_and_keep_their_order() {
+    let broker = MemoryBroker::new();
+    broker.register(client(5));
+    for id in 1..=4 {
+        broker.publish(payment(id, 5));
+    }
+    let rec = Recorder::new();
+    let seen = Log::new();
+    let failed_once = Arc::new(AtomicBool::new(false));
+    let consumer = {
+        let seen = seen.clone();
+        builder(&rec, move |p: Payment| {
+            let fail = p.id == 1 && !failed_once.swap(true, Ordering::SeqCst);
+            if !fail {
+                seen.push(p.id);
+            }
+            async move {
+                if fail {
+                    Err(HandlerError::retry("busy"))
+                } else {
+                    Ok(())
+                }
+            }
+        })
+        .policy(linear(1, 3))
+        .budget(HoldBudget::NONE)
+        .concurrency(1)
+        .build()
+    };
+    run_until(consumer, &broker, &rec, |ev| handled(ev) == 4).await;
+    assert_eq!(seen.get(), vec![1, 2, 3, 4]);
+    let behind = rec.count(|e| {
+        matches!(
+            e.decision,
+            Decision::Deferred {
+                cause: DeferCause::BehindDeferred,
+                ..
+            }
+        ) && e.attempt == 0
+    });
+    assert!(
+        behind >= 3,
+        "payments 2-4 deferred behind payment 1: {behind}"
+    );
+    assert!(broker.dead_letters().is_empty());
+}

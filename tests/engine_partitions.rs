@@ -1,0 +1,117 @@
+//! A consumer that gives a partition up (the transport revokes it, as a partitioned consumer
+//! group hands it to another instance): it gives back what it holds and queues of the
+//! partition, in the order received, at once; lets the partition's running handler finish; only
+//! then releases it. Nothing of the partition runs on two instances at once, its keys keep their
+//! order across the handover, and other partitions are not disturbed.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use prereq::memory::{MemoryBroker, Stored};
+use prereq::{Decision, MemoryKeys};
+use tokio::time::Instant;
+
+fn on(partition: u32, id: u64, client_id: u64) -> Stored {
+    Stored::message(payment(id, client_id))
+        .with_id(id.to_string())
+        .with_partition(partition)
+}
+
+/// (payment, start, end) of every handler run, across instances.
+type Runs = Log<(u64, Instant, Instant)>;
+
+/// An instance of the group; instances share what they know of keys (in a fleet, a database).
+fn instance(
+    rec: &Recorder<u64>,
+    runs: &Runs,
+    keys: &MemoryKeys<u64>,
+) -> prereq::DependentConsumer<u64, Payment> {
+    let runs = runs.clone();
+    builder(rec, move |p: Payment| {
+        let runs = runs.clone();
+        async move {
+            let start = Instant::now();
+            // Payment 1 is slow: it still runs when its partition is revoked.
+            let work = if p.id == 1 { 10 } else { 1 };
+            tokio::time::sleep(Duration::from_secs(work)).await;
+            runs.push((p.id, start, Instant::now()));
+            Ok(())
+        }
+    })
+    .concurrency(4)
+    .keys(keys.clone())
+    .build()
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_revoked_partition_is_given_back_in_order_and_released_after_its_running_handler() {
+    let broker = MemoryBroker::new();
+    broker.register(client(1));
+    broker.register(client(3));
+    broker.publish_stored(on(0, 1, 1)); // runs 10 s
+    broker.publish_stored(on(0, 2, 1)); // queued behind payment 1 (same client)
+    broker.publish_stored(on(0, 3, 2)); // held: client 2 unknown
+    broker.publish_stored(on(1, 4, 3)); // another partition
+
+    let runs = Runs::new();
+    let keys = MemoryKeys::new();
+    let (a_rec, b_rec) = (Recorder::new(), Recorder::new());
+    let a = tokio::spawn(instance(&a_rec, &runs, &keys).run(
+        broker.transport(),
+        a_rec.until(|ev| count(ev, |e| e.decision == Decision::Handled) == 2),
+    ));
+    a_rec
+        .until(|ev| count(ev, |e| e.decision == Decision::Held) == 1)
+        .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let revoked_at = Instant::now();
+    broker.revoke(0);
+    // Payments 2 and 3 go back at once, in the order received; payment 1 still runs.
+    a_rec
+        .until(|ev| count(ev, |e| e.decision == Decision::Requeued) == 2)
+        .await;
+    let given_back: Vec<(String, Instant)> = a_rec
+        .events()
+        .into_iter()
+        .filter(|e| e.decision == Decision::Requeued)
+        .map(|e| (e.message_id.unwrap_or_default(), e.at))
+        .collect();
+    assert_eq!(
+        given_back,
+        vec![("2".to_owned(), revoked_at), ("3".to_owned(), revoked_at)]
+    );
+    assert!(broker.released().is_empty(), "payment 1 still runs");
+
+    // Another instance takes the partition over once it is released.
+    broker.register(client(2));
+    let b = tokio::spawn(instance(&b_rec, &runs, &keys).run(
+        broker.transport(),
+        b_rec.until(|ev| count(ev, |e| e.decision == Decision::Handled) == 2),
+    ));
+    a.await.unwrap().unwrap();
+    b.await.unwrap().unwrap();
+    assert_eq!(broker.released(), vec![0]);
+
+    let runs = runs.get();
+    let of = |id: u64| runs.iter().find(|(p, _, _)| *p == id).copied().unwrap();
+    let (_, _, one_ended) = of(1);
+    let (_, two_started, _) = of(2);
+    assert_eq!(
+        one_ended - revoked_at,
+        Duration::from_secs(8),
+        "payment 1 finished on A"
+    );
+    assert!(
+        two_started >= one_ended,
+        "payment 2 (client 1) started on B only after payment 1 ended on A"
+    );
+    assert_eq!(runs.len(), 4, "every payment ran once: {runs:?}");
+    assert_eq!(
+        b_rec.decisions_of("2").last(),
+        Some(&Decision::Handled),
+        "B handled the given-back payments"
+    );
+    assert_eq!(broker.pending(), 0);
+}
