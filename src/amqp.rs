@@ -59,6 +59,7 @@ mod group;
 pub mod headers;
 mod health;
 mod members;
+mod packed;
 pub mod payment_demo;
 mod publish;
 pub mod replay;

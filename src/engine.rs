@@ -392,7 +392,10 @@ impl<K: Key, M: Send + 'static, T: Transport> Engine<K, M, T> {
             Err(reason) => return self.dead_letter_undecodable(d, reason),
         };
         let key = (self.cfg.key)(&msg);
-        let message_id = self.cfg.id.as_ref().map(|f| f(&msg)).or(d.message_id);
+        let message_id: Option<Arc<str>> = match &self.cfg.id {
+            Some(f) => Some(f(&msg).into()),
+            None => d.message_id.as_deref().map(Arc::from),
+        };
         let seed = message_id
             .as_deref()
             .map_or_else(|| seed_of(&d.body), |id| seed_of(id.as_bytes()));
@@ -917,7 +920,7 @@ fn event_of<K>(meta: &Meta, key: Option<K>, decision: Decision) -> Event<K> {
     Event {
         at: Instant::now(),
         delivery: meta.id,
-        message_id: meta.message_id.clone(),
+        message_id: meta.message_id.as_deref().map(str::to_owned),
         key,
         attempt: meta.attempt,
         decision,
@@ -1006,7 +1009,7 @@ async fn handle<K: Key, M: Send + 'static, T: Transport>(
     let Pending { msg, meta } = p;
     let ctx = Context {
         key: key.clone(),
-        message_id: meta.message_id.clone(),
+        message_id: meta.message_id.as_deref().map(str::to_owned),
         attempt: meta.attempt,
         redelivered: meta.redelivered,
     };

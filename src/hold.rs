@@ -7,6 +7,7 @@
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::hash::Hash;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -84,7 +85,7 @@ impl HoldBudget {
 
 struct Entry<K, V> {
     key: K,
-    id: Option<String>,
+    id: Option<Arc<str>>,
     deadline: Instant,
     size: usize,
     value: V,
@@ -96,14 +97,15 @@ struct Entry<K, V> {
 pub(crate) struct Hold<K, V> {
     /// The limits: checked by [`Hold::fits`].
     budget: HoldBudget,
-    /// The entries, by position.
-    entries: HashMap<u64, Entry<K, V>>,
+    /// The entries, by position. Boxed: the table keeps up to twice as many slots as entries,
+    /// and an empty slot then costs a pointer, not a whole entry.
+    entries: HashMap<u64, Box<Entry<K, V>>>,
     /// The positions held for each key, ascending: a key's messages leave in this order.
     by_key: HashMap<K, VecDeque<u64>>,
     /// Every entry by deadline (then position): the next to expire is the first.
     by_deadline: BTreeSet<(Instant, u64)>,
     /// Entries by message id, to recognise a redelivered copy of a held message.
-    by_id: HashMap<String, u64>,
+    by_id: HashMap<Arc<str>, u64>,
     /// Body bytes held.
     bytes: usize,
 }
@@ -152,7 +154,7 @@ impl<K: Eq + Hash + Clone, V> Hold<K, V> {
         &mut self,
         key: K,
         pos: u64,
-        id: Option<String>,
+        id: Option<Arc<str>>,
         value: V,
         size: usize,
         now: Instant,
@@ -169,13 +171,13 @@ impl<K: Eq + Hash + Clone, V> Hold<K, V> {
         self.bytes += size;
         self.entries.insert(
             pos,
-            Entry {
+            Box::new(Entry {
                 key,
                 id,
                 deadline,
                 size,
                 value,
-            },
+            }),
         );
     }
 
@@ -259,14 +261,14 @@ impl<K: Eq + Hash + Clone, V> Hold<K, V> {
         self.by_id.clear();
         self.by_deadline.clear();
         self.bytes = 0;
-        let mut all: Vec<(u64, Entry<K, V>)> = self.entries.drain().collect();
+        let mut all: Vec<(u64, Box<Entry<K, V>>)> = self.entries.drain().collect();
         all.sort_unstable_by_key(|(pos, _)| *pos);
         all.into_iter().map(|(_, e)| (e.key, e.value)).collect()
     }
 
     /// Remove the entry at `pos` from every view but `by_key`.
     fn remove_entry(&mut self, pos: u64) -> Option<Entry<K, V>> {
-        let e = self.entries.remove(&pos)?;
+        let e = *self.entries.remove(&pos)?;
         self.by_deadline.remove(&(e.deadline, pos));
         self.bytes -= e.size;
         if let Some(id) = &e.id
@@ -324,8 +326,8 @@ mod tests {
     fn a_redelivered_copy_takes_the_place_of_the_stale_one() {
         let now = Instant::now();
         let mut h = Hold::new(budget(10, 100));
-        h.insert("a", 0, Some("m1".to_owned()), 1, 10, now);
-        h.insert("a", 1, Some("m2".to_owned()), 2, 10, now);
+        h.insert("a", 0, Some("m1".into()), 1, 10, now);
+        h.insert("a", 1, Some("m2".into()), 2, 10, now);
         *h.by_id_mut("m1", 30).unwrap() = 11;
         assert!(h.by_id_mut("zz", 1).is_none());
         assert_eq!((h.len(), h.bytes()), (2, 40));

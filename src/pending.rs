@@ -1,6 +1,8 @@
 //! [`Pending`]: a decoded message on its way through the engine, and [`Meta`], what it takes to
 //! settle and describe it without the message itself.
 
+use std::sync::Arc;
+
 use tokio::time::Instant;
 
 use crate::transport::DeliveryId;
@@ -25,8 +27,9 @@ pub(crate) struct Meta {
     pub(crate) attempt: u32,
     /// The sender's limit on retries, if any (it can only lower the policy's).
     pub(crate) max_attempts: Option<u32>,
-    /// The message id (from the consumer's extractor, else the transport's).
-    pub(crate) message_id: Option<String>,
+    /// The message id (from the consumer's extractor, else the transport's), shared with the
+    /// hold's index by id.
+    pub(crate) message_id: Option<Arc<str>>,
     /// The broker delivered it before, to a consumer that did not settle it.
     pub(crate) redelivered: bool,
     /// A stable hash of the message id (or body): seeds jitter, recognises a deferred message

@@ -17,6 +17,7 @@ use super::declare::{declare_queue, short};
 use super::error::AmqpError;
 use super::group::Assignment;
 use super::headers;
+use super::packed::Packed;
 use super::route::{Queue, QueueKind};
 use super::shared::{Shared, Unsettled};
 use crate::transport::{Delivery, Source};
@@ -389,7 +390,7 @@ async fn refresh_near_limit(shared: &Shared, c: &Consumption, parked: &mut Vec<L
             acker: d.acker,
             exchange: Arc::from(d.exchange.as_str()),
             routing_key: Arc::from(d.routing_key.as_str()),
-            properties: d.properties,
+            properties: Packed::pack(d.properties),
             body: d.data,
             queue: Arc::from(c.queue.name.as_str()),
             stream: false,

@@ -100,7 +100,8 @@ impl Shared {
 
     /// A copy of `p` at the back of the queue it came from (its delivery count starts over).
     pub(crate) async fn copy_back(&self, p: &Unsettled) -> Result<(), AmqpError> {
-        let h = headers::given_back_headers(p.properties.headers().as_ref());
+        let props = p.properties.unpack()?;
+        let h = headers::given_back_headers(props.headers().as_ref());
         publish_confirmed(
             &self.publisher,
             self.broker.addr(),
@@ -111,7 +112,7 @@ impl Shared {
                 mandatory: true,
             },
             &p.body,
-            copy_properties(&p.properties, h),
+            copy_properties(&props, h),
         )
         .await
     }
@@ -134,9 +135,9 @@ impl Shared {
         }
     }
 
-    fn origin(&self, p: &Unsettled) -> Origin {
+    fn origin(&self, p: &Unsettled, props: &BasicProperties) -> Origin {
         Origin::of(
-            p.properties.headers().as_ref(),
+            props.headers().as_ref(),
             &p.exchange,
             &p.routing_key,
             p.received_ms,
@@ -149,8 +150,9 @@ impl Shared {
         delay: std::time::Duration,
         attempt: u32,
     ) -> Result<(), AmqpError> {
-        let original = p.properties.headers().as_ref();
-        let origin = self.origin(p);
+        let props = p.properties.unpack()?;
+        let original = props.headers().as_ref();
+        let origin = self.origin(p, &props);
         let retry = &self.route.retry;
         // A fixed key, or back to the queue it came from.
         let key = retry.routing_key.as_deref().unwrap_or(&p.queue);
@@ -200,7 +202,7 @@ impl Shared {
                 }
             }
         };
-        let props = copy_properties(&p.properties, h);
+        let props = copy_properties(&props, h);
         publish_confirmed(&self.publisher, self.broker.addr(), copy, &p.body, props).await
     }
 
@@ -219,8 +221,9 @@ impl Shared {
     }
 
     async fn dead_letter(&self, p: &Unsettled, dead: &DeadLetter) -> Result<(), AmqpError> {
-        let original = p.properties.headers().as_ref();
-        let origin = self.origin(p);
+        let props = p.properties.unpack()?;
+        let original = props.headers().as_ref();
+        let origin = self.origin(p, &props);
         let h = headers::dead_letter_headers(original, &origin, dead, headers::now_ms());
         publish_confirmed(
             &self.publisher,
@@ -232,7 +235,7 @@ impl Shared {
                 mandatory: true,
             },
             &p.body,
-            copy_properties(&p.properties, h),
+            copy_properties(&props, h),
         )
         .await
     }

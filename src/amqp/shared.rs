@@ -9,13 +9,14 @@ use std::time::Duration;
 use lapin::message::Delivery as LapinDelivery;
 use lapin::options::BasicCancelOptions;
 use lapin::types::ShortString;
-use lapin::{Acker, BasicProperties, Channel};
+use lapin::{Acker, Channel};
 use tokio::sync::{Notify, mpsc};
 
 use super::broker::Broker;
 use super::copies::{Arrival, Copies};
 use super::headers;
 use super::health::Health;
+use super::packed::Packed;
 use super::route::Route;
 use crate::transport::{Delivery, DeliveryId, Source};
 
@@ -27,8 +28,8 @@ pub(crate) struct Unsettled {
     pub(crate) exchange: Arc<str>,
     /// The routing key it was published with (shared likewise).
     pub(crate) routing_key: Arc<str>,
-    /// Its properties and headers, copied onto deferred and dead-lettered copies.
-    pub(crate) properties: BasicProperties,
+    /// Its properties and headers (packed), copied onto deferred and dead-lettered copies.
+    pub(crate) properties: Packed,
     /// The body, for copies.
     pub(crate) body: Vec<u8>,
     /// The queue it came from (one name per consumer, shared by its deliveries).
@@ -152,7 +153,7 @@ impl Shared {
             acker: d.acker,
             exchange: self.name(d.exchange.as_str()),
             routing_key: self.name(d.routing_key.as_str()),
-            properties: d.properties,
+            properties: Packed::pack(d.properties),
             body: d.data,
             queue: Arc::clone(queue),
             stream,
