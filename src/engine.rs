@@ -695,8 +695,8 @@ impl<K: Key, M: Send + 'static, T: Transport> Engine<K, M, T> {
         let now = Instant::now();
         p.meta.held_at.get_or_insert(now);
         let event = self.event_of(&p.meta, Some(key.clone()), Decision::Held);
-        let (pos, id, size) = (p.meta.pos, p.meta.message_id.clone(), p.meta.size);
-        self.hold.insert(key, pos, id, p, size, now);
+        let pos = p.meta.pos;
+        self.hold.insert(key, pos, p, now);
         self.report.peak_held = self.report.peak_held.max(self.hold.len());
         self.emit(event);
     }
@@ -704,14 +704,16 @@ impl<K: Key, M: Send + 'static, T: Transport> Engine<K, M, T> {
     /// If a message with `p`'s id is held, put `p` in its place (keeping its position and hold
     /// time) and return the one it replaced; else give `p` back.
     fn replace_held(&mut self, mut p: Pending<M>) -> Result<Meta, Pending<M>> {
-        let Some(id) = p.meta.message_id.clone() else {
-            return Err(p);
-        };
-        match self.hold.by_id_mut(&id, p.meta.size) {
+        let held = p
+            .meta
+            .message_id
+            .as_deref()
+            .and_then(|id| self.hold.by_id(id));
+        match held {
             Some(held) => {
                 p.meta.held_at = held.meta.held_at;
                 p.meta.pos = held.meta.pos;
-                Ok(std::mem::replace(held, p).meta)
+                self.hold.replace(p).map(|replaced| replaced.meta)
             }
             None => Err(p),
         }

@@ -83,11 +83,19 @@ impl HoldBudget {
     }
 }
 
+/// What the hold reads of a held value: its message id and its size are the value's own, not
+/// stored twice.
+pub(crate) trait Held {
+    /// The message id, if any: a redelivered copy with the same id takes the value's place.
+    fn id(&self) -> Option<&Arc<str>>;
+    /// Body bytes, counted against the budget.
+    fn size(&self) -> usize;
+}
+
 struct Entry<K, V> {
     key: K,
-    id: Option<Arc<str>>,
-    deadline: Instant,
-    size: usize,
+    /// When it expires, in [`Hold::epoch`]'s nanoseconds.
+    deadline: u64,
     value: V,
 }
 
@@ -102,21 +110,25 @@ pub(crate) struct Hold<K, V> {
     entries: HashMap<u64, Box<Entry<K, V>>>,
     /// The positions held for each key, ascending: a key's messages leave in this order.
     by_key: HashMap<K, VecDeque<u64>>,
-    /// Every entry by deadline (then position): the next to expire is the first.
-    by_deadline: BTreeSet<(Instant, u64)>,
+    /// Every entry by deadline (then position): the next to expire is the first. Deadlines
+    /// are nanoseconds since `epoch` (half the size of an `Instant`).
+    by_deadline: BTreeSet<(u64, u64)>,
+    /// Where deadlines are counted from.
+    epoch: Instant,
     /// Entries by message id, to recognise a redelivered copy of a held message.
     by_id: HashMap<Arc<str>, u64>,
     /// Body bytes held.
     bytes: usize,
 }
 
-impl<K: Eq + Hash + Clone, V> Hold<K, V> {
+impl<K: Eq + Hash + Clone, V: Held> Hold<K, V> {
     pub(crate) fn new(budget: HoldBudget) -> Self {
         Self {
             budget,
             entries: HashMap::new(),
             by_key: HashMap::new(),
             by_deadline: BTreeSet::new(),
+            epoch: Instant::now(),
             by_id: HashMap::new(),
             bytes: 0,
         }
@@ -150,32 +162,22 @@ impl<K: Eq + Hash + Clone, V> Hold<K, V> {
 
     /// Hold `value` for `key` at position `pos`, until `now + max_time` at the latest. The
     /// caller checked [`Hold::fits`]; positions are unique.
-    pub(crate) fn insert(
-        &mut self,
-        key: K,
-        pos: u64,
-        id: Option<Arc<str>>,
-        value: V,
-        size: usize,
-        now: Instant,
-    ) {
-        if let Some(id) = &id {
-            self.by_id.insert(id.clone(), pos);
+    pub(crate) fn insert(&mut self, key: K, pos: u64, value: V, now: Instant) {
+        if let Some(id) = value.id() {
+            self.by_id.insert(Arc::clone(id), pos);
         }
         let queue = self.by_key.entry(key.clone()).or_default();
         // Usually the last; a message back from a deferral goes before later arrivals.
         let at = queue.partition_point(|p| *p < pos);
         queue.insert(at, pos);
-        let deadline = now + self.budget.max_time;
+        let deadline = self.since_epoch(now + self.budget.max_time);
         self.by_deadline.insert((deadline, pos));
-        self.bytes += size;
+        self.bytes += value.size();
         self.entries.insert(
             pos,
             Box::new(Entry {
                 key,
-                id,
                 deadline,
-                size,
                 value,
             }),
         );
@@ -198,27 +200,43 @@ impl<K: Eq + Hash + Clone, V> Hold<K, V> {
             .collect()
     }
 
-    /// The value held under message id `id`, now counted as `size` bytes (a redelivered copy
-    /// of the same message is about to take its place, keeping its position and deadline).
-    pub(crate) fn by_id_mut(&mut self, id: &str, size: usize) -> Option<&mut V> {
-        let entry = self
-            .by_id
-            .get(id)
-            .and_then(|pos| self.entries.get_mut(pos))?;
-        self.bytes = self.bytes - entry.size + size;
-        entry.size = size;
-        Some(&mut entry.value)
+    /// Put `value` in the place of the value held under its message id, keeping that one's
+    /// position and deadline (a redelivered copy of the same message); the one it replaced. Gives
+    /// `value` back if nothing is held under its id.
+    pub(crate) fn replace(&mut self, value: V) -> Result<V, V> {
+        let Some(entry) = value
+            .id()
+            .and_then(|id| self.by_id.get(id))
+            .and_then(|pos| self.entries.get_mut(pos))
+        else {
+            return Err(value);
+        };
+        self.bytes = self.bytes - entry.value.size() + value.size();
+        Ok(std::mem::replace(&mut entry.value, value))
+    }
+
+    /// The value held under message id `id`.
+    pub(crate) fn by_id(&self, id: &str) -> Option<&V> {
+        let pos = self.by_id.get(id)?;
+        self.entries.get(pos).map(|e| &e.value)
     }
 
     /// When the next held message expires.
     pub(crate) fn next_deadline(&self) -> Option<Instant> {
-        self.by_deadline.first().map(|(t, _)| *t)
+        self.by_deadline
+            .first()
+            .map(|(t, _)| self.epoch + Duration::from_nanos(*t))
+    }
+
+    /// `t` in nanoseconds since the epoch (0 before it; 584 years fit).
+    fn since_epoch(&self, t: Instant) -> u64 {
+        u64::try_from(t.saturating_duration_since(self.epoch).as_nanos()).unwrap_or(u64::MAX)
     }
 
     /// Remove and return the next message to expire if it has expired by `now`.
     pub(crate) fn pop_expired(&mut self, now: Instant) -> Option<(K, V)> {
         let &(deadline, pos) = self.by_deadline.first()?;
-        if deadline > now {
+        if deadline > self.since_epoch(now) {
             return None;
         }
         let entry = self.remove_entry(pos)?;
@@ -270,8 +288,8 @@ impl<K: Eq + Hash + Clone, V> Hold<K, V> {
     fn remove_entry(&mut self, pos: u64) -> Option<Entry<K, V>> {
         let e = *self.entries.remove(&pos)?;
         self.by_deadline.remove(&(e.deadline, pos));
-        self.bytes -= e.size;
-        if let Some(id) = &e.id
+        self.bytes -= e.value.size();
+        if let Some(id) = e.value.id()
             && self.by_id.get(id) == Some(&pos)
         {
             self.by_id.remove(id);
@@ -284,6 +302,33 @@ impl<K: Eq + Hash + Clone, V> Hold<K, V> {
 mod tests {
     use super::*;
 
+    /// A held value for the tests: a number, an optional id, a size.
+    #[derive(Debug, PartialEq)]
+    struct V(i32, Option<Arc<str>>, usize);
+
+    impl Held for V {
+        fn id(&self) -> Option<&Arc<str>> {
+            self.1.as_ref()
+        }
+
+        fn size(&self) -> usize {
+            self.2
+        }
+    }
+
+    /// Value `n` of `size` bytes, without an id.
+    fn v(n: i32, size: usize) -> V {
+        V(n, None, size)
+    }
+
+    fn nums(vs: Vec<V>) -> Vec<i32> {
+        vs.into_iter().map(|v| v.0).collect()
+    }
+
+    fn keyed(vs: Vec<(&'static str, V)>) -> Vec<(&'static str, i32)> {
+        vs.into_iter().map(|(k, v)| (k, v.0)).collect()
+    }
+
     fn budget(n: usize, bytes: usize) -> HoldBudget {
         HoldBudget::DEFAULT
             .max_messages(n)
@@ -295,12 +340,16 @@ mod tests {
     fn releases_a_key_in_position_order_and_frees_budget() {
         let now = Instant::now();
         let mut h = Hold::new(budget(3, 100));
-        h.insert("a", 5, None, 1, 10, now);
-        h.insert("b", 6, None, 2, 10, now);
-        h.insert("a", 2, None, 3, 10, now); // back from a deferral: before 5
+        h.insert("a", 5, v(1, 10), now);
+        h.insert("b", 6, v(2, 10), now);
+        h.insert("a", 2, v(3, 10), now); // back from a deferral: before 5
         assert!(!h.fits(1));
-        assert_eq!(h.take_before(&"a", 5), vec![3], "only positions before 5");
-        assert_eq!(h.take_before(&"a", u64::MAX), vec![1]);
+        assert_eq!(
+            nums(h.take_before(&"a", 5)),
+            vec![3],
+            "only positions before 5"
+        );
+        assert_eq!(nums(h.take_before(&"a", u64::MAX)), vec![1]);
         assert!(!h.holds(&"a"));
         assert_eq!((h.len(), h.bytes()), (1, 10));
         assert!(h.fits(90));
@@ -311,14 +360,17 @@ mod tests {
     fn expires_by_deadline_and_only_when_due() {
         let now = Instant::now();
         let mut h = Hold::new(budget(10, 100));
-        h.insert("a", 1, None, 1, 1, now);
-        h.insert("b", 0, None, 2, 1, now + Duration::from_secs(1));
+        h.insert("a", 1, v(1, 1), now);
+        h.insert("b", 0, v(2, 1), now + Duration::from_secs(1));
         assert_eq!(h.next_deadline(), Some(now + Duration::from_secs(10)));
         assert_eq!(h.pop_expired(now + Duration::from_secs(9)), None);
-        assert_eq!(h.pop_expired(now + Duration::from_secs(10)), Some(("a", 1)));
+        assert_eq!(
+            h.pop_expired(now + Duration::from_secs(10)),
+            Some(("a", v(1, 1)))
+        );
         assert!(h.take_before(&"a", u64::MAX).is_empty());
         assert_eq!(h.pop_expired(now + Duration::from_secs(10)), None);
-        assert_eq!(h.drain(), vec![("b", 2)]);
+        assert_eq!(keyed(h.drain()), vec![("b", 2)]);
         assert_eq!((h.len(), h.bytes(), h.next_deadline()), (0, 0, None));
     }
 
@@ -326,17 +378,25 @@ mod tests {
     fn a_redelivered_copy_takes_the_place_of_the_stale_one() {
         let now = Instant::now();
         let mut h = Hold::new(budget(10, 100));
-        h.insert("a", 0, Some("m1".into()), 1, 10, now);
-        h.insert("a", 1, Some("m2".into()), 2, 10, now);
-        *h.by_id_mut("m1", 30).unwrap() = 11;
-        assert!(h.by_id_mut("zz", 1).is_none());
+        h.insert("a", 0, V(1, Some("m1".into()), 10), now);
+        h.insert("a", 1, V(2, Some("m2".into()), 10), now);
+        assert_eq!(h.by_id("m1").map(|v| v.0), Some(1));
+        let stale = h.replace(V(11, Some("m1".into()), 30));
+        assert_eq!(stale.map(|v| v.0), Ok(1));
+        let unknown = h.replace(V(12, Some("zz".into()), 1));
+        assert_eq!(unknown.map_err(|v| v.0), Err(12));
+        assert_eq!(
+            h.replace(v(13, 1)).map_err(|v| v.0),
+            Err(13),
+            "no id, no place"
+        );
         assert_eq!((h.len(), h.bytes()), (2, 40));
         assert_eq!(
-            h.take_before(&"a", u64::MAX),
+            nums(h.take_before(&"a", u64::MAX)),
             vec![11, 2],
             "same place, same order"
         );
-        assert!(h.by_id_mut("m1", 1).is_none(), "gone with its entry");
+        assert!(h.by_id("m1").is_none(), "gone with its entry");
         assert_eq!(h.bytes(), 0);
     }
 
@@ -344,28 +404,29 @@ mod tests {
     fn drain_is_in_position_order() {
         let now = Instant::now();
         let mut h = Hold::new(budget(10, 100));
-        h.insert("a", 3, None, 3, 1, now);
-        h.insert("b", 1, None, 1, 1, now);
-        h.insert("a", 2, None, 2, 1, now);
-        assert_eq!(h.drain(), vec![("b", 1), ("a", 2), ("a", 3)]);
+        h.insert("a", 3, v(3, 1), now);
+        h.insert("b", 1, v(1, 1), now);
+        h.insert("a", 2, v(2, 1), now);
+        assert_eq!(keyed(h.drain()), vec![("b", 1), ("a", 2), ("a", 3)]);
     }
 
     #[test]
     fn take_where_keeps_the_rest_in_place() {
         let now = Instant::now();
         let mut h = Hold::new(budget(10, 100));
-        h.insert("a", 1, None, 10, 1, now);
-        h.insert("a", 2, None, 21, 1, now);
-        h.insert("b", 3, None, 30, 1, now);
-        assert_eq!(h.take_where(|v| *v % 10 == 0), vec![("a", 10), ("b", 30)]);
+        h.insert("a", 1, v(10, 1), now);
+        h.insert("a", 2, v(21, 1), now);
+        h.insert("b", 3, v(30, 1), now);
+        let taken = h.take_where(|v| v.0 % 10 == 0);
+        assert_eq!(keyed(taken), vec![("a", 10), ("b", 30)]);
         assert_eq!((h.len(), h.bytes()), (1, 1));
         assert!(!h.holds(&"b"));
-        assert_eq!(h.take_before(&"a", u64::MAX), vec![21]);
+        assert_eq!(nums(h.take_before(&"a", u64::MAX)), vec![21]);
     }
 
     #[test]
     fn none_budget_holds_nothing() {
-        let h: Hold<u8, u8> = Hold::new(HoldBudget::NONE);
+        let h: Hold<u8, V> = Hold::new(HoldBudget::NONE);
         assert!(!h.fits(0));
     }
 }

@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use tokio::time::Instant;
 
+use crate::hold::Held;
 use crate::transport::DeliveryId;
 
 /// A decoded message on its way through the engine.
@@ -41,4 +42,14 @@ pub(crate) struct Meta {
     pub(crate) held_at: Option<Instant>,
     /// The partition it came from, if the transport consumes partitions.
     pub(crate) partition: Option<u32>,
+}
+
+impl<M> Held for Pending<M> {
+    fn id(&self) -> Option<&Arc<str>> {
+        self.meta.message_id.as_ref()
+    }
+
+    fn size(&self) -> usize {
+        self.meta.size
+    }
 }

@@ -46,7 +46,7 @@ pub(crate) struct Unsettled {
     /// The partition it came from, for a partitioned route.
     pub(crate) partition: Option<u32>,
     /// Its copy identity ([`headers::COPY`]), for a deferred copy.
-    pub(crate) copy: Option<String>,
+    pub(crate) copy: Option<Box<str>>,
 }
 
 /// How many distinct exchange and routing key names a transport stores once.
@@ -132,7 +132,8 @@ impl Shared {
     ) -> Delivery {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let incoming = headers::read_incoming(d.properties.headers().as_ref());
-        let copy = headers::get_str(d.properties.headers().as_ref(), headers::COPY);
+        let copy = headers::get_str(d.properties.headers().as_ref(), headers::COPY)
+            .map(String::into_boxed_str);
         let received_ms = headers::now_ms();
         self.health.delivered(received_ms);
         let delivery = Delivery {
