@@ -71,6 +71,7 @@ use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProper
 
 use super::addr::AmqpAddr;
 use super::headers::{self, get_int, get_str};
+use super::settle::copy_properties;
 
 /// How long connecting, and each broker operation of a run, may take by default.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
@@ -665,40 +666,8 @@ pub fn replay_headers(dead: Option<&FieldTable>) -> FieldTable {
 /// without `expiration` (a copy must not vanish) and `user-id` (the broker refuses one that is
 /// not the connection's).
 pub fn replay_properties(p: &BasicProperties, headers: FieldTable) -> BasicProperties {
-    let mut out = BasicProperties::default()
-        .with_headers(headers)
-        .with_delivery_mode(2);
-    if let Some(v) = p.content_type() {
-        out = out.with_content_type(v.clone());
-    }
-    if let Some(v) = p.content_encoding() {
-        out = out.with_content_encoding(v.clone());
-    }
-    if let Some(v) = p.priority() {
-        out = out.with_priority(*v);
-    }
-    if let Some(v) = p.correlation_id() {
-        out = out.with_correlation_id(v.clone());
-    }
-    if let Some(v) = p.reply_to() {
-        out = out.with_reply_to(v.clone());
-    }
-    if let Some(v) = p.message_id() {
-        out = out.with_message_id(v.clone());
-    }
-    if let Some(v) = p.timestamp() {
-        out = out.with_timestamp(*v);
-    }
-    if let Some(v) = p.kind() {
-        out = out.with_type(v.clone());
-    }
-    if let Some(v) = p.app_id() {
-        out = out.with_app_id(v.clone());
-    }
-    if let Some(v) = p.cluster_id() {
-        out = out.with_cluster_id(v.clone());
-    }
-    out
+    // The same rules as every copy the transport publishes.
+    copy_properties(p, headers)
 }
 
 /// Read every message of the queue (as of the start), sum the selected ones up by kind, and
