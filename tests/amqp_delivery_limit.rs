@@ -275,7 +275,25 @@ async fn control_a_limit_prereq_does_not_know_lets_the_broker_dead_letter() {
     publish_held(&conn, "", &names.queue).await;
 
     let mut restarts = 0;
-    while support::ready_count(&ch, &broker_dlq).await == 0 {
+    loop {
+        // After a give-back the broker either puts the payment back in its queue or, past the
+        // limit, dead-letters it; the latter is asynchronous, so wait for one or the other.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        let (back, dead) = loop {
+            let back = support::ready_count(&ch, &names.queue).await;
+            let dead = support::ready_count(&ch, &broker_dlq).await;
+            if back + dead > 0 || tokio::time::Instant::now() > deadline {
+                break (back, dead);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        assert!(
+            back + dead > 0,
+            "after {restarts} restarts the payment is neither in its queue nor dead-lettered"
+        );
+        if dead > 0 {
+            break;
+        }
         assert!(restarts < 10, "the broker never dead-lettered the payment");
         hold_and_stop(&route).await;
         restarts += 1;
