@@ -68,6 +68,7 @@ mod router;
 mod settle;
 mod shared;
 mod transport;
+mod via;
 
 pub use addr::{AMQP_ADDR_ENV, AmqpAddr, DEFAULT_AMQP_ADDR, redact_uri};
 pub use broker::{

@@ -409,7 +409,7 @@ impl<K: Key, M: Send + 'static, T: Transport> Engine<K, M, T> {
                 message_id,
                 redelivered: d.redelivered,
                 seed,
-                size: d.body.len(),
+                size: u32::try_from(d.body.len()).unwrap_or(u32::MAX),
                 held_at: None,
                 partition: d.partition,
             },
@@ -667,7 +667,8 @@ impl<K: Key, M: Send + 'static, T: Transport> Engine<K, M, T> {
         for w in self.take_waiting(&key) {
             if w.expired {
                 // It was held until the re-check found its key.
-                self.emit(released(&w.p.meta, &key, now));
+                let waited = self.hold.waited(w.p.meta.held_at, now);
+                self.emit(released(&w.p.meta, &key, waited));
             }
             self.enqueue_known(key.clone(), w.p);
         }
@@ -682,18 +683,21 @@ impl<K: Key, M: Send + 'static, T: Transport> Engine<K, M, T> {
         let limit = self.away.first(key).unwrap_or(u64::MAX);
         let now = Instant::now();
         for p in self.hold.take_before(key, limit) {
-            self.emit(released(&p.meta, key, now));
+            let waited = self.hold.waited(p.meta.held_at, now);
+            self.emit(released(&p.meta, key, waited));
             self.lanes.push(key.clone(), p.meta.pos, p);
         }
     }
 
     /// Hold `p`, or defer it for `cause` if the hold has no room.
     fn hold_or_defer(&mut self, key: K, mut p: Pending<M>, cause: DeferCause) {
-        if !self.hold.fits(p.meta.size) {
+        if !self.hold.fits(p.meta.size as usize) {
             return self.defer(key, &p.meta, cause, None);
         }
         let now = Instant::now();
-        p.meta.held_at.get_or_insert(now);
+        if p.meta.held_at.is_none() {
+            p.meta.held_at = Some(self.hold.stamp(now));
+        }
         let event = self.event_of(&p.meta, Some(key.clone()), Decision::Held);
         let pos = p.meta.pos;
         self.hold.insert(key, pos, p, now);
@@ -929,9 +933,8 @@ fn event_of<K>(meta: &Meta, key: Option<K>, decision: Decision) -> Event<K> {
     }
 }
 
-/// The event of a held message released at `now`.
-fn released<K: Clone>(meta: &Meta, key: &K, now: Instant) -> Event<K> {
-    let waited = meta.held_at.map(|t| now - t).unwrap_or_default();
+/// The event of a held message released after it `waited`.
+fn released<K: Clone>(meta: &Meta, key: &K, waited: Duration) -> Event<K> {
     event_of(meta, Some(key.clone()), Decision::Released { waited })
 }
 

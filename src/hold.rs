@@ -7,6 +7,7 @@
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::hash::Hash;
+use std::num::NonZeroU64;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -85,6 +86,11 @@ impl HoldBudget {
 
 /// What the hold reads of a held value: its message id and its size are the value's own, not
 /// stored twice.
+/// A moment in a hold's time (nanoseconds since its start, plus one): half an `Instant`'s size,
+/// and `Option<Stamp>` no bigger.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Stamp(NonZeroU64);
+
 pub(crate) trait Held {
     /// The message id, if any: a redelivered copy with the same id takes the value's place.
     fn id(&self) -> Option<&Arc<str>>;
@@ -226,6 +232,18 @@ impl<K: Eq + Hash + Clone, V: Held> Hold<K, V> {
         self.by_deadline
             .first()
             .map(|(t, _)| self.epoch + Duration::from_nanos(*t))
+    }
+
+    /// A stamp of `now`, for [`Hold::waited`].
+    pub(crate) fn stamp(&self, now: Instant) -> Stamp {
+        Stamp(NonZeroU64::MIN.saturating_add(self.since_epoch(now)))
+    }
+
+    /// How long ago, at `now`, `stamp` was taken (zero without one).
+    pub(crate) fn waited(&self, stamp: Option<Stamp>, now: Instant) -> Duration {
+        stamp.map_or(Duration::ZERO, |s| {
+            Duration::from_nanos(self.since_epoch(now).saturating_sub(s.0.get() - 1))
+        })
     }
 
     /// `t` in nanoseconds since the epoch (0 before it; 584 years fit).

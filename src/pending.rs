@@ -3,9 +3,7 @@
 
 use std::sync::Arc;
 
-use tokio::time::Instant;
-
-use crate::hold::Held;
+use crate::hold::{Held, Stamp};
 use crate::transport::DeliveryId;
 
 /// A decoded message on its way through the engine.
@@ -36,10 +34,11 @@ pub(crate) struct Meta {
     /// A stable hash of the message id (or body): seeds jitter, recognises a deferred message
     /// when it comes back.
     pub(crate) seed: u64,
-    /// Body bytes, counted against the hold's byte budget.
-    pub(crate) size: usize,
-    /// When it was first held, for the release latency.
-    pub(crate) held_at: Option<Instant>,
+    /// Body bytes, counted against the hold's byte budget (saturating: a body past 4 GiB
+    /// counts as 4 GiB, more than any budget a broker's frame limit leaves room for).
+    pub(crate) size: u32,
+    /// When it was first held ([`crate::hold::Stamp`]), for the release latency.
+    pub(crate) held_at: Option<Stamp>,
     /// The partition it came from, if the transport consumes partitions.
     pub(crate) partition: Option<u32>,
 }
@@ -50,6 +49,17 @@ impl<M> Held for Pending<M> {
     }
 
     fn size(&self) -> usize {
-        self.meta.size
+        self.meta.size as usize
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_metadata_stays_small() {
+        // One per held message, inside the hold's boxed entry: 80 bytes (it was 96 with a
+        // `usize` size and an `Instant` hold time).
+        let size = std::mem::size_of::<super::Meta>();
+        assert!(size <= 80, "Meta is {size} bytes");
     }
 }

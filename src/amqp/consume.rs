@@ -19,7 +19,8 @@ use super::group::Assignment;
 use super::headers;
 use super::packed::Packed;
 use super::route::{Queue, QueueKind};
-use super::shared::{Shared, Unsettled};
+use super::shared::{Shared, Unsettled, one_more_return_exceeds};
+use super::via::Vias;
 use crate::transport::{Delivery, Source};
 
 /// The first pause before re-subscribing a cancelled consumer; pauses double…
@@ -45,9 +46,14 @@ pub(crate) type Deliveries = mpsc::Sender<Result<Delivery, AmqpError>>;
 /// Consume `c.queue` until the transport is dropped; send an error and stop if the consumer
 /// cannot be restored within the reconnect timeout.
 pub(crate) async fn consume(shared: Arc<Shared>, c: Consumption, tx: Deliveries) {
-    let stream = c.queue.kind == QueueKind::Stream;
-    let limit = c.queue.effective_delivery_limit();
     let name = c.queue.name.clone();
+    // One record per exchange and routing key, shared by the unsettled deliveries.
+    let mut vias = Vias::new(
+        &name,
+        c.queue.kind == QueueKind::Stream,
+        c.queue.effective_delivery_limit(),
+        c.partition.as_ref().map(|(i, _)| *i),
+    );
     let mut c = c;
     // A first subscription that fails (the connection dropped while the channel opened, say)
     // is retried like any later one, within the reconnect timeout.
@@ -65,7 +71,7 @@ pub(crate) async fn consume(shared: Arc<Shared>, c: Consumption, tx: Deliveries)
     loop {
         if let Some((channel, consumer)) = subscribed.take() {
             shared.health.set(&name, true);
-            let ended = forward(&shared, &mut c, channel, consumer, stream, limit, &tx).await;
+            let ended = forward(&shared, &mut c, channel, consumer, &mut vias, &tx).await;
             if tx.is_closed() || shared.is_stopping() {
                 return;
             }
@@ -220,13 +226,10 @@ async fn forward(
     c: &mut Consumption,
     mut channel: Channel,
     mut consumer: Consumer,
-    stream: bool,
-    limit: Option<u32>,
+    vias: &mut Vias,
     tx: &Deliveries,
 ) -> Ended {
-    // Shared by every delivery of this consumer's record (see `Unsettled::queue`).
-    let name: Arc<str> = Arc::from(c.queue.name.as_str());
-    let index = c.partition.as_ref().map(|(i, _)| *i);
+    let name = Arc::clone(vias.queue());
     loop {
         let owned = |c: &Consumption| {
             c.partition
@@ -249,7 +252,7 @@ async fn forward(
             next = consumer.next() => next,
             changed = ownership_changed => {
                 if changed && !owned(c) {
-                    match hand_over(shared, c, &channel, consumer, Vec::new()).await {
+                    match hand_over(shared, c, &channel, consumer, vias, Vec::new()).await {
                         Ok((ch, standby)) => {
                             shared.track(&name, &ch, standby.tag());
                             (channel, consumer) = (ch, standby);
@@ -264,7 +267,7 @@ async fn forward(
         match next {
             Some(Ok(d)) if !owned(c) => {
                 // Active on a partition another instance owns: give it up, this delivery too.
-                match hand_over(shared, c, &channel, consumer, vec![d]).await {
+                match hand_over(shared, c, &channel, consumer, vias, vec![d]).await {
                     Ok((ch, standby)) => {
                         shared.track(&name, &ch, standby.tag());
                         (channel, consumer) = (ch, standby);
@@ -277,7 +280,8 @@ async fn forward(
                     drop_duplicate(shared, d, &name, &copy).await;
                     continue;
                 }
-                let delivery = shared.register(d, &name, c.source, stream, limit, index);
+                let via = vias.get(d.exchange.as_str(), d.routing_key.as_str());
+                let delivery = shared.register(d, via, c.source);
                 if let Some(refresh) = near_limit(shared, &delivery) {
                     // One more return would take it past the queue's delivery limit: start
                     // a new count now, while the message is in hand.
@@ -320,6 +324,7 @@ async fn hand_over(
     c: &Consumption,
     channel: &Channel,
     mut consumer: Consumer,
+    vias: &mut Vias,
     mut parked: Vec<LapinDelivery>,
 ) -> Result<(Channel, Consumer), AmqpError> {
     let Some((partition, _)) = &c.partition else {
@@ -358,7 +363,7 @@ async fn hand_over(
         }
     }
     let given_back = parked.len();
-    refresh_near_limit(shared, c, &mut parked).await;
+    refresh_near_limit(shared, vias, &mut parked).await;
     let _ = channel
         .close(200, "prereq: partition handed over".into())
         .await;
@@ -373,41 +378,38 @@ async fn hand_over(
 /// queue's delivery limit to the back of the queue (a new count) and acknowledge them: the
 /// channel's close would bring them to the limit, and the broker would drop them. A copy that
 /// fails leaves its original to the close.
-async fn refresh_near_limit(shared: &Shared, c: &Consumption, parked: &mut Vec<LapinDelivery>) {
-    let Some(limit) = c.queue.effective_delivery_limit() else {
-        return;
-    };
+async fn refresh_near_limit(shared: &Shared, vias: &mut Vias, parked: &mut Vec<LapinDelivery>) {
     let mut kept = Vec::with_capacity(parked.len());
     for d in parked.drain(..) {
-        let count = headers::read_incoming(d.properties.headers().as_ref())
+        let returns = headers::read_incoming(d.properties.headers().as_ref())
             .delivery_count
             .unwrap_or(0);
-        if count.saturating_add(1) < limit {
+        let via = vias.get(d.exchange.as_str(), d.routing_key.as_str());
+        if !via
+            .delivery_limit
+            .is_some_and(|limit| one_more_return_exceeds(returns, limit))
+        {
             kept.push(d);
             continue;
         }
         let p = Unsettled {
+            via,
             acker: d.acker,
-            exchange: Arc::from(d.exchange.as_str()),
-            routing_key: Arc::from(d.routing_key.as_str()),
             properties: Packed::pack(d.properties),
             body: d.data,
-            queue: Arc::from(c.queue.name.as_str()),
-            stream: false,
-            returns: Some((count, limit)),
+            returns,
             received_ms: headers::now_ms(),
-            partition: c.partition.as_ref().map(|(i, _)| *i),
-            copy: None,
+            is_copy: false,
         };
         match shared.copy_back(&p).await {
             Ok(()) => {
                 if let Err(e) = p.acker.ack(BasicAckOptions::default()).await {
-                    warn!(target: "prereq", queue = %c.queue.name,
+                    warn!(target: "prereq", queue = %p.via.queue,
                         error = %shared.broker.addr().scrub(&e.to_string()),
                         "could not acknowledge a message copied back (it comes twice)");
                 }
             }
-            Err(e) => warn!(target: "prereq", queue = %c.queue.name, error = %e,
+            Err(e) => warn!(target: "prereq", queue = %p.via.queue, error = %e,
                 "could not copy back a message near its queue's delivery limit"),
         }
     }

@@ -18,7 +18,7 @@ use super::delay::{self, DelayMechanism};
 use super::error::AmqpError;
 use super::headers::{self, Origin};
 use super::publish::{Copy, publish_confirmed};
-use super::shared::{Shared, Unsettled, one_more_return_exceeds};
+use super::shared::{Shared, Unsettled};
 use crate::DeadLetter;
 use crate::transport::{DeliveryId, Settle};
 
@@ -29,13 +29,13 @@ impl Shared {
         if matches!(settle, Settle::Requeue) {
             // Given back (requeued, copied back, left to a channel's close): the broker's again
             // before it can come back.
-            self.copy_settled(p.copy.as_deref(), id, false);
+            self.copy_settled(p.copy().as_deref(), id, false);
             return self.settle_taken(&p, settle).await;
         }
         let settled = self.settle_taken(&p, settle).await;
         // A deferred copy is settled for good only once the ack was sent: one whose settle
         // failed is the broker's again.
-        self.copy_settled(p.copy.as_deref(), id, settled.is_ok());
+        self.copy_settled(p.copy().as_deref(), id, settled.is_ok());
         settled
     }
 
@@ -89,13 +89,11 @@ impl Shared {
     /// delivery count past its limit (the broker would then dead-letter or drop it): a confirmed
     /// copy, which starts a new count, then the ack.
     async fn give_back(&self, p: &Unsettled) -> Result<(), AmqpError> {
-        match p.returns {
-            Some((count, limit)) if one_more_return_exceeds(count, limit) => {
-                self.copy_back(p).await?;
-                self.ack(p).await
-            }
-            _ => self.requeue(p).await,
+        if p.near_limit() {
+            self.copy_back(p).await?;
+            return self.ack(p).await;
         }
+        self.requeue(p).await
     }
 
     /// A copy of `p` at the back of the queue it came from (its delivery count starts over).
@@ -108,7 +106,7 @@ impl Shared {
             Copy {
                 what: "give back",
                 exchange: "",
-                routing_key: &p.queue,
+                routing_key: &p.via.queue,
                 mandatory: true,
             },
             &p.body,
@@ -118,7 +116,7 @@ impl Shared {
     }
 
     async fn requeue(&self, p: &Unsettled) -> Result<(), AmqpError> {
-        if p.stream {
+        if p.via.stream {
             // Acknowledged instead (it frees the stream consumer's credit); the next connect
             // reads it again from the stream.
             return self.ack(p).await;
@@ -138,8 +136,8 @@ impl Shared {
     fn origin(&self, p: &Unsettled, props: &BasicProperties) -> Origin {
         Origin::of(
             props.headers().as_ref(),
-            &p.exchange,
-            &p.routing_key,
+            &p.via.exchange,
+            &p.via.routing_key,
             p.received_ms,
         )
     }
@@ -155,7 +153,7 @@ impl Shared {
         let origin = self.origin(p, &props);
         let retry = &self.route.retry;
         // A fixed key, or back to the queue it came from.
-        let key = retry.routing_key.as_deref().unwrap_or(&p.queue);
+        let key = retry.routing_key.as_deref().unwrap_or(&p.via.queue);
         let max_delay = self.broker.options().get_max_delay();
         let (delay, to) = match self.broker.mechanism() {
             // No `mandatory`: the plugin reports a message with a positive `x-delay` as

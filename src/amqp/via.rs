@@ -1,0 +1,138 @@
+//! The way a delivery came: its queue and that queue's traits, the exchange and routing key it
+//! was published with. Every delivery of one consumer from one exchange and routing key shares
+//! one record ([`Via`]), so an unsettled delivery pays a pointer for all of it.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+/// How many distinct exchange and routing key pairs one consumer stores once; past that, each
+/// delivery of a new pair gets its own record (routing keys may be unbounded).
+const KEPT: usize = 4096;
+
+/// What the deliveries of one consumer, from one exchange and routing key, have in common.
+#[derive(Debug)]
+pub(crate) struct Via {
+    /// The exchange it was published to.
+    pub(crate) exchange: Box<str>,
+    /// The routing key it was published with.
+    pub(crate) routing_key: Box<str>,
+    /// The queue it came from.
+    pub(crate) queue: Arc<str>,
+    /// From a stream: it cannot be requeued (a nack closes the connection with
+    /// `540 NOT_IMPLEMENTED`), and needs not be: every connect reads the stream again.
+    pub(crate) stream: bool,
+    /// The queue's delivery limit (quorum queues): a give-back that would take a message past
+    /// it is made by a copy instead.
+    pub(crate) delivery_limit: Option<u32>,
+    /// The partition the queue is, for a partitioned route.
+    pub(crate) partition: Option<u32>,
+}
+
+/// The [`Via`] records of one consumer, by exchange then routing key.
+pub(crate) struct Vias {
+    /// The queue consumed.
+    queue: Arc<str>,
+    /// Is it a stream?
+    stream: bool,
+    /// Its delivery limit, if prereq knows one.
+    delivery_limit: Option<u32>,
+    /// Its partition index, for a partitioned route.
+    partition: Option<u32>,
+    /// The records handed out so far (up to [`KEPT`]).
+    kept: HashMap<Box<str>, HashMap<Box<str>, Arc<Via>>>,
+    /// How many records `kept` holds.
+    len: usize,
+}
+
+impl Vias {
+    /// The records of a consumer of `queue`.
+    pub(crate) fn new(
+        queue: &str,
+        stream: bool,
+        delivery_limit: Option<u32>,
+        partition: Option<u32>,
+    ) -> Self {
+        Self {
+            queue: Arc::from(queue),
+            stream,
+            delivery_limit,
+            partition,
+            kept: HashMap::new(),
+            len: 0,
+        }
+    }
+
+    /// The queue's name, shared by the records.
+    pub(crate) fn queue(&self) -> &Arc<str> {
+        &self.queue
+    }
+
+    /// The record of deliveries from `exchange` with `routing_key`.
+    pub(crate) fn get(&mut self, exchange: &str, routing_key: &str) -> Arc<Via> {
+        if let Some(via) = self
+            .kept
+            .get(exchange)
+            .and_then(|keys| keys.get(routing_key))
+        {
+            return Arc::clone(via);
+        }
+        let via = Arc::new(Via {
+            exchange: Box::from(exchange),
+            routing_key: Box::from(routing_key),
+            queue: Arc::clone(&self.queue),
+            stream: self.stream,
+            delivery_limit: self.delivery_limit,
+            partition: self.partition,
+        });
+        if self.len < KEPT {
+            self.kept
+                .entry(Box::from(exchange))
+                .or_default()
+                .insert(Box::from(routing_key), Arc::clone(&via));
+            self.len += 1;
+        }
+        via
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_record_per_exchange_and_routing_key() {
+        let mut vias = Vias::new("payments", false, Some(20), Some(3));
+        let a = vias.get("shop", "order.created");
+        let b = vias.get("shop", "order.created");
+        let c = vias.get("shop", "order.paid");
+        let d = vias.get("", "order.created");
+        assert!(Arc::ptr_eq(&a, &b));
+        assert!(!Arc::ptr_eq(&a, &c));
+        assert!(!Arc::ptr_eq(&a, &d));
+        assert_eq!(&*c.routing_key, "order.paid");
+        assert_eq!(&*d.exchange, "");
+        assert_eq!(&*a.queue, "payments");
+        assert_eq!(
+            (a.stream, a.delivery_limit, a.partition),
+            (false, Some(20), Some(3))
+        );
+        assert!(
+            Arc::ptr_eq(&a.queue, &d.queue),
+            "the queue's name is shared"
+        );
+    }
+
+    #[test]
+    fn past_the_bound_records_are_still_right_but_not_kept() {
+        let mut vias = Vias::new("q", false, None, None);
+        for i in 0..KEPT {
+            vias.get("x", &i.to_string());
+        }
+        let first = vias.get("x", "0");
+        assert!(Arc::ptr_eq(&first, &vias.get("x", "0")), "kept");
+        let late = vias.get("x", "late");
+        assert_eq!(&*late.routing_key, "late");
+        assert!(!Arc::ptr_eq(&late, &vias.get("x", "late")), "not kept");
+        assert_eq!(vias.len, KEPT);
+    }
+}
