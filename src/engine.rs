@@ -25,6 +25,7 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context as TaskContext, Poll, Waker};
 use std::time::Duration;
 
@@ -135,6 +136,36 @@ struct Handled<K> {
     outcome: Result<Event<K>, HandlerError>,
 }
 
+/// How a handler task says its handler succeeded, before it acknowledges the message.
+struct Returned {
+    /// Set while a message of its key waits: only then is the engine told (waking it once more
+    /// per message would cost about 900 instructions).
+    waited: Arc<AtomicBool>,
+    /// To the engine's `returned`.
+    tx: mpsc::UnboundedSender<Id>,
+}
+
+impl Returned {
+    fn tell(self) {
+        if self.waited.load(Ordering::Acquire)
+            && let Some(id) = tokio::task::try_id()
+        {
+            let _ = self.tx.send(id);
+        }
+    }
+}
+
+/// A running handler task, as the engine knows it.
+struct Running<K> {
+    /// The key it handles.
+    key: K,
+    /// The partition its message came from.
+    partition: Option<u32>,
+    /// Its key's lane is still taken: the handler has not returned, or failed (the lane is
+    /// freed only once the task ends and the message is deferred or dead-lettered).
+    lane: bool,
+}
+
 /// What the other tasks report.
 enum Work<K> {
     /// A settlement finished: the event to emit, if any.
@@ -175,9 +206,15 @@ struct Engine<K, M, T> {
     away: Away<K>,
     /// Running handlers.
     handlers: JoinSet<Handled<K>>,
-    /// The key and partition of each running handler task, to free its lane even if the task was
-    /// lost, and to know when a revoked partition runs nothing any more.
-    running: HashMap<Id, (K, Option<u32>)>,
+    /// Each running handler task: its key and partition, and whether it still holds its key's
+    /// lane (to free the lane even if the task was lost, and to know when a revoked partition
+    /// runs nothing any more).
+    running: HashMap<Id, Running<K>>,
+    /// Handler tasks whose handler succeeded tell it here, before they acknowledge, when a
+    /// message of their key waits: it may run while the acknowledgement travels.
+    returned: mpsc::UnboundedReceiver<Id>,
+    /// The sending side of `returned`, for each handler task.
+    returned_tx: mpsc::UnboundedSender<Id>,
     /// Partitions the transport revoked whose running handlers have not all finished: their
     /// messages are given back as they come.
     revoking: std::collections::HashSet<u32>,
@@ -202,6 +239,7 @@ struct Engine<K, M, T> {
 
 impl<K: Key, M: Send + 'static, T: Transport> Engine<K, M, T> {
     fn new(cfg: Arc<Config<K, M>>, transport: Arc<T>) -> Self {
+        let (returned_tx, returned) = mpsc::unbounded_channel();
         let mut budget = cfg.budget;
         if let Some(ack_timeout) = transport.ack_timeout() {
             // A held message is an unacknowledged delivery: defer it well before the broker
@@ -221,6 +259,8 @@ impl<K: Key, M: Send + 'static, T: Transport> Engine<K, M, T> {
             away: Away::new(),
             handlers: JoinSet::new(),
             running: HashMap::new(),
+            returned,
+            returned_tx,
             revoking: std::collections::HashSet::new(),
             work: JoinSet::new(),
             lookup_slots: Arc::new(Semaphore::new(MAX_LOOKUPS)),
@@ -256,6 +296,7 @@ impl<K: Key, M: Send + 'static, T: Transport> Engine<K, M, T> {
             tokio::select! {
                 biased;
                 _ = &mut shutdown => return (Stop::Shutdown, pump),
+                Some(id) = self.returned.recv() => self.on_returned(id),
                 Some(done) = self.handlers.join_next_with_id(), if !self.handlers.is_empty() => {
                     self.on_handled(done);
                 }
@@ -478,19 +519,32 @@ impl<K: Key, M: Send + 'static, T: Transport> Engine<K, M, T> {
         }
     }
 
-    /// A handler returned (or its task ended): free its lane and settle by the outcome.
+    /// The handler of task `id` succeeded; its task acknowledges the message now: the key's
+    /// next message may start. (Its order is the handlers' order; an acknowledgement that is
+    /// lost with its connection makes the broker deliver the message again, as always.)
+    fn on_returned(&mut self, id: Id) {
+        if let Some(running) = self.running.get_mut(&id)
+            && std::mem::replace(&mut running.lane, false)
+        {
+            self.lanes.finish(&running.key);
+        }
+    }
+
+    /// A handler task ended: free its lane if it still has it, and settle by the outcome.
     fn on_handled(&mut self, done: Result<(Id, Handled<K>), tokio::task::JoinError>) {
-        let Handled { key, meta, outcome } = match done {
+        let (Handled { key, meta, outcome }, lane) = match done {
             Ok((id, handled)) => {
-                self.running.remove(&id);
-                handled
+                let lane = self.running.remove(&id).is_none_or(|r| r.lane);
+                (handled, lane)
             }
             // Cancelled at the end of the shutdown grace: the message stays unsettled and the
             // broker delivers it again.
             Err(e) => {
-                if let Some((key, partition)) = self.running.remove(&e.id()) {
-                    self.lanes.finish(&key);
-                    self.release_partition_if_idle(partition);
+                if let Some(running) = self.running.remove(&e.id()) {
+                    if running.lane {
+                        self.lanes.finish(&running.key);
+                    }
+                    self.release_partition_if_idle(running.partition);
                 }
                 return;
             }
@@ -513,7 +567,9 @@ impl<K: Key, M: Send + 'static, T: Transport> Engine<K, M, T> {
                 }
             }
         }
-        self.lanes.finish(&key);
+        if lane {
+            self.lanes.finish(&key);
+        }
         self.release_partition_if_idle(partition);
     }
 
@@ -549,7 +605,11 @@ impl<K: Key, M: Send + 'static, T: Transport> Engine<K, M, T> {
         let Some(partition) = partition.filter(|p| self.revoking.contains(p)) else {
             return;
         };
-        if self.running.values().any(|(_, p)| *p == Some(partition)) {
+        if self
+            .running
+            .values()
+            .any(|r| r.partition == Some(partition))
+        {
             return;
         }
         self.revoking.remove(&partition);
@@ -782,7 +842,7 @@ impl<K: Key, M: Send + 'static, T: Transport> Engine<K, M, T> {
     /// Start handlers for runnable lanes, up to the concurrency.
     fn start_handlers(&mut self) {
         while self.handlers.len() < self.cfg.concurrency {
-            let Some((key, p)) = self.lanes.start_next() else {
+            let Some((key, p, waited)) = self.lanes.start_next() else {
                 return;
             };
             if self.transport.is_stale(p.meta.id) {
@@ -806,10 +866,18 @@ impl<K: Key, M: Send + 'static, T: Transport> Engine<K, M, T> {
                 Arc::clone(&self.transport),
                 key.clone(),
                 p,
+                Returned {
+                    waited,
+                    tx: self.returned_tx.clone(),
+                },
             );
-            let partition = p_partition;
             let id = self.handlers.spawn(task).id();
-            self.running.insert(id, (key, partition));
+            let running = Running {
+                key,
+                partition: p_partition,
+                lane: true,
+            };
+            self.running.insert(id, running);
         }
     }
 
@@ -1010,6 +1078,7 @@ async fn handle<K: Key, M: Send + 'static, T: Transport>(
     transport: Arc<T>,
     key: K,
     p: Pending<M>,
+    returned: Returned,
 ) -> Handled<K> {
     let Pending { msg, meta } = p;
     let ctx = Context {
@@ -1039,6 +1108,8 @@ async fn handle<K: Key, M: Send + 'static, T: Transport>(
     };
     let outcome = match outcome {
         Ok(()) => {
+            // The key's next message need not wait for the acknowledgement.
+            returned.tell();
             let event = event_of(&meta, Some(key.clone()), Decision::Handled);
             Ok(settle_with(&*transport, event, Settle::Ack).await)
         }

@@ -13,8 +13,10 @@ use std::time::Duration;
 
 use common::*;
 use prereq::Decision;
-use prereq::memory::MemoryBroker;
+use prereq::memory::{MemoryBroker, MemoryTransport};
+use prereq::transport::{Delivery, DeliveryId, Demand, Settle, Transport};
 use tokio::sync::watch;
+use tokio::time::Instant;
 
 /// Counts handlers in flight and the most ever seen at once, and holds them at a gate.
 #[derive(Clone)]
@@ -158,4 +160,90 @@ async fn a_busy_key_does_not_block_other_keys() {
     gauge.open();
     run.await.unwrap().unwrap();
     assert_eq!(gauge.peak.load(Ordering::SeqCst), 2);
+}
+
+/// How long an acknowledgement takes to reach the broker in `SlowAcks`.
+const ACK_TRAVEL: Duration = Duration::from_secs(1);
+
+/// The in-memory transport, whose acknowledgements take [`ACK_TRAVEL`] (a busy connection).
+struct SlowAcks(MemoryTransport);
+
+impl Transport for SlowAcks {
+    type Error = <MemoryTransport as Transport>::Error;
+
+    async fn start(&self, demand: Demand) -> Result<(), Self::Error> {
+        self.0.start(demand).await
+    }
+
+    async fn recv(&self) -> Result<Option<Delivery>, Self::Error> {
+        self.0.recv().await
+    }
+
+    async fn settle(&self, id: DeliveryId, settle: Settle) -> Result<(), Self::Error> {
+        if matches!(settle, Settle::Ack) {
+            tokio::time::sleep(ACK_TRAVEL).await;
+        }
+        self.0.settle(id, settle).await
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_next_message_of_a_key_does_not_wait_for_the_acknowledgement() {
+    let broker = MemoryBroker::new();
+    broker.register(client(7));
+    for id in 1..=3 {
+        broker.publish(payment(id, 7));
+    }
+    let rec = Recorder::new();
+    let t0 = Instant::now();
+    let started: Log<(u64, Duration)> = Log::new();
+    let running = Arc::new(AtomicUsize::new(0));
+    let overlap = Arc::new(AtomicUsize::new(0));
+    let consumer = {
+        let (started, running, overlap) = (started.clone(), running.clone(), overlap.clone());
+        builder(&rec, move |p: Payment| {
+            started.push((p.id, t0.elapsed()));
+            if running.fetch_add(1, Ordering::SeqCst) > 0 {
+                overlap.fetch_add(1, Ordering::SeqCst);
+            }
+            let running = running.clone();
+            async move {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                running.fetch_sub(1, Ordering::SeqCst);
+                Ok(())
+            }
+        })
+        .build()
+    };
+    let handled = |ev: &[prereq::Event<u64>]| count(ev, |e| e.decision == Decision::Handled);
+    let report = consumer
+        .run(
+            SlowAcks(broker.transport()),
+            rec.until(move |ev| handled(ev) == 3),
+        )
+        .await
+        .unwrap();
+    let started = started.get();
+    assert_eq!(
+        started.iter().map(|(id, _)| *id).collect::<Vec<_>>(),
+        vec![1, 2, 3],
+        "in order"
+    );
+    assert_eq!(
+        overlap.load(Ordering::SeqCst),
+        0,
+        "one handler of the key at a time"
+    );
+    // Each starts once the one before returned (10 ms), not once its acknowledgement arrived
+    // (1 s later).
+    let last = started[2].1 - started[0].1;
+    assert!(
+        last < ACK_TRAVEL,
+        "the third started {last:?} after the first: it waited for acknowledgements"
+    );
+    assert_eq!(
+        report.handled, 3,
+        "every acknowledgement arrived: {report:?}"
+    );
+    assert_eq!(broker.pending(), 0, "nothing left unsettled");
 }
