@@ -97,7 +97,12 @@ pub async fn engine_held_kb(n: usize, body_bytes: usize) -> Res<f64> {
     let consumer =
         DependentConsumer::builder(|p: &Payment| p.client, |_p: Payment| async { Ok(()) })
             .registrations(|c: &Client| c.id)
-            .budget(HoldBudget::DEFAULT.max_messages(n.max(1)))
+            // Room for every body (the default 64 MiB would hold 65 536 of 1 KiB, not 100 000).
+            .budget(
+                HoldBudget::DEFAULT
+                    .max_messages(n.max(1))
+                    .max_bytes(usize::MAX),
+            )
             .on_event(move |e| {
                 if e.decision == Decision::Held && h.fetch_add(1, Ordering::Relaxed) + 1 == n64 {
                     g.store(w.grown(), Ordering::Relaxed);

@@ -5,7 +5,8 @@
 //! `cargo bench` runs the quick mode (about a minute once built); `PREREQ_BENCH=full cargo bench`
 //! runs larger N; `PREREQ_BENCH=engine cargo bench` runs the in-memory engine scenario only,
 //! once (for profiling), and `PREREQ_BENCH=engine-known` / `engine-held` one path of it with
-//! `PREREQ_BENCH_N` messages (for instruction counts). The broker is `AMQP_ADDR`, else
+//! `PREREQ_BENCH_N` messages (for instruction counts); `PREREQ_BENCH=big` the big hold alone
+//! (`PREREQ_BENCH_N` payments, 100 000 unless set). The broker is `AMQP_ADDR`, else
 //! `amqp://guest:guest@127.0.0.1:5672/%2f`; when it is unreachable only the in-memory engine
 //! scenario runs.
 //!
@@ -20,6 +21,8 @@
 //!   prereq's race with 1 KiB bodies (held memory per message);
 //! - *router*: a partitioned group's ingress router (`route_by_key`) against keyed publishes
 //!   straight to the group's exchange: the extra hop's latency and throughput;
+//! - *big* (full mode): 100 000 payments held as far as one prefetch goes, then released at
+//!   once, against bare lapin draining the same;
 //! - *engine*: the engine's cost per message on the in-memory transport.
 //!
 //! Every queue and exchange has a unique name (`prereq-bench.<pid>.<nanos>.…`) and is deleted
@@ -28,6 +31,7 @@
 //! Output: a table, then, last, one JSON line with every figure. The release-latency CDF is
 //! written to `docs/release-latency.svg`.
 
+mod big;
 mod cleanup;
 mod data;
 mod engine;

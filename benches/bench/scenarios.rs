@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use prereq::HoldBudget;
 
 use crate::Res;
+use crate::big::big_hold;
 use crate::data::{BIG_BODY_BYTES, BODY_BYTES, RaceData};
 use crate::env::Env;
 use crate::figures::{Figures, percentile};
@@ -30,6 +31,9 @@ fn held_kb_per_msg(r: &Race) -> f64 {
 /// raw, steady, raw latency, race (prereq and seed-style), bounded and the large-body race;
 /// returns the highest peak RSS seen.
 pub async fn broker_scenarios(env: &Env, s: &Sizes, f: &mut Figures, t: &mut Table) -> Res<f64> {
+    if s.mode == "big" {
+        return big_figures(env, s, f, t).await;
+    }
     let r = raw(env, s).await?;
     t.row(
         "raw lapin publish (confirms)",
@@ -256,5 +260,68 @@ pub async fn broker_scenarios(env: &Env, s: &Sizes, f: &mut Figures, t: &mut Tab
         hop.routed.per_s / hop.direct.per_s,
         3,
     );
+
+    if s.big_n > 0 {
+        peak = peak.max(big_figures(env, s, f, t).await?);
+    }
     Ok(peak)
+}
+
+/// The big hold's table rows and figures; returns its peak RSS.
+async fn big_figures(env: &Env, s: &Sizes, f: &mut Figures, t: &mut Table) -> Res<f64> {
+    let b = big_hold(env, s.big_n, s.big_k).await?;
+    for (label, d) in [
+        ("prereq", Some(&b.prereq)),
+        ("bare lapin", Some(&b.raw)),
+        ("bare lapin, acks by key", b.raw_by_key.as_ref()),
+    ] {
+        t.row(
+            &format!("big hold, {label}: {} payments drained", s.big_n),
+            d.map_or_else(
+                || "not run (more than one prefetch)".to_owned(),
+                |d| {
+                    format!(
+                        "{:.0} msg/s, p50/p99 {:.0} / {:.0} ms, peak RSS {:.1} MiB (from {:.1})",
+                        d.per_s, d.p50_ms, d.p99_ms, d.peak_rss_mb, d.rss_before_mb
+                    )
+                },
+            ),
+        );
+    }
+    t.row("big hold, prereq: most held at once", b.held.to_string());
+    f.set("big_n", s.big_n as u64);
+    f.set("big_held", b.held);
+    f.num("big_release_per_s", b.prereq.per_s, 0);
+    f.num("big_release_p50_ms", b.prereq.p50_ms, 1);
+    f.num("big_release_p99_ms", b.prereq.p99_ms, 1);
+    f.num("big_peak_rss_mb", b.prereq.peak_rss_mb, 1);
+    f.num("big_rss_before_mb", b.prereq.rss_before_mb, 1);
+    f.num("big_raw_per_s", b.raw.per_s, 0);
+    f.num("big_raw_p50_ms", b.raw.p50_ms, 1);
+    f.num("big_raw_p99_ms", b.raw.p99_ms, 1);
+    f.num("big_raw_peak_rss_mb", b.raw.peak_rss_mb, 1);
+    if let Some(by_key) = &b.raw_by_key {
+        f.num("big_raw_by_key_per_s", by_key.per_s, 0);
+        f.num("big_raw_by_key_p50_ms", by_key.p50_ms, 1);
+        f.num("big_raw_by_key_p99_ms", by_key.p99_ms, 1);
+        f.num(
+            "big_release_over_raw_by_key_per_s",
+            b.prereq.per_s / by_key.per_s,
+            3,
+        );
+    }
+    f.num(
+        "big_release_over_raw_per_s",
+        b.prereq.per_s / b.raw.per_s,
+        3,
+    );
+    f.num(
+        "big_release_over_raw_p99",
+        b.prereq.p99_ms / b.raw.p99_ms,
+        3,
+    );
+    Ok(b.prereq
+        .peak_rss_mb
+        .max(b.raw.peak_rss_mb)
+        .max(b.raw_by_key.as_ref().map_or(0.0, |d| d.peak_rss_mb)))
 }

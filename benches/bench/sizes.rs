@@ -24,6 +24,10 @@ pub struct Sizes {
     pub engine_hold_n: usize,
     /// Engine runs per path (the median is reported).
     pub engine_runs: usize,
+    /// Payments in the big hold (0: it does not run).
+    pub big_n: usize,
+    /// Clients in the big hold.
+    pub big_k: u64,
 }
 
 impl Sizes {
@@ -40,6 +44,8 @@ impl Sizes {
                 engine_n: 500_000,
                 engine_hold_n: 100_000,
                 engine_runs: 5,
+                big_n: 100_000,
+                big_k: 1_000,
             },
             // For profiling (e.g. under callgrind): the engine scenario only, one run each.
             Ok("engine") => Self {
@@ -68,6 +74,16 @@ impl Sizes {
                     ..Self::quick()
                 }
             }
+            // The big hold alone: `PREREQ_BENCH_N` payments (100 000 unless set).
+            Ok("big") => Self {
+                mode: "big",
+                big_n: std::env::var("PREREQ_BENCH_N")
+                    .ok()
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(100_000),
+                big_k: 1_000,
+                ..Self::quick()
+            },
             _ => Self::quick(),
         }
     }
@@ -79,12 +95,12 @@ impl Sizes {
 
     /// The known-key engine path runs.
     pub fn engine_known(&self) -> bool {
-        self.mode != "engine-held"
+        self.mode != "engine-held" && self.mode != "big"
     }
 
     /// The held-then-released engine path runs.
     pub fn engine_held(&self) -> bool {
-        self.mode != "engine-known"
+        self.mode != "engine-known" && self.mode != "big"
     }
 
     /// The held-memory measurement runs (not in a one-path mode).
@@ -103,6 +119,8 @@ impl Sizes {
             engine_n: 50_000,
             engine_hold_n: 10_000,
             engine_runs: 3,
+            big_n: 0,
+            big_k: 0,
         }
     }
 }
