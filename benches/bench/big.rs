@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::StreamExt;
-use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions, QueueDeclareOptions};
+use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::FieldTable;
 use prereq::transport::Demand;
 use prereq::{DEFAULT_CONCURRENCY, Decision, DependentConsumer, HoldBudget};
@@ -23,6 +23,7 @@ use crate::data::{BODY_BYTES, Client, Payment, client_body, payment_body};
 use crate::env::{Env, clients_queue, payments_queue};
 use crate::figures::percentile;
 use crate::publish::{PUBLISH_WINDOW, confirm_channel, publish_all};
+use crate::raw::scratch_queue;
 use crate::rss::{peak_rss_mb, reset_peak_rss, rss_mb};
 use crate::shared::Shared;
 use crate::{Res, STUCK, timeout};
@@ -184,21 +185,7 @@ async fn through_prereq(env: &Env, bodies: &[Vec<u8>], k: u64) -> Res<(u64, Drai
 /// pipelined acks; `by_key`: the first prefetch-full acknowledged client by client.
 async fn through_lapin(env: &Env, bodies: &[Vec<u8>], by_key: bool) -> Res<Drain> {
     let n = bodies.len();
-    let queue = format!(
-        "{}queue",
-        env.prefix(if by_key { "bigrawkey" } else { "bigraw" })
-    );
-    env.cleanup.queue(queue.clone());
-    let ch = confirm_channel(env.conn()).await?;
-    ch.queue_declare(
-        queue.as_str().into(),
-        QueueDeclareOptions {
-            durable: true,
-            ..QueueDeclareOptions::default()
-        },
-        FieldTable::default(),
-    )
-    .await?;
+    let (queue, ch) = scratch_queue(env, if by_key { "bigrawkey" } else { "bigraw" }).await?;
     publish_all(&ch, &queue, bodies, |_| {}).await?;
     let rss_before_mb = rss_mb();
     reset_peak_rss();

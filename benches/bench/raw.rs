@@ -24,7 +24,7 @@ pub struct Raw {
 
 /// A durable classic queue of its own for a bare-lapin scenario (deleted with the rest), and a
 /// confirm channel to publish to it.
-async fn scratch_queue(env: &Env, tag: &str) -> Res<(String, Channel)> {
+pub async fn scratch_queue(env: &Env, tag: &str) -> Res<(String, Channel)> {
     let queue = format!("{}queue", env.prefix(tag));
     env.cleanup.queue(queue.clone());
     let ch = confirm_channel(env.conn()).await?;
