@@ -11,8 +11,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::StreamExt;
-use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
-use lapin::types::FieldTable;
+use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions, QueueDeclareOptions};
+use lapin::types::{AMQPValue, FieldTable};
+use prereq::amqp::{Queue, QueueKind, Route};
 use prereq::transport::Demand;
 use prereq::{DEFAULT_CONCURRENCY, Decision, DependentConsumer, HoldBudget};
 use tokio::sync::{Notify, oneshot};
@@ -86,7 +87,7 @@ pub async fn big_hold(env: &Env, n: usize, k: u64) -> Res<Big> {
 async fn through_prereq(env: &Env, bodies: &[Vec<u8>], k: u64) -> Res<(u64, Drain)> {
     let n = bodies.len();
     let prefix = env.prefix("big");
-    let route = env.route(&prefix);
+    let route = big_route(env, &prefix).await?;
     let handled_at: Arc<Vec<Mutex<Option<Instant>>>> =
         Arc::new((0..n).map(|_| Mutex::new(None)).collect());
     let held = Arc::new(AtomicU64::new(0));
@@ -179,6 +180,43 @@ async fn through_prereq(env: &Env, bodies: &[Vec<u8>], k: u64) -> Res<(u64, Drai
     }
     let drain = Drain::of(ms, peak_rss_mb, rss_before_mb);
     Ok((peak_held.load(Ordering::Relaxed), drain))
+}
+
+/// The payments' queue as `PREREQ_BENCH_BIG_QUEUE` asks: `classic` (the default, as every other
+/// scenario), `classic2` (a classic queue, version 2: declared by the bench, consumed as an
+/// existing queue) or `quorum`. Out-of-order acknowledgements cost each kind differently.
+async fn big_route(env: &Env, prefix: &str) -> Res<Route> {
+    let payments = payments_queue(prefix);
+    let queue = match std::env::var("PREREQ_BENCH_BIG_QUEUE").as_deref() {
+        Err(_) | Ok("classic") => return Ok(env.route(prefix)),
+        Ok("quorum") => Queue::quorum(&payments),
+        Ok("classic2") => {
+            let mut args = FieldTable::default();
+            args.insert("x-queue-version".into(), AMQPValue::LongInt(2));
+            let ch = env.conn().create_channel().await?;
+            ch.queue_declare(
+                payments.as_str().into(),
+                QueueDeclareOptions {
+                    durable: true,
+                    ..QueueDeclareOptions::default()
+                },
+                args,
+            )
+            .await?;
+            let _ = ch.close(200, "declared".into()).await;
+            env.cleanup.queue(payments.clone());
+            Queue::existing(&payments, QueueKind::Classic)
+        }
+        Ok(other) => {
+            return Err(format!(
+                "PREREQ_BENCH_BIG_QUEUE={other}: expected classic, classic2 or quorum"
+            )
+            .into());
+        }
+    };
+    let route = Route::new(queue).registrations(Queue::classic(clients_queue(prefix)));
+    env.cleanup.route(&route);
+    Ok(route)
 }
 
 /// Bare lapin: the same payments in a queue of their own, consumed with the same prefetch and
