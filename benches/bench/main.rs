@@ -26,7 +26,7 @@
 //! - *engine*: the engine's cost per message on the in-memory transport.
 //!
 //! Every queue and exchange has a unique name (`prereq-bench.<pid>.<nanos>.…`) and is deleted
-//! at the end, also on error, panic or Ctrl-C.
+//! at the end, also on error, panic, Ctrl-C or SIGTERM.
 //!
 //! Output: a table, then, last, one JSON line with every figure. The release-latency CDF is
 //! written to `docs/release-latency.svg`.
@@ -102,11 +102,23 @@ fn main() {
                 Err(e) => { eprintln!("bench failed: {e}"); 1 }
             },
             _ = tokio::signal::ctrl_c() => { eprintln!("interrupted"); 130 }
+            () = terminated() => { eprintln!("terminated"); 143 }
         }
     });
     // The cleanup inside `bench` has run (or its drop did, on the way out of select!).
     drop(rt);
     std::process::exit(code);
+}
+
+/// Completes on SIGTERM (`kill`, `timeout`): the bench then cleans up as on Ctrl-C.
+async fn terminated() {
+    #[cfg(unix)]
+    if let Ok(mut term) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+    {
+        term.recv().await;
+        return;
+    }
+    std::future::pending::<()>().await
 }
 
 async fn bench(s: Sizes) -> Res<()> {
