@@ -84,13 +84,13 @@ impl HoldBudget {
     }
 }
 
-/// What the hold reads of a held value: its message id and its size are the value's own, not
-/// stored twice.
 /// A moment in a hold's time (nanoseconds since its start, plus one): half an `Instant`'s size,
 /// and `Option<Stamp>` no bigger.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct Stamp(NonZeroU64);
 
+/// What the hold reads of a held value: its message id and its size are the value's own, not
+/// stored twice.
 pub(crate) trait Held {
     /// The message id, if any: a redelivered copy with the same id takes the value's place.
     fn id(&self) -> Option<&Arc<str>>;

@@ -16,7 +16,7 @@ use lapin::types::{AMQPValue, FieldTable};
 use prereq::amqp::{Queue, QueueKind, Route};
 use prereq::transport::Demand;
 use prereq::{DEFAULT_CONCURRENCY, Decision, DependentConsumer, HoldBudget};
-use tokio::sync::{Notify, oneshot};
+use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use crate::cleanup::lock;
@@ -26,7 +26,7 @@ use crate::figures::percentile;
 use crate::publish::{PUBLISH_WINDOW, confirm_channel, publish_all};
 use crate::raw::scratch_queue;
 use crate::rss::{peak_rss_mb, reset_peak_rss, rss_mb};
-use crate::shared::Shared;
+use crate::shared::Running;
 use crate::{Res, STUCK, timeout};
 
 /// The hold is full (or the prefetch is) once the held count stayed the same this long.
@@ -137,12 +137,7 @@ async fn through_prereq(env: &Env, bodies: &[Vec<u8>], k: u64) -> Res<(u64, Drai
     let rss_before_mb = rss_mb();
     reset_peak_rss();
     let transport = env.transport(&prefix, route).await?;
-    let (stop_tx, stop_rx) = oneshot::channel::<()>();
-    let running = tokio::spawn(
-        consumer.run(Shared(Arc::clone(&transport.transport)), async {
-            let _ = stop_rx.await;
-        }),
-    );
+    let running = Running::start(consumer, &transport.transport);
     let outcome = async {
         let ch = confirm_channel(env.conn()).await?;
         publish_all(&ch, &payments_queue(&prefix), bodies, |_| {}).await?;
@@ -167,10 +162,9 @@ async fn through_prereq(env: &Env, bodies: &[Vec<u8>], k: u64) -> Res<(u64, Drai
         Res::Ok(t0)
     }
     .await;
-    let _ = stop_tx.send(());
-    let report = running.await;
+    let report = running.stop().await;
     transport.close().await;
-    report??;
+    report?;
     let peak_rss_mb = peak_rss_mb();
     let t0 = outcome?;
     let mut ms = Vec::with_capacity(n);

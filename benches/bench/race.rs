@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use prereq::{Decision, DependentConsumer, HoldBudget, Report};
-use tokio::sync::{Notify, oneshot};
+use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use crate::cleanup::lock;
@@ -16,7 +16,7 @@ use crate::env::{Env, clients_queue, payments_queue};
 use crate::heap;
 use crate::publish::{confirm_channel, publish_all, register_on_schedule};
 use crate::rss::{peak_rss_mb, reset_peak_rss, rss_mb};
-use crate::shared::Shared;
+use crate::shared::Running;
 use crate::{Res, STUCK, timeout};
 
 /// What one race measured.
@@ -148,12 +148,7 @@ pub async fn race(
     let rss_before_mb = rss_mb();
     reset_peak_rss();
     let transport = env.transport(&prefix, route).await?;
-    let (stop_tx, stop_rx) = oneshot::channel::<()>();
-    let running = tokio::spawn(
-        consumer.run(Shared(Arc::clone(&transport.transport)), async {
-            let _ = stop_rx.await;
-        }),
-    );
+    let running = Running::start(consumer, &transport.transport);
 
     let outcome = async {
         let ch = confirm_channel(env.conn()).await?;
@@ -179,10 +174,9 @@ pub async fn race(
         Res::Ok((t0, registered_at, intake_heap_bytes, held_at_intake))
     }
     .await;
-    let _ = stop_tx.send(());
-    let report = running.await;
+    let report = running.stop().await;
     transport.close().await;
-    let report = report??;
+    let report = report?;
     let peak_rss_mb = peak_rss_mb();
     let (t0, registered_at, intake_heap_bytes, held_at_intake) = outcome?;
 

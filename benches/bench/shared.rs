@@ -7,6 +7,37 @@ use std::time::Duration;
 
 use prereq::amqp::{AmqpError, AmqpTransport};
 use prereq::transport::{Delivery, DeliveryId, Demand, Settle, Transport};
+use prereq::{DependentConsumer, Key, Report, RunError};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+use crate::Res;
+
+/// A consumer running in a task on a shared transport, until [`Running::stop`].
+pub struct Running {
+    stop: oneshot::Sender<()>,
+    task: JoinHandle<Result<Report, RunError<AmqpError>>>,
+}
+
+impl Running {
+    /// Run `consumer` on `transport`.
+    pub fn start<K: Key, M: Send + 'static>(
+        consumer: DependentConsumer<K, M>,
+        transport: &Arc<AmqpTransport>,
+    ) -> Self {
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(consumer.run(Shared(Arc::clone(transport)), async {
+            let _ = stopped.await;
+        }));
+        Self { stop, task }
+    }
+
+    /// Stop the consumer; its report.
+    pub async fn stop(self) -> Res<Report> {
+        let _ = self.stop.send(());
+        Ok(self.task.await??)
+    }
+}
 
 /// Every call forwarded to the shared transport.
 pub struct Shared(pub Arc<AmqpTransport>);

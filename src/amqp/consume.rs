@@ -19,7 +19,7 @@ use super::group::Assignment;
 use super::headers;
 use super::packed::Packed;
 use super::route::{Queue, QueueKind};
-use super::shared::{Shared, Unsettled, one_more_return_exceeds};
+use super::shared::{Shared, Unsettled};
 use super::via::Vias;
 use crate::transport::{Delivery, Source};
 
@@ -385,10 +385,7 @@ async fn refresh_near_limit(shared: &Shared, vias: &mut Vias, parked: &mut Vec<L
             .delivery_count
             .unwrap_or(0);
         let via = vias.get(d.exchange.as_str(), d.routing_key.as_str());
-        if !via
-            .delivery_limit
-            .is_some_and(|limit| one_more_return_exceeds(returns, limit))
-        {
+        if !via.near_limit(returns) {
             kept.push(d);
             continue;
         }

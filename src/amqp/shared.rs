@@ -44,9 +44,7 @@ pub(crate) struct Unsettled {
 impl Unsettled {
     /// Would one more return take it past its queue's delivery limit?
     pub(crate) fn near_limit(&self) -> bool {
-        self.via
-            .delivery_limit
-            .is_some_and(|limit| one_more_return_exceeds(self.returns, limit))
+        self.via.near_limit(self.returns)
     }
 
     /// Its copy identity, for a deferred copy (read again from its properties: copies are
@@ -311,34 +309,12 @@ impl Shared {
     }
 }
 
-/// Would one more return of a message the broker got back `count` times
-/// (`x-delivery-count`) take it past the queue's delivery `limit`? The broker dead-letters (or
-/// drops) a message once it was returned MORE than `limit` times (`x-delivery-limit: 3`: on the
-/// 4th return), so a new message (count 0) may always be given back once, even with a limit
-/// of 1.
-pub(crate) fn one_more_return_exceeds(count: u32, limit: u32) -> bool {
-    count >= limit
-}
-
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 #[cfg(test)]
 mod tests {
-    use super::one_more_return_exceeds;
-
-    #[test]
-    fn a_give_back_is_a_copy_only_once_the_count_reached_the_limit() {
-        // x-delivery-limit 3: the broker dead-letters on the 4th return.
-        assert!(!one_more_return_exceeds(0, 3));
-        assert!(!one_more_return_exceeds(2, 3));
-        assert!(one_more_return_exceeds(3, 3));
-        // A limit of 1: a new message may go back once, a returned one may not.
-        assert!(!one_more_return_exceeds(0, 1));
-        assert!(one_more_return_exceeds(1, 1));
-    }
-
     #[test]
     fn an_unsettled_record_fits_a_128_byte_allocation() {
         // Boxed, one per held message: past 120 bytes the allocator hands out 144 (glibc's

@@ -28,6 +28,15 @@ pub(crate) struct Via {
     pub(crate) partition: Option<u32>,
 }
 
+impl Via {
+    /// Would one more return of a message the broker got back `returns` times take it past
+    /// the queue's delivery limit? (Never without a limit.)
+    pub(crate) fn near_limit(&self, returns: u32) -> bool {
+        self.delivery_limit
+            .is_some_and(|limit| one_more_return_exceeds(returns, limit))
+    }
+}
+
 /// The [`Via`] records of one consumer, by exchange then routing key.
 pub(crate) struct Vias {
     /// The queue consumed.
@@ -95,9 +104,29 @@ impl Vias {
     }
 }
 
+/// Would one more return of a message the broker got back `count` times
+/// (`x-delivery-count`) take it past the queue's delivery `limit`? The broker dead-letters (or
+/// drops) a message once it was returned MORE than `limit` times (`x-delivery-limit: 3`: on the
+/// 4th return), so a new message (count 0) may always be given back once, even with a limit
+/// of 1.
+fn one_more_return_exceeds(count: u32, limit: u32) -> bool {
+    count >= limit
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_give_back_is_a_copy_only_once_the_count_reached_the_limit() {
+        // x-delivery-limit 3: the broker dead-letters on the 4th return.
+        assert!(!one_more_return_exceeds(0, 3));
+        assert!(!one_more_return_exceeds(2, 3));
+        assert!(one_more_return_exceeds(3, 3));
+        // A limit of 1: a new message may go back once, a returned one may not.
+        assert!(!one_more_return_exceeds(0, 1));
+        assert!(one_more_return_exceeds(1, 1));
+    }
 
     #[test]
     fn one_record_per_exchange_and_routing_key() {
