@@ -47,6 +47,7 @@ use crate::event::{Decision, DeferCause, Event};
 use crate::hold::Hold;
 use crate::keys::{Key, KeyError, SharedSource, Wake};
 use crate::pending::{Meta, Pending};
+use crate::probe::{self, Stage};
 use crate::report::Report;
 use crate::retry::{Policy, seed_of};
 use crate::transport::{Delivery, Demand, Settle, Source, Transport};
@@ -387,6 +388,7 @@ impl<K: Key, M: Send + 'static, T: Transport> Engine<K, M, T> {
     // ---- What arrives -----------------------------------------------------------------------
 
     fn on_delivery(&mut self, d: Delivery) {
+        probe::stamp(Stage::Decided, d.source, d.id, None);
         if d.partition.is_some() && self.transport.is_stale(d.id) {
             // From a partition being given up: give it back.
             let event = self.event(&d, None, Decision::Requeued);
@@ -1244,6 +1246,9 @@ async fn pump<T: Transport>(
             _ = &mut stop => return,
             got = transport.recv() => got,
         };
+        if let Ok(Some(d)) = &got {
+            probe::stamp(Stage::Pumped, d.source, d.id, None);
+        }
         let last = !matches!(got, Ok(Some(_)));
         if let Err(mpsc::error::SendError(Ok(Some(d)))) = tx.send(got).await {
             let _ = transport.settle(d.id, Settle::Requeue).await;

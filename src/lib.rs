@@ -38,6 +38,8 @@ pub mod memory;
 #[cfg_attr(docsrs, doc(cfg(feature = "metrics")))]
 pub mod metrics;
 mod pending;
+#[doc(hidden)]
+pub mod probe;
 mod report;
 mod retry;
 #[cfg(any(feature = "sqlite", feature = "postgres"))]

@@ -19,6 +19,9 @@ use crate::rss::{peak_rss_mb, reset_peak_rss, rss_mb};
 use crate::shared::Running;
 use crate::{Res, STUCK, timeout};
 
+/// When a client became known, and through which delivery.
+type Known = (Instant, u64);
+
 /// What one race measured.
 pub struct Race {
     /// Release latency per payment, in ms: handler run minus the later of the payment's and its
@@ -30,6 +33,9 @@ pub struct Race {
     pub key_path_ms: Vec<f64>,
     /// `Released` → handler run (lane and handler slot), per released payment.
     pub lane_ms: Vec<f64>,
+    /// The key path hop by hop ([`HOPS`]), each sorted, per registration; empty unless the
+    /// probe is compiled in (`--cfg prereq_probe`).
+    pub hops_ms: Vec<Vec<f64>>,
     /// Handler runs before the registration was even published (must be 0).
     pub early: u64,
     pub drain: Duration,
@@ -72,7 +78,8 @@ pub async fn race(
         Arc::new((0..n).map(|_| Mutex::new(None)).collect());
     let released_at: Arc<Vec<Mutex<Option<Instant>>>> =
         Arc::new((0..n).map(|_| Mutex::new(None)).collect());
-    let known_at: Arc<Vec<Mutex<Option<Instant>>>> =
+    // When each client became known, and through which delivery.
+    let known_at: Arc<Vec<Mutex<Option<Known>>>> =
         Arc::new((0..data.reg_at.len()).map(|_| Mutex::new(None)).collect());
     let (released_o, known_o) = (Arc::clone(&released_at), Arc::clone(&known_at));
     let counters = Arc::new(RaceCounters::default());
@@ -129,7 +136,7 @@ pub async fn race(
             }
             Decision::Registered => {
                 if let Some(slot) = e.key.and_then(|k| known_o.get(k as usize)) {
-                    lock(slot).get_or_insert(e.at);
+                    lock(slot).get_or_insert((e.at, e.delivery.0));
                 }
             }
             _ => {}
@@ -168,8 +175,12 @@ pub async fn race(
         let held_at_intake = counters.held.load(Ordering::Relaxed);
         drop(window);
         let t0 = Instant::now();
+        #[cfg(prereq_probe)]
+        prereq::probe::record(true);
         let registered_at = register_on_schedule(&ch, &clients_q, data, t0).await?;
         timeout(&format!("{scenario}: draining"), STUCK, all_done.notified()).await?;
+        #[cfg(prereq_probe)]
+        prereq::probe::record(false);
         let _ = ch.close(200, "done".into()).await;
         Res::Ok((t0, registered_at, intake_heap_bytes, held_at_intake))
     }
@@ -204,11 +215,13 @@ pub async fn race(
             lane_ms.push(ms(ran.saturating_duration_since(released)));
         }
     }
-    let mut key_path_ms: Vec<f64> = known_at
+    let known: Vec<Option<Known>> = known_at.iter().map(|k| *lock(k)).collect();
+    let mut key_path_ms: Vec<f64> = known
         .iter()
         .zip(&registered_at)
-        .filter_map(|(k, r)| lock(k).map(|k| ms(k.saturating_duration_since(*r))))
+        .filter_map(|(k, r)| k.map(|(k, _)| ms(k.saturating_duration_since(*r))))
         .collect();
+    let hops_ms = hops(&known, &registered_at);
     for v in [
         &mut latencies_ms,
         &mut first_of_key_ms,
@@ -222,6 +235,7 @@ pub async fn race(
         first_of_key_ms,
         key_path_ms,
         lane_ms,
+        hops_ms,
         early,
         drain: last - t0,
         deferred: counters.deferred.load(Ordering::Relaxed),
@@ -231,4 +245,57 @@ pub async fn race(
         intake_heap_bytes,
         held_at_intake,
     })
+}
+
+/// The key path's hops, as [`Race::hops_ms`] lists them.
+pub const HOPS: [&str; 5] = [
+    "publish -> transport (broker, lapin)",
+    "transport: record unsettled",
+    "transport -> pump",
+    "pump -> engine loop",
+    "engine loop -> key known",
+];
+
+/// The probe's stamps of each registration, as hops (empty without the probe).
+#[cfg(prereq_probe)]
+fn hops(known: &[Option<Known>], registered_at: &[Instant]) -> Vec<Vec<f64>> {
+    use prereq::probe::Stage;
+    use std::collections::HashMap;
+    let stamps: HashMap<(u64, usize), std::time::Instant> = prereq::probe::take()
+        .into_iter()
+        .map(|(stage, id, at)| {
+            let i = [
+                Stage::Taken,
+                Stage::Forwarded,
+                Stage::Pumped,
+                Stage::Decided,
+            ]
+            .iter()
+            .position(|s| *s == stage)
+            .unwrap_or(usize::MAX);
+            ((id, i), at)
+        })
+        .collect();
+    let mut hops = vec![Vec::new(); HOPS.len()];
+    for (k, sent) in known.iter().zip(registered_at) {
+        let Some((at, id)) = *k else { continue };
+        let mut points = vec![sent.into_std()];
+        points.extend((0..4).filter_map(|i| stamps.get(&(id, i)).copied()));
+        points.push(at.into_std());
+        if points.len() != HOPS.len() + 1 {
+            continue;
+        }
+        for (i, w) in points.windows(2).enumerate() {
+            hops[i].push(w[1].saturating_duration_since(w[0]).as_secs_f64() * 1e3);
+        }
+    }
+    for h in &mut hops {
+        h.sort_by(f64::total_cmp);
+    }
+    hops
+}
+
+#[cfg(not(prereq_probe))]
+fn hops(_: &[Option<Known>], _: &[Instant]) -> Vec<Vec<f64>> {
+    Vec::new()
 }

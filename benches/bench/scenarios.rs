@@ -12,7 +12,7 @@ use crate::env::Env;
 use crate::figures::{Figures, percentile};
 use crate::plot::plot;
 use crate::race::{Race, race};
-use crate::raw::{raw, raw_latency};
+use crate::raw::{raw, raw_latency, raw_latency_loaded};
 use crate::router::{p50_p99, router_hop};
 use crate::rss::peak_rss_mb;
 use crate::sizes::Sizes;
@@ -84,6 +84,14 @@ pub async fn broker_scenarios(env: &Env, s: &Sizes, f: &mut Figures, t: &mut Tab
     f.num("raw_latency_p50_ms", f50, 3);
     f.num("raw_latency_p99_ms", f99, 3);
     f.num("raw_latency_max_ms", fmax, 3);
+    let loaded = raw_latency_loaded(env, &data).await?;
+    let (l50, l99) = (percentile(&loaded, 50.0), percentile(&loaded, 99.0));
+    t.row(
+        "raw lapin publish -> delivery, releasing payments meanwhile",
+        format!("p50/p99 {l50:.2} / {l99:.2} ms"),
+    );
+    f.num("raw_loaded_latency_p50_ms", l50, 3);
+    f.num("raw_loaded_latency_p99_ms", l99, 3);
     let mut peak = peak_rss_mb();
     let mut runs: HashMap<&str, Race> = HashMap::new();
     let bounded_budget = (s.race_n / 4).max(1);
@@ -194,9 +202,23 @@ pub async fn broker_scenarios(env: &Env, s: &Sizes, f: &mut Figures, t: &mut Tab
     f.num("race_lane_p50_ms", lane_p50, 3);
     f.num("race_lane_p99_ms", lane_p99, 3);
     f.num("race_first_of_key_p99_ms", first_p99, 3);
+    for (i, (hop, ms)) in crate::race::HOPS.iter().zip(&race.hops_ms).enumerate() {
+        let (p50, p99) = (percentile(ms, 50.0), percentile(ms, 99.0));
+        t.row(
+            &format!("race, key path hop {}: {hop}", i + 1),
+            format!(
+                "p50/p99 {p50:.3} / {p99:.3} ms ({} registrations)",
+                ms.len()
+            ),
+        );
+        f.num(&format!("probe_hop{}_p50_ms", i + 1), p50, 3);
+        f.num(&format!("probe_hop{}_p99_ms", i + 1), p99, 3);
+    }
     f.num("key_path_over_raw_p99", key_p99 / f99, 3);
+    f.num("key_path_over_loaded_p99", key_p99 / l99, 3);
     let (rel_p99, big) = (percentile(&race.latencies_ms, 99.0), run("race1k")?);
     f.num("release_over_raw_p99", rel_p99 / f99, 3);
+    f.num("release_over_loaded_p99", rel_p99 / l99, 3);
     let (held_kb, held_kb_1k) = (held_kb_per_msg(race), held_kb_per_msg(big));
     t.row(
         "held memory per payment (heap growth / held)",

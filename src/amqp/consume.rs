@@ -21,6 +21,7 @@ use super::packed::Packed;
 use super::route::{Queue, QueueKind};
 use super::shared::{Shared, Unsettled};
 use super::via::Vias;
+use crate::probe::{self, Stage};
 use crate::transport::{Delivery, Source};
 
 /// The first pause before re-subscribing a cancelled consumer; pauses double…
@@ -280,14 +281,17 @@ async fn forward(
                     drop_duplicate(shared, d, &name, &copy).await;
                     continue;
                 }
+                let taken = probe::now();
                 let via = vias.get(d.exchange.as_str(), d.routing_key.as_str());
                 let delivery = shared.register(d, via, c.source);
+                probe::stamp(Stage::Taken, c.source, delivery.id, taken);
                 if let Some(refresh) = near_limit(shared, &delivery) {
                     // One more return would take it past the queue's delivery limit: start
                     // a new count now, while the message is in hand.
                     tokio::spawn(refresh);
                     continue;
                 }
+                probe::stamp(Stage::Forwarded, c.source, delivery.id, None);
                 if tx.send(Ok(delivery)).await.is_err() {
                     return Ended::Cancelled;
                 }
