@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::StreamExt;
-use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions, QueueDeclareOptions};
+use lapin::options::{BasicAckOptions, BasicQosOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use prereq::amqp::{Queue, QueueKind, Route};
 use prereq::transport::Demand;
@@ -24,7 +24,7 @@ use crate::data::{BODY_BYTES, Client, Payment, client_body, payment_body};
 use crate::env::{Env, clients_queue, payments_queue};
 use crate::figures::percentile;
 use crate::publish::{PUBLISH_WINDOW, confirm_channel, publish_all};
-use crate::raw::scratch_queue;
+use crate::raw::{consume, scratch_queue};
 use crate::rss::{peak_rss_mb, reset_peak_rss, rss_mb};
 use crate::shared::Running;
 use crate::{Res, STUCK, timeout};
@@ -226,14 +226,7 @@ async fn through_lapin(env: &Env, bodies: &[Vec<u8>], by_key: bool) -> Res<Drain
     cch.basic_qos(prefetch(n), BasicQosOptions::default())
         .await?;
     let t0 = Instant::now();
-    let mut consumer = cch
-        .basic_consume(
-            queue.as_str().into(),
-            "".into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
+    let mut consumer = consume(&cch, &queue).await?;
     let mut ms = Vec::with_capacity(n);
     timeout("big: bare lapin", STUCK, async {
         let mut acks = futures::stream::FuturesUnordered::new();

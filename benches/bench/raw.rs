@@ -6,10 +6,10 @@ use std::time::Duration;
 use futures::StreamExt;
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
-use lapin::{Channel, Connection, ConnectionProperties};
+use lapin::{Acker, Channel, Connection, ConnectionProperties, Consumer};
 use tokio::time::Instant;
 
-use crate::data::{BODY_BYTES, Client, RaceData, payment_body};
+use crate::data::{BODY_BYTES, Client, Payment, RaceData, payment_body};
 use crate::env::{Env, default_prefetch};
 use crate::publish::{PUBLISH_WINDOW, confirm_channel, publish_all, register_on_schedule};
 use crate::sizes::Sizes;
@@ -70,14 +70,7 @@ async fn raw_consume(conn: &Connection, queue: &str, n: usize, pipelined: bool) 
     let cch = conn.create_channel().await?;
     cch.basic_qos(default_prefetch(), BasicQosOptions::default())
         .await?;
-    let mut consumer = cch
-        .basic_consume(
-            queue.into(),
-            "".into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
+    let mut consumer = consume(&cch, queue).await?;
     let mut first = None;
     let consumed = timeout("raw consume", STUCK, async {
         let mut acks = futures::stream::FuturesUnordered::new();
@@ -108,64 +101,50 @@ async fn raw_consume(conn: &Connection, queue: &str, n: usize, pipelined: bool) 
     Ok(elapsed)
 }
 
-/// The floor of the key path under the release's broker traffic: as [`raw_latency`], and on a
-/// second channel of the same connection the race's payments, all delivered and held before the
-/// first registration; each registration's payments are acknowledged when it arrives (each ack
-/// its own task, as prereq's handler tasks do). What the key path would cost if prereq's own
-/// work were free: the same frames through the same broker and client.
-pub async fn raw_latency_loaded(env: &Env, data: &RaceData) -> Res<Vec<f64>> {
-    let (queue, ch) = scratch_queue(env, "rawlatl").await?;
-    let (payments, pch) = scratch_queue(env, "rawlatp").await?;
-    let bodies: Vec<Vec<u8>> = data
-        .client_of
-        .iter()
-        .enumerate()
-        .map(|(i, c)| payment_body(i as u64, *c, BODY_BYTES))
-        .collect();
-    publish_all(&pch, &payments, &bodies, |_| {}).await?;
-    let _ = pch.close(200, "done".into()).await;
-    let k = data.reg_at.len();
-    let conn =
-        Connection::connect(env.broker.addr().expose(), ConnectionProperties::default()).await?;
-    // Every payment in hand, by client, before the registrations start.
-    let pay_ch = conn.create_channel().await?;
-    pay_ch
-        .basic_qos(default_prefetch(), BasicQosOptions::default())
-        .await?;
-    let mut pay_consumer = pay_ch
+/// Consume `queue` on `ch` with manual acks (no consumer arguments).
+pub async fn consume(ch: &Channel, queue: &str) -> Res<Consumer> {
+    Ok(ch
         .basic_consume(
-            payments.as_str().into(),
+            queue.into(),
             "".into(),
             BasicConsumeOptions::default(),
             FieldTable::default(),
         )
-        .await?;
-    let mut held: Vec<Vec<lapin::Acker>> = vec![Vec::new(); k];
-    timeout("raw loaded: taking in payments", STUCK, async {
-        for _ in 0..bodies.len() {
-            let d = pay_consumer.next().await.ok_or("raw consumer closed")??;
-            let p: crate::data::Payment = serde_json::from_slice(&d.data)?;
-            if let Some(slot) = held.get_mut(p.client as usize) {
-                slot.push(d.acker);
-            }
-        }
-        Res::Ok(())
-    })
-    .await??;
-    let cch = conn.create_channel().await?;
+        .await?)
+}
+
+/// What [`raw_latency`] receives meanwhile.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Meanwhile {
+    /// Nothing: the floor of the key path.
+    Nothing,
+    /// The release's broker traffic: the race's payments, delivered beforehand to a second
+    /// channel of the same connection and held there; when a client's registration arrives, its
+    /// payments are acknowledged, each in a task of its own as prereq's handler tasks do, and so
+    /// is the registration. What the key path would cost if prereq's own work were free.
+    Releasing,
+}
+
+/// Registrations published on the race's schedule into a queue that bare lapin consumes (on its
+/// own connection, as prereq's transport does), latency from publish to delivery, in ms, sorted.
+pub async fn raw_latency(env: &Env, data: &RaceData, meanwhile: Meanwhile) -> Res<Vec<f64>> {
+    let releasing = meanwhile == Meanwhile::Releasing;
+    let (queue, ch) = scratch_queue(env, if releasing { "rawlatl" } else { "rawlat" }).await?;
+    let k = data.reg_at.len();
+    let consumer_conn =
+        Connection::connect(env.broker.addr().expose(), ConnectionProperties::default()).await?;
+    let mut held = if releasing {
+        hold_payments(env, &consumer_conn, data).await?
+    } else {
+        Vec::new()
+    };
+    let cch = consumer_conn.create_channel().await?;
     cch.basic_qos(
         prereq::amqp::DEFAULT_REGISTRATION_PREFETCH,
         BasicQosOptions::default(),
     )
     .await?;
-    let mut consumer = cch
-        .basic_consume(
-            queue.as_str().into(),
-            "".into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
+    let mut consumer = consume(&cch, &queue).await?;
     let receiver = tokio::spawn(async move {
         let mut got = vec![None; k];
         let mut acks = tokio::task::JoinSet::new();
@@ -176,70 +155,20 @@ pub async fn raw_latency_loaded(env: &Env, data: &RaceData) -> Res<Vec<f64>> {
             if let Some(slot) = got.get_mut(c.id as usize) {
                 *slot = Some(now);
             }
-            for acker in held
-                .get_mut(c.id as usize)
-                .map(std::mem::take)
-                .unwrap_or_default()
-            {
+            if !releasing {
+                d.acker.ack(BasicAckOptions::default()).await?;
+                continue;
+            }
+            let payments = held.get_mut(c.id as usize).map(std::mem::take);
+            for acker in payments.unwrap_or_default().into_iter().chain([d.acker]) {
                 acks.spawn(async move { acker.ack(BasicAckOptions::default()).await });
             }
-            let acker = d.acker;
-            acks.spawn(async move { acker.ack(BasicAckOptions::default()).await });
             while let Some(done) = acks.try_join_next() {
                 done??;
             }
         }
         while let Some(done) = acks.join_next().await {
             done??;
-        }
-        Res::Ok(got)
-    });
-    let t0 = Instant::now() + Duration::from_millis(50);
-    let sent_at = register_on_schedule(&ch, &queue, data, t0).await?;
-    let got = timeout("raw loaded latency", STUCK, receiver).await???;
-    let _ = conn.close(200, "done".into()).await;
-    let _ = ch.close(200, "done".into()).await;
-    let mut v: Vec<f64> = got
-        .iter()
-        .zip(&sent_at)
-        .filter_map(|(g, s)| g.map(|g| g.saturating_duration_since(*s).as_secs_f64() * 1e3))
-        .collect();
-    v.sort_by(f64::total_cmp);
-    Ok(v)
-}
-
-/// The floor of the key path: registrations published on the race's schedule into a queue that
-/// bare lapin consumes (on its own connection, as prereq's transport does), latency from
-/// publish to delivery, in ms, sorted.
-pub async fn raw_latency(env: &Env, data: &RaceData) -> Res<Vec<f64>> {
-    let (queue, ch) = scratch_queue(env, "rawlat").await?;
-    let k = data.reg_at.len();
-    let consumer_conn =
-        Connection::connect(env.broker.addr().expose(), ConnectionProperties::default()).await?;
-    let cch = consumer_conn.create_channel().await?;
-    cch.basic_qos(
-        prereq::amqp::DEFAULT_REGISTRATION_PREFETCH,
-        BasicQosOptions::default(),
-    )
-    .await?;
-    let mut consumer = cch
-        .basic_consume(
-            queue.as_str().into(),
-            "".into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
-    let receiver = tokio::spawn(async move {
-        let mut got = vec![None; k];
-        for _ in 0..k {
-            let d = consumer.next().await.ok_or("raw consumer closed")??;
-            let now = Instant::now();
-            let c: Client = serde_json::from_slice(&d.data)?;
-            if let Some(slot) = got.get_mut(c.id as usize) {
-                *slot = Some(now);
-            }
-            d.acker.ack(BasicAckOptions::default()).await?;
         }
         Res::Ok(got)
     });
@@ -255,4 +184,35 @@ pub async fn raw_latency(env: &Env, data: &RaceData) -> Res<Vec<f64>> {
         .collect();
     v.sort_by(f64::total_cmp);
     Ok(v)
+}
+
+/// The race's payments published to a queue of their own and delivered to a channel of `conn`
+/// (prereq's default prefetch), held unacknowledged: their ackers by client.
+async fn hold_payments(env: &Env, conn: &Connection, data: &RaceData) -> Res<Vec<Vec<Acker>>> {
+    let (queue, ch) = scratch_queue(env, "rawlatp").await?;
+    let bodies: Vec<Vec<u8>> = data
+        .client_of
+        .iter()
+        .enumerate()
+        .map(|(i, c)| payment_body(i as u64, *c, BODY_BYTES))
+        .collect();
+    publish_all(&ch, &queue, &bodies, |_| {}).await?;
+    let _ = ch.close(200, "done".into()).await;
+    let pch = conn.create_channel().await?;
+    pch.basic_qos(default_prefetch(), BasicQosOptions::default())
+        .await?;
+    let mut consumer = consume(&pch, &queue).await?;
+    let mut held: Vec<Vec<Acker>> = vec![Vec::new(); data.reg_at.len()];
+    timeout("raw latency: taking in payments", STUCK, async {
+        for _ in 0..bodies.len() {
+            let d = consumer.next().await.ok_or("raw consumer closed")??;
+            let p: Payment = serde_json::from_slice(&d.data)?;
+            if let Some(slot) = held.get_mut(p.client as usize) {
+                slot.push(d.acker);
+            }
+        }
+        Res::Ok(())
+    })
+    .await??;
+    Ok(held)
 }

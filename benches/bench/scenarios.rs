@@ -12,7 +12,7 @@ use crate::env::Env;
 use crate::figures::{Figures, percentile};
 use crate::plot::plot;
 use crate::race::{Race, race};
-use crate::raw::{raw, raw_latency, raw_latency_loaded};
+use crate::raw::{Meanwhile, raw, raw_latency};
 use crate::router::{p50_p99, router_hop};
 use crate::rss::peak_rss_mb;
 use crate::sizes::Sizes;
@@ -71,7 +71,7 @@ pub async fn broker_scenarios(env: &Env, s: &Sizes, f: &mut Figures, t: &mut Tab
 
     let data = RaceData::new(s.race_n, s.race_k, s.race_t, 0x5EED_5EED);
     let n = s.race_n as f64;
-    let floor = raw_latency(env, &data).await?;
+    let floor = raw_latency(env, &data, Meanwhile::Nothing).await?;
     let (f50, f99, fmax) = (
         percentile(&floor, 50.0),
         percentile(&floor, 99.0),
@@ -84,7 +84,7 @@ pub async fn broker_scenarios(env: &Env, s: &Sizes, f: &mut Figures, t: &mut Tab
     f.num("raw_latency_p50_ms", f50, 3);
     f.num("raw_latency_p99_ms", f99, 3);
     f.num("raw_latency_max_ms", fmax, 3);
-    let loaded = raw_latency_loaded(env, &data).await?;
+    let loaded = raw_latency(env, &data, Meanwhile::Releasing).await?;
     let (l50, l99) = (percentile(&loaded, 50.0), percentile(&loaded, 99.0));
     t.row(
         "raw lapin publish -> delivery, releasing payments meanwhile",
