@@ -30,6 +30,7 @@ use std::task::{Context as TaskContext, Poll, Waker};
 use std::time::Duration;
 
 use futures::FutureExt;
+use rustc_hash::FxHashMap;
 use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio::task::{Id, JoinSet};
 use tokio::time::Instant;
@@ -209,8 +210,9 @@ struct Engine<K, M, T> {
     handlers: JoinSet<Handled<K>>,
     /// Each running handler task: its key and partition, and whether it still holds its key's
     /// lane (to free the lane even if the task was lost, and to know when a revoked partition
-    /// runs nothing any more).
-    running: HashMap<Id, Running<K>>,
+    /// runs nothing any more). Keyed by tokio's task ids, which come from no one outside: a
+    /// fast hasher, not a DoS-resistant one.
+    running: FxHashMap<Id, Running<K>>,
     /// Handler tasks whose handler succeeded tell it here, before they acknowledge, when a
     /// message of their key waits: it may run while the acknowledgement travels.
     returned: mpsc::UnboundedReceiver<Id>,
@@ -259,7 +261,7 @@ impl<K: Key, M: Send + 'static, T: Transport> Engine<K, M, T> {
             lanes: Lanes::new(),
             away: Away::new(),
             handlers: JoinSet::new(),
-            running: HashMap::new(),
+            running: FxHashMap::default(),
             returned,
             returned_tx,
             revoking: std::collections::HashSet::new(),
