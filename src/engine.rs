@@ -865,11 +865,13 @@ impl<K: Key, M: Send + 'static, T: Transport> Engine<K, M, T> {
                 continue;
             }
             let p_partition = p.meta.partition;
+            let Pending { msg, meta } = p;
             let task = handle(
                 Arc::clone(&self.cfg),
                 Arc::clone(&self.transport),
                 key.clone(),
-                p,
+                msg,
+                meta,
                 Returned {
                     waited,
                     tx: self.returned_tx.clone(),
@@ -1077,21 +1079,75 @@ fn record<K: Key>(
 }
 
 /// Run the handler for one message; on success, acknowledge it.
-async fn handle<K: Key, M: Send + 'static, T: Transport>(
+///
+/// A plain function returning an `async move` block, not an `async fn`: an `async fn` keeps
+/// each argument twice in its future (once as given, once as the body's local), and the task's
+/// future is moved a few times on its way into the runtime. For the same reason the message and
+/// its metadata come apart (a `Pending` would be kept whole beside its `meta`), the handler is
+/// called in `call` (its context and span are not kept), and the event is made once the
+/// acknowledgement is done (as `settle_with` stamps it) rather than carried across the wait.
+#[allow(clippy::manual_async_fn)]
+fn handle<K: Key, M: Send + 'static, T: Transport>(
     cfg: Arc<Config<K, M>>,
     transport: Arc<T>,
     key: K,
-    p: Pending<M>,
+    msg: M,
+    meta: Meta,
     returned: Returned,
-) -> Handled<K> {
-    let Pending { msg, meta } = p;
+) -> impl Future<Output = Handled<K>> + Send + 'static {
+    async move {
+        let outcome = match call(&cfg, &key, msg, &meta) {
+            Ok(running) => running
+                .await
+                .unwrap_or_else(|payload| Err(panicked(&*payload))),
+            Err(e) => Err(e),
+        };
+        if let Err(e) = outcome {
+            return Handled {
+                key,
+                meta,
+                outcome: Err(e),
+            };
+        }
+        // The key's next message need not wait for the acknowledgement.
+        returned.tell();
+        let acked = transport.settle(meta.id, Settle::Ack).await;
+        let mut event = event_of(&meta, Some(key.clone()), Decision::Handled);
+        if let Err(e) = acked {
+            event.decision = Decision::SettleFailed {
+                error: e.to_string(),
+            };
+        }
+        Handled {
+            key,
+            meta,
+            outcome: Ok(event),
+        }
+    }
+}
+
+/// What a handler task awaits: the handler's future, in its span, a panic caught.
+type Called = futures::future::CatchUnwind<
+    AssertUnwindSafe<tracing::instrument::Instrumented<HandlerFuture>>,
+>;
+
+/// The future a handler returns.
+type HandlerFuture = futures::future::BoxFuture<'static, Result<(), HandlerError>>;
+
+/// Call the handler with `msg` inside a span, so that its own logs carry the key and the
+/// message; a panic in the call itself is an error at once.
+fn call<K: Key, M>(
+    cfg: &Config<K, M>,
+    key: &K,
+    msg: M,
+    meta: &Meta,
+) -> Result<Called, HandlerError> {
     let ctx = Context {
         key: key.clone(),
         message_id: meta.message_id.as_deref().map(str::to_owned),
         attempt: meta.attempt,
         redelivered: meta.redelivered,
     };
-    // The handler runs inside a span, so that its own logs carry the key and the message.
     let span = tracing::info_span!(
         target: "prereq",
         "handle",
@@ -1103,23 +1159,10 @@ async fn handle<K: Key, M: Send + 'static, T: Transport>(
         let _entered = span.enter();
         std::panic::catch_unwind(AssertUnwindSafe(|| (cfg.handler)(msg, ctx)))
     };
-    let outcome = match called {
-        Ok(fut) => AssertUnwindSafe(fut.instrument(span))
-            .catch_unwind()
-            .await
-            .unwrap_or_else(|payload| Err(panicked(&*payload))),
+    match called {
+        Ok(fut) => Ok(AssertUnwindSafe(fut.instrument(span)).catch_unwind()),
         Err(payload) => Err(panicked(&*payload)),
-    };
-    let outcome = match outcome {
-        Ok(()) => {
-            // The key's next message need not wait for the acknowledgement.
-            returned.tell();
-            let event = event_of(&meta, Some(key.clone()), Decision::Handled);
-            Ok(settle_with(&*transport, event, Settle::Ack).await)
-        }
-        Err(e) => Err(e),
-    };
-    Handled { key, meta, outcome }
+    }
 }
 
 /// A panicking handler counts as a retryable error, with the panic's message as the reason.
