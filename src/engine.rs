@@ -25,7 +25,6 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context as TaskContext, Poll, Waker};
 use std::time::Duration;
 
@@ -138,20 +137,16 @@ struct Handled<K> {
     outcome: Result<Event<K>, HandlerError>,
 }
 
-/// How a handler task says its handler succeeded, before it acknowledges the message.
+/// How a handler task says its handler succeeded, before it acknowledges the message: its
+/// key's next message may start meanwhile.
 struct Returned {
-    /// Set while a message of its key waits: only then is the engine told (waking it once more
-    /// per message would cost about 900 instructions).
-    waited: Arc<AtomicBool>,
     /// To the engine's `returned`.
     tx: mpsc::UnboundedSender<Id>,
 }
 
 impl Returned {
     fn tell(self) {
-        if self.waited.load(Ordering::Acquire)
-            && let Some(id) = tokio::task::try_id()
-        {
+        if let Some(id) = tokio::task::try_id() {
             let _ = self.tx.send(id);
         }
     }
@@ -213,8 +208,10 @@ struct Engine<K, M, T> {
     /// runs nothing any more). Keyed by tokio's task ids, which come from no one outside: a
     /// fast hasher, not a DoS-resistant one.
     running: FxHashMap<Id, Running<K>>,
-    /// Handler tasks whose handler succeeded tell it here, before they acknowledge, when a
-    /// message of their key waits: it may run while the acknowledgement travels.
+    /// Handler tasks whose handler succeeded tell it here, before they acknowledge: their key's
+    /// next message may run while the acknowledgement travels. Every task tells (telling only
+    /// when a message of the key waited took a shared flag per handler, which cost more than it
+    /// saved; see docs/performance.md, round 4).
     returned: mpsc::UnboundedReceiver<Id>,
     /// The sending side of `returned`, for each handler task.
     returned_tx: mpsc::UnboundedSender<Id>,
@@ -846,7 +843,7 @@ impl<K: Key, M: Send + 'static, T: Transport> Engine<K, M, T> {
     /// Start handlers for runnable lanes, up to the concurrency.
     fn start_handlers(&mut self) {
         while self.handlers.len() < self.cfg.concurrency {
-            let Some((key, p, waited)) = self.lanes.start_next() else {
+            let Some((key, p)) = self.lanes.start_next() else {
                 return;
             };
             if self.transport.is_stale(p.meta.id) {
@@ -873,7 +870,6 @@ impl<K: Key, M: Send + 'static, T: Transport> Engine<K, M, T> {
                 msg,
                 meta,
                 Returned {
-                    waited,
                     tx: self.returned_tx.clone(),
                 },
             );
