@@ -431,20 +431,25 @@ impl Transport for MemoryTransport {
 
     fn is_stale(&self, id: DeliveryId) -> bool {
         let s = self.broker.lock();
+        // Nothing revoked from this transport (the usual case): nothing to look up.
+        let Some(revoked) = s.revoked.get(&self.id) else {
+            return false;
+        };
         let partition = s
             .unacked
             .get(&id.0)
             .filter(|(owner, _)| *owner == self.id)
             .and_then(|(_, m)| m.partition);
-        partition.is_some_and(|p| s.revoked.get(&self.id).is_some_and(|r| r.contains(&p)))
+        partition.is_some_and(|p| revoked.contains(&p))
     }
 
     /// Cancel-safe: a delivery is taken from the queue only when it is returned.
     async fn recv(&self) -> Result<Option<Delivery>, MemoryError> {
         loop {
+            // Only `notify_waiters` is used, which wakes every `Notified` made before it, polled
+            // or not: no need to register (`enable`, a lock) before looking.
             let changed = self.broker.shared.changed.notified();
             tokio::pin!(changed);
-            changed.as_mut().enable();
             let next_due = {
                 let mut s = self.broker.lock();
                 if s.closed {
@@ -494,6 +499,10 @@ impl Transport for MemoryTransport {
         let mut m = s
             .take_unacked(id.0, self.id)
             .ok_or(MemoryError::UnknownDelivery(id))?;
+        // What a waiting `recv` could act on: a message to deliver again, a delayed copy, or
+        // room under this transport's prefetch.
+        let wake = self.broker.prefetch.is_some()
+            || matches!(settle, Settle::Defer { .. } | Settle::Requeue);
         match settle {
             Settle::Ack => s.stats.acked += 1,
             Settle::Defer { delay, attempt } => {
@@ -516,7 +525,9 @@ impl Transport for MemoryTransport {
             Settle::Requeue => s.requeue(id.0, m),
         }
         drop(s);
-        self.broker.shared.changed.notify_waiters();
+        if wake {
+            self.broker.shared.changed.notify_waiters();
+        }
         Ok(())
     }
 }
