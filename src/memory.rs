@@ -28,9 +28,11 @@
 //! # }
 //! ```
 
+use std::collections::hash_map::Entry;
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
+use rustc_hash::FxHashMap;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
@@ -131,9 +133,12 @@ struct State {
     /// back at its position (one `push_front` per requeue would reverse a batch).
     requeued: BTreeMap<u64, Stored>,
     delayed: BTreeMap<(Instant, u64), Stored>,
-    unacked: BTreeMap<u64, (u64, Stored)>,
+    /// Delivered and not settled, by delivery tag: the transport holding each, and the message.
+    /// Tags and transport ids are the broker's own sequences: a fast hasher, not a
+    /// DoS-resistant one (and no order needed: what goes back is ordered in `requeued`).
+    unacked: FxHashMap<u64, (u64, Stored)>,
     /// How many of `unacked` each transport holds (the prefetch check runs on every `recv`).
-    unacked_per_transport: HashMap<u64, usize>,
+    unacked_per_transport: FxHashMap<u64, usize>,
     dead: Vec<DeadLettered>,
     /// The partitions each transport no longer receives.
     revoked: HashMap<u64, std::collections::HashSet<u32>>,
@@ -199,11 +204,13 @@ impl State {
 
     /// Take back delivery `tag` if `transport` holds it.
     fn take_unacked(&mut self, tag: u64, transport: u64) -> Option<Stored> {
-        match self.unacked.get(&tag) {
-            Some((owner, _)) if *owner == transport => {}
-            _ => return None,
+        let Entry::Occupied(entry) = self.unacked.entry(tag) else {
+            return None;
+        };
+        if entry.get().0 != transport {
+            return None;
         }
-        let (_, m) = self.unacked.remove(&tag)?;
+        let (_, m) = entry.remove();
         if let Some(n) = self.unacked_per_transport.get_mut(&transport) {
             *n -= 1;
         }
