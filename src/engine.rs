@@ -25,11 +25,11 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context as TaskContext, Poll, Waker};
 use std::time::Duration;
 
 use futures::FutureExt;
+use rustc_hash::FxHashMap;
 use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio::task::{Id, JoinSet};
 use tokio::time::Instant;
@@ -137,20 +137,16 @@ struct Handled<K> {
     outcome: Result<Event<K>, HandlerError>,
 }
 
-/// How a handler task says its handler succeeded, before it acknowledges the message.
+/// How a handler task says its handler succeeded, before it acknowledges the message: its
+/// key's next message may start meanwhile.
 struct Returned {
-    /// Set while a message of its key waits: only then is the engine told (waking it once more
-    /// per message would cost about 900 instructions).
-    waited: Arc<AtomicBool>,
     /// To the engine's `returned`.
     tx: mpsc::UnboundedSender<Id>,
 }
 
 impl Returned {
     fn tell(self) {
-        if self.waited.load(Ordering::Acquire)
-            && let Some(id) = tokio::task::try_id()
-        {
+        if let Some(id) = tokio::task::try_id() {
             let _ = self.tx.send(id);
         }
     }
@@ -209,10 +205,13 @@ struct Engine<K, M, T> {
     handlers: JoinSet<Handled<K>>,
     /// Each running handler task: its key and partition, and whether it still holds its key's
     /// lane (to free the lane even if the task was lost, and to know when a revoked partition
-    /// runs nothing any more).
-    running: HashMap<Id, Running<K>>,
-    /// Handler tasks whose handler succeeded tell it here, before they acknowledge, when a
-    /// message of their key waits: it may run while the acknowledgement travels.
+    /// runs nothing any more). Keyed by tokio's task ids, which come from no one outside: a
+    /// fast hasher, not a DoS-resistant one.
+    running: FxHashMap<Id, Running<K>>,
+    /// Handler tasks whose handler succeeded tell it here, before they acknowledge: their key's
+    /// next message may run while the acknowledgement travels. Every task tells (telling only
+    /// when a message of the key waited took a shared flag per handler, which cost more than it
+    /// saved; see docs/performance.md, round 4).
     returned: mpsc::UnboundedReceiver<Id>,
     /// The sending side of `returned`, for each handler task.
     returned_tx: mpsc::UnboundedSender<Id>,
@@ -259,7 +258,7 @@ impl<K: Key, M: Send + 'static, T: Transport> Engine<K, M, T> {
             lanes: Lanes::new(),
             away: Away::new(),
             handlers: JoinSet::new(),
-            running: HashMap::new(),
+            running: FxHashMap::default(),
             returned,
             returned_tx,
             revoking: std::collections::HashSet::new(),
@@ -844,7 +843,7 @@ impl<K: Key, M: Send + 'static, T: Transport> Engine<K, M, T> {
     /// Start handlers for runnable lanes, up to the concurrency.
     fn start_handlers(&mut self) {
         while self.handlers.len() < self.cfg.concurrency {
-            let Some((key, p, waited)) = self.lanes.start_next() else {
+            let Some((key, p)) = self.lanes.start_next() else {
                 return;
             };
             if self.transport.is_stale(p.meta.id) {
@@ -863,13 +862,14 @@ impl<K: Key, M: Send + 'static, T: Transport> Engine<K, M, T> {
                 continue;
             }
             let p_partition = p.meta.partition;
+            let Pending { msg, meta } = p;
             let task = handle(
                 Arc::clone(&self.cfg),
                 Arc::clone(&self.transport),
                 key.clone(),
-                p,
+                msg,
+                meta,
                 Returned {
-                    waited,
                     tx: self.returned_tx.clone(),
                 },
             );
@@ -1075,21 +1075,75 @@ fn record<K: Key>(
 }
 
 /// Run the handler for one message; on success, acknowledge it.
-async fn handle<K: Key, M: Send + 'static, T: Transport>(
+///
+/// A plain function returning an `async move` block, not an `async fn`: an `async fn` keeps
+/// each argument twice in its future (once as given, once as the body's local), and the task's
+/// future is moved a few times on its way into the runtime. For the same reason the message and
+/// its metadata come apart (a `Pending` would be kept whole beside its `meta`), the handler is
+/// called in `call` (its context and span are not kept), and the event is made once the
+/// acknowledgement is done (as `settle_with` stamps it) rather than carried across the wait.
+#[allow(clippy::manual_async_fn)]
+fn handle<K: Key, M: Send + 'static, T: Transport>(
     cfg: Arc<Config<K, M>>,
     transport: Arc<T>,
     key: K,
-    p: Pending<M>,
+    msg: M,
+    meta: Meta,
     returned: Returned,
-) -> Handled<K> {
-    let Pending { msg, meta } = p;
+) -> impl Future<Output = Handled<K>> + Send + 'static {
+    async move {
+        let outcome = match call(&cfg, &key, msg, &meta) {
+            Ok(running) => running
+                .await
+                .unwrap_or_else(|payload| Err(panicked(&*payload))),
+            Err(e) => Err(e),
+        };
+        if let Err(e) = outcome {
+            return Handled {
+                key,
+                meta,
+                outcome: Err(e),
+            };
+        }
+        // The key's next message need not wait for the acknowledgement.
+        returned.tell();
+        let acked = transport.settle(meta.id, Settle::Ack).await;
+        let mut event = event_of(&meta, Some(key.clone()), Decision::Handled);
+        if let Err(e) = acked {
+            event.decision = Decision::SettleFailed {
+                error: e.to_string(),
+            };
+        }
+        Handled {
+            key,
+            meta,
+            outcome: Ok(event),
+        }
+    }
+}
+
+/// What a handler task awaits: the handler's future, in its span, a panic caught.
+type Called = futures::future::CatchUnwind<
+    AssertUnwindSafe<tracing::instrument::Instrumented<HandlerFuture>>,
+>;
+
+/// The future a handler returns.
+type HandlerFuture = futures::future::BoxFuture<'static, Result<(), HandlerError>>;
+
+/// Call the handler with `msg` inside a span, so that its own logs carry the key and the
+/// message; a panic in the call itself is an error at once.
+fn call<K: Key, M>(
+    cfg: &Config<K, M>,
+    key: &K,
+    msg: M,
+    meta: &Meta,
+) -> Result<Called, HandlerError> {
     let ctx = Context {
         key: key.clone(),
         message_id: meta.message_id.as_deref().map(str::to_owned),
         attempt: meta.attempt,
         redelivered: meta.redelivered,
     };
-    // The handler runs inside a span, so that its own logs carry the key and the message.
     let span = tracing::info_span!(
         target: "prereq",
         "handle",
@@ -1101,23 +1155,10 @@ async fn handle<K: Key, M: Send + 'static, T: Transport>(
         let _entered = span.enter();
         std::panic::catch_unwind(AssertUnwindSafe(|| (cfg.handler)(msg, ctx)))
     };
-    let outcome = match called {
-        Ok(fut) => AssertUnwindSafe(fut.instrument(span))
-            .catch_unwind()
-            .await
-            .unwrap_or_else(|payload| Err(panicked(&*payload))),
+    match called {
+        Ok(fut) => Ok(AssertUnwindSafe(fut.instrument(span)).catch_unwind()),
         Err(payload) => Err(panicked(&*payload)),
-    };
-    let outcome = match outcome {
-        Ok(()) => {
-            // The key's next message need not wait for the acknowledgement.
-            returned.tell();
-            let event = event_of(&meta, Some(key.clone()), Decision::Handled);
-            Ok(settle_with(&*transport, event, Settle::Ack).await)
-        }
-        Err(e) => Err(e),
-    };
-    Handled { key, meta, outcome }
+    }
 }
 
 /// A panicking handler counts as a retryable error, with the panic's message as the reason.

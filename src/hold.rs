@@ -11,6 +11,7 @@ use std::num::NonZeroU64;
 use std::sync::Arc;
 use std::time::Duration;
 
+use rustc_hash::FxHashMap;
 use tokio::time::Instant;
 
 /// Limits on holding. `Copy` and `const`, with documented defaults.
@@ -112,8 +113,9 @@ pub(crate) struct Hold<K, V> {
     /// The limits: checked by [`Hold::fits`].
     budget: HoldBudget,
     /// The entries, by position. Boxed: the table keeps up to twice as many slots as entries,
-    /// and an empty slot then costs a pointer, not a whole entry.
-    entries: HashMap<u64, Box<Entry<K, V>>>,
+    /// and an empty slot then costs a pointer, not a whole entry. Positions are the engine's own
+    /// sequence, not outside input: a fast hasher, not a DoS-resistant one.
+    entries: FxHashMap<u64, Box<Entry<K, V>>>,
     /// The positions held for each key, ascending: a key's messages leave in this order.
     by_key: HashMap<K, VecDeque<u64>>,
     /// Every entry by deadline (then position): the next to expire is the first. Deadlines
@@ -131,7 +133,7 @@ impl<K: Eq + Hash + Clone, V: Held> Hold<K, V> {
     pub(crate) fn new(budget: HoldBudget) -> Self {
         Self {
             budget,
-            entries: HashMap::new(),
+            entries: FxHashMap::default(),
             by_key: HashMap::new(),
             by_deadline: BTreeSet::new(),
             epoch: Instant::now(),

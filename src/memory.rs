@@ -28,9 +28,11 @@
 //! # }
 //! ```
 
+use std::collections::hash_map::Entry;
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
+use rustc_hash::FxHashMap;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
@@ -131,9 +133,12 @@ struct State {
     /// back at its position (one `push_front` per requeue would reverse a batch).
     requeued: BTreeMap<u64, Stored>,
     delayed: BTreeMap<(Instant, u64), Stored>,
-    unacked: BTreeMap<u64, (u64, Stored)>,
+    /// Delivered and not settled, by delivery tag: the transport holding each, and the message.
+    /// Tags and transport ids are the broker's own sequences: a fast hasher, not a
+    /// DoS-resistant one (and no order needed: what goes back is ordered in `requeued`).
+    unacked: FxHashMap<u64, (u64, Stored)>,
     /// How many of `unacked` each transport holds (the prefetch check runs on every `recv`).
-    unacked_per_transport: HashMap<u64, usize>,
+    unacked_per_transport: FxHashMap<u64, usize>,
     dead: Vec<DeadLettered>,
     /// The partitions each transport no longer receives.
     revoked: HashMap<u64, std::collections::HashSet<u32>>,
@@ -199,11 +204,13 @@ impl State {
 
     /// Take back delivery `tag` if `transport` holds it.
     fn take_unacked(&mut self, tag: u64, transport: u64) -> Option<Stored> {
-        match self.unacked.get(&tag) {
-            Some((owner, _)) if *owner == transport => {}
-            _ => return None,
+        let Entry::Occupied(entry) = self.unacked.entry(tag) else {
+            return None;
+        };
+        if entry.get().0 != transport {
+            return None;
         }
-        let (_, m) = self.unacked.remove(&tag)?;
+        let (_, m) = entry.remove();
         if let Some(n) = self.unacked_per_transport.get_mut(&transport) {
             *n -= 1;
         }
@@ -431,20 +438,25 @@ impl Transport for MemoryTransport {
 
     fn is_stale(&self, id: DeliveryId) -> bool {
         let s = self.broker.lock();
+        // Nothing revoked from this transport (the usual case): nothing to look up.
+        let Some(revoked) = s.revoked.get(&self.id) else {
+            return false;
+        };
         let partition = s
             .unacked
             .get(&id.0)
             .filter(|(owner, _)| *owner == self.id)
             .and_then(|(_, m)| m.partition);
-        partition.is_some_and(|p| s.revoked.get(&self.id).is_some_and(|r| r.contains(&p)))
+        partition.is_some_and(|p| revoked.contains(&p))
     }
 
     /// Cancel-safe: a delivery is taken from the queue only when it is returned.
     async fn recv(&self) -> Result<Option<Delivery>, MemoryError> {
         loop {
+            // Only `notify_waiters` is used, which wakes every `Notified` made before it, polled
+            // or not: no need to register (`enable`, a lock) before looking.
             let changed = self.broker.shared.changed.notified();
             tokio::pin!(changed);
-            changed.as_mut().enable();
             let next_due = {
                 let mut s = self.broker.lock();
                 if s.closed {
@@ -494,6 +506,10 @@ impl Transport for MemoryTransport {
         let mut m = s
             .take_unacked(id.0, self.id)
             .ok_or(MemoryError::UnknownDelivery(id))?;
+        // What a waiting `recv` could act on: a message to deliver again, a delayed copy, or
+        // room under this transport's prefetch.
+        let wake = self.broker.prefetch.is_some()
+            || matches!(settle, Settle::Defer { .. } | Settle::Requeue);
         match settle {
             Settle::Ack => s.stats.acked += 1,
             Settle::Defer { delay, attempt } => {
@@ -516,7 +532,9 @@ impl Transport for MemoryTransport {
             Settle::Requeue => s.requeue(id.0, m),
         }
         drop(s);
-        self.broker.shared.changed.notify_waiters();
+        if wake {
+            self.broker.shared.changed.notify_waiters();
+        }
         Ok(())
     }
 }

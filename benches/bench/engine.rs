@@ -1,5 +1,6 @@
-//! The engine's cost per message on the in-memory transport: known keys (the steady path), and
-//! every message held then released by its registration; and the heap a held message costs.
+//! The engine's cost per message on the in-memory transport: known keys (the steady path),
+//! every message held then released by its registration, and known keys with one message each;
+//! and the heap a held message costs.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -73,6 +74,12 @@ pub async fn engine_median(s: &Sizes, hold: bool) -> Res<f64> {
     v.get(v.len() / 2)
         .copied()
         .ok_or_else(|| "engine: no run".into())
+}
+
+/// ns per message through the engine on the known-key path where every one of the `n` messages
+/// has its own key (a key never has a second message waiting).
+pub async fn engine_unique(n: usize) -> Res<f64> {
+    engine(n, n.max(1) as u64, false).await
 }
 
 /// KiB of heap per held message in the engine and the in-memory transport: `n` payments of

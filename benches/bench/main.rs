@@ -4,8 +4,9 @@
 //!
 //! `cargo bench` runs the quick mode (about a minute once built); `PREREQ_BENCH=full cargo bench`
 //! runs larger N; `PREREQ_BENCH=engine cargo bench` runs the in-memory engine scenario only,
-//! once (for profiling), and `PREREQ_BENCH=engine-known` / `engine-held` one path of it with
-//! `PREREQ_BENCH_N` messages (for instruction counts); `PREREQ_BENCH=big` the big hold alone
+//! once (for profiling), and `PREREQ_BENCH=engine-known` / `engine-held` / `engine-unique` (known
+//! keys, every message its own) one path of it with `PREREQ_BENCH_N` messages (for instruction
+//! counts); `PREREQ_BENCH=big` the big hold alone
 //! (`PREREQ_BENCH_N` payments, 100 000 unless set). The broker is `AMQP_ADDR`, else
 //! `amqp://guest:guest@127.0.0.1:5672/%2f`; when it is unreachable only the in-memory engine
 //! scenario runs.
@@ -57,7 +58,7 @@ use std::time::Duration;
 use prereq::amqp::AmqpAddr;
 
 use crate::data::{BIG_BODY_BYTES, BODY_BYTES};
-use crate::engine::{engine_held_kb, engine_median};
+use crate::engine::{engine_held_kb, engine_median, engine_unique};
 use crate::env::Env;
 use crate::figures::Figures;
 use crate::rss::peak_rss_mb;
@@ -164,6 +165,14 @@ async fn bench(s: Sizes) -> Res<()> {
             ),
         );
         f.num("engine_ns_per_msg", ns, 0);
+    }
+    if s.engine_unique() {
+        let ns = engine_unique(s.engine_n).await?;
+        table.row(
+            "engine, known key, one message per key (in-memory)",
+            format!("{ns:.0} ns/msg ({} msgs)", s.engine_n),
+        );
+        f.num("engine_unique_ns_per_msg", ns, 0);
     }
     if s.engine_held() {
         let ns = engine_median(&s, true).await?;

@@ -1,6 +1,7 @@
 //! How much each scenario does: the quick mode (`cargo bench`), the full mode
 //! (`PREREQ_BENCH=full`) and the engine-only modes for profiling (`PREREQ_BENCH=engine`, both
-//! paths; `engine-known` or `engine-held`, one path, `PREREQ_BENCH_N` messages).
+//! paths; `engine-known`, `engine-held` or `engine-unique`, one path, `PREREQ_BENCH_N`
+//! messages).
 
 use std::time::Duration;
 
@@ -57,16 +58,16 @@ impl Sizes {
             },
             // For instruction counts: one path, one run of `PREREQ_BENCH_N` messages (the
             // difference between two N gives the cost per message without the fixed costs).
-            Ok(mode @ ("engine-known" | "engine-held")) => {
+            Ok(mode @ ("engine-known" | "engine-held" | "engine-unique")) => {
                 let n = std::env::var("PREREQ_BENCH_N")
                     .ok()
                     .and_then(|v| v.parse().ok())
                     .unwrap_or(20_000);
                 Self {
-                    mode: if mode == "engine-known" {
-                        "engine-known"
-                    } else {
-                        "engine-held"
+                    mode: match mode {
+                        "engine-known" => "engine-known",
+                        "engine-held" => "engine-held",
+                        _ => "engine-unique",
                     },
                     engine_n: n,
                     engine_hold_n: n,
@@ -95,12 +96,17 @@ impl Sizes {
 
     /// The known-key engine path runs.
     pub fn engine_known(&self) -> bool {
-        self.mode != "engine-held" && self.mode != "big"
+        !matches!(self.mode, "engine-held" | "engine-unique" | "big")
     }
 
     /// The held-then-released engine path runs.
     pub fn engine_held(&self) -> bool {
-        self.mode != "engine-known" && self.mode != "big"
+        !matches!(self.mode, "engine-known" | "engine-unique" | "big")
+    }
+
+    /// The known-key engine path with every message its own key runs (only on its own).
+    pub fn engine_unique(&self) -> bool {
+        self.mode == "engine-unique"
     }
 
     /// The held-memory measurement runs (not in a one-path mode).

@@ -6,8 +6,6 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::hash::Hash;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 
 struct Lane<V> {
     /// Waiting messages by position, ascending.
@@ -16,9 +14,6 @@ struct Lane<V> {
     running: bool,
     /// The key is listed in `Lanes::runnable`.
     runnable: bool,
-    /// While a handler runs: set once a message of the key waits behind it (shared with the
-    /// handler's task, so that it says when it returned and the next may start).
-    waited: Option<Arc<AtomicBool>>,
 }
 
 /// Per-key queues of messages whose key is known.
@@ -51,7 +46,6 @@ impl<K: Eq + Hash + Clone, V> Lanes<K, V> {
             queue: VecDeque::new(),
             running: false,
             runnable: false,
-            waited: None,
         });
         let at = if lane.queue.back().is_none_or(|(p, _)| *p < pos) {
             lane.queue.len()
@@ -60,18 +54,14 @@ impl<K: Eq + Hash + Clone, V> Lanes<K, V> {
         };
         lane.queue.insert(at, (pos, value));
         self.queued += 1;
-        if let Some(waited) = &lane.waited {
-            waited.store(true, Ordering::Release);
-        }
         if !lane.running && !lane.runnable {
             lane.runnable = true;
             self.runnable.push_back(key);
         }
     }
 
-    /// The next message that may start, its key's lane now running; and a flag set while (or
-    /// once) a message of the key waits behind it.
-    pub(crate) fn start_next(&mut self) -> Option<(K, V, Arc<AtomicBool>)> {
+    /// The next message that may start, its key's lane now running.
+    pub(crate) fn start_next(&mut self) -> Option<(K, V)> {
         while let Some(key) = self.runnable.pop_front() {
             let Some(lane) = self.lanes.get_mut(&key) else {
                 continue;
@@ -82,9 +72,7 @@ impl<K: Eq + Hash + Clone, V> Lanes<K, V> {
             };
             lane.running = true;
             self.queued -= 1;
-            let waited = Arc::new(AtomicBool::new(!lane.queue.is_empty()));
-            lane.waited = Some(Arc::clone(&waited));
-            return Some((key, value, waited));
+            return Some((key, value));
         }
         None
     }
@@ -96,7 +84,6 @@ impl<K: Eq + Hash + Clone, V> Lanes<K, V> {
             return;
         };
         lane.running = false;
-        lane.waited = None;
         if lane.queue.is_empty() {
             self.lanes.remove(key);
         } else if !lane.runnable {
@@ -167,24 +154,13 @@ mod tests {
         l.push("a", 1, 'w');
         l.push("b", 3, 'y');
         assert_eq!(l.queued(), 3);
-        let started = |l: &mut Lanes<&'static str, char>| {
-            l.start_next()
-                .map(|(k, v, waited)| (k, v, waited.load(Ordering::Acquire)))
-        };
-        assert_eq!(started(&mut l), Some(("a", 'w', true)));
-        let Some(("b", 'y', b_waited)) = l.start_next() else {
-            panic!("b next");
-        };
-        assert!(!b_waited.load(Ordering::Acquire));
+        assert_eq!(l.start_next(), Some(("a", 'w')));
+        assert_eq!(l.start_next(), Some(("b", 'y')));
         l.push("b", 6, 'v');
-        assert!(
-            b_waited.load(Ordering::Acquire),
-            "told that a message of b waits"
-        );
         assert_eq!(l.take(&"b"), vec![(6, 'v')]);
-        assert_eq!(l.start_next().map(|(k, v, _)| (k, v)), None, "a is running");
+        assert_eq!(l.start_next(), None, "a is running");
         l.finish(&"a");
-        assert_eq!(started(&mut l), Some(("a", 'x', false)));
+        assert_eq!(l.start_next(), Some(("a", 'x')));
         l.push("a", 4, 'z');
         assert_eq!(l.take(&"a"), vec![(4, 'z')]);
         l.finish(&"a");
