@@ -244,3 +244,32 @@ async fn a_connection_lost_before_the_first_subscription_is_waited_for_too() {
     transport.start(Demand::new(10, 1)).await.expect("starts");
     ends_at_the_reconnect_timeout(&transport).await;
 }
+
+/// Connected, then the broker stops answering (the connection stays open): closing the broker
+/// handle ends on the connect timeout with an error that says so, instead of waiting for a
+/// `close-ok` that never comes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn closing_a_connection_whose_broker_went_silent_ends_on_the_deadline() {
+    if support::broker().await.is_none() {
+        return;
+    }
+    let broker = support::addr();
+    // The pre-flight connection and the kept one reach the broker.
+    let listener = Silent::start(Some(silent::host_port(&broker)), 2).await;
+    let options = options(listener.addr(&broker), DelayMode::DelayQueues);
+    let connected = tokio::time::timeout(HUNG, Broker::connect(options))
+        .await
+        .expect("connects in time")
+        .expect("connects");
+    listener.freeze();
+    let closed = tokio::time::timeout(HUNG, connected.close())
+        .await
+        .unwrap_or_else(|_| panic!("close still waiting after {HUNG:?}"));
+    let e = closed.expect_err("a broker that never answered cannot have closed");
+    let text = format!("{e} | {e:?}");
+    assert!(matches!(e, AmqpError::Broker { .. }), "{text}");
+    assert!(
+        text.contains("close connection") && text.contains("within 1s (the connect timeout)"),
+        "{text}"
+    );
+}

@@ -84,7 +84,8 @@ impl BrokerOptions {
     /// How long each connection attempt may take (the plugin probe, the pre-flight connection,
     /// the kept connection, every reconnection attempt). A broker that has not answered by then
     /// (a wrong port, a proxy or a firewall that accepts and stays silent) fails the attempt
-    /// with a clear error. Zero is raised to 1 ms.
+    /// with a clear error. [`Broker::close`] waits for the broker's confirmation as long, at
+    /// most. Zero is raised to 1 ms.
     pub fn connect_timeout(mut self, timeout: Duration) -> Self {
         self.connect_timeout = timeout.max(Duration::from_millis(1));
         self
@@ -250,13 +251,19 @@ impl Broker {
     }
 
     /// Close the connection (`200 OK`): every transport's unsettled deliveries go back to their
-    /// queues.
+    /// queues. Bounded by the connect timeout: a broker that has not confirmed by then (it went
+    /// silent) is an error, never a wait without end; the broker then gives the deliveries back
+    /// when it notices the connection gone.
     pub async fn close(&self) -> Result<(), AmqpError> {
-        self.inner
-            .connection
-            .close(200, "prereq: closing".into())
-            .await
-            .map_err(|e| self.addr().broker_error("close connection", &e))
+        let deadline = self.inner.options.connect_timeout;
+        let closing = self.inner.connection.close(200, "prereq: closing".into());
+        match tokio::time::timeout(deadline, closing).await {
+            Ok(closed) => closed.map_err(|e| self.addr().broker_error("close connection", &e)),
+            Err(_) => Err(AmqpError::Broker {
+                operation: "close connection".to_owned(),
+                message: format!("no answer within {deadline:?} (the connect timeout)"),
+            }),
+        }
     }
 
     /// A subscription to the connection being lost for good.

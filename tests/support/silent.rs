@@ -20,6 +20,8 @@ pub struct Silent {
     silenced: Arc<AtomicBool>,
     /// Armed: the next `channel.open` a client sends ends its connection instead.
     cut_on_channel_open: Arc<AtomicBool>,
+    /// Set: forwarded connections stay open and carry nothing more, either way.
+    frozen: Arc<AtomicBool>,
     links: Arc<Mutex<Vec<JoinHandle<()>>>>,
     accept: JoinHandle<()>,
 }
@@ -33,21 +35,23 @@ impl Silent {
         let accepted = Arc::new(AtomicUsize::new(0));
         let silenced = Arc::new(AtomicBool::new(false));
         let cut_on_channel_open = Arc::new(AtomicBool::new(false));
+        let frozen = Arc::new(AtomicBool::new(false));
         let links: Arc<Mutex<Vec<JoinHandle<()>>>> = Arc::default();
         let (a, s, l) = (accepted.clone(), silenced.clone(), links.clone());
         let armed = cut_on_channel_open.clone();
+        let ice = frozen.clone();
         let accept = tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
                 let n = a.fetch_add(1, Ordering::SeqCst);
                 let target = target
                     .clone()
                     .filter(|_| n < forward && !s.load(Ordering::SeqCst));
-                let armed = armed.clone();
+                let (armed, ice) = (armed.clone(), ice.clone());
                 let link = tokio::spawn(async move {
                     match target {
                         Some(target) => {
                             if let Ok(upstream) = TcpStream::connect(&target).await {
-                                forward_until_armed_open(client, upstream, armed).await;
+                                forward_until_armed_open(client, upstream, armed, ice).await;
                             }
                         }
                         // Hold the socket open, read nothing, answer nothing.
@@ -62,6 +66,7 @@ impl Silent {
             accepted,
             silenced,
             cut_on_channel_open,
+            frozen,
             links,
             accept,
         }
@@ -93,6 +98,12 @@ impl Silent {
         self.cut_on_channel_open.store(true, Ordering::SeqCst);
     }
 
+    /// From now on, the connections forwarded so far stay open and carry nothing more, either
+    /// way: a broker that stopped answering.
+    pub fn freeze(&self) {
+        self.frozen.store(true, Ordering::SeqCst);
+    }
+
     /// Close every connection accepted so far (new ones are still accepted).
     pub fn cut(&self) -> usize {
         let links: Vec<_> = self.links.lock().unwrap().drain(..).collect();
@@ -105,8 +116,14 @@ impl Silent {
 }
 
 /// Forward both ways until either side ends, or until the client sends a `channel.open` method
-/// frame (type 1, a channel other than 0, class 20, method 10) while `armed` is set.
-async fn forward_until_armed_open(client: TcpStream, upstream: TcpStream, armed: Arc<AtomicBool>) {
+/// frame (type 1, a channel other than 0, class 20, method 10) while `armed` is set; while
+/// `frozen` is set, hold both sides open and forward nothing.
+async fn forward_until_armed_open(
+    client: TcpStream,
+    upstream: TcpStream,
+    armed: Arc<AtomicBool>,
+    frozen: Arc<AtomicBool>,
+) {
     let (mut client_rx, mut client_tx) = client.into_split();
     let (mut upstream_rx, mut upstream_tx) = upstream.into_split();
     let to_broker = async {
@@ -123,12 +140,29 @@ async fn forward_until_armed_open(client: TcpStream, upstream: TcpStream, armed:
             if opens && armed.swap(false, Ordering::SeqCst) {
                 return;
             }
+            if frozen.load(Ordering::SeqCst) {
+                std::future::pending::<()>().await;
+            }
             if upstream_tx.write_all(chunk).await.is_err() {
                 return;
             }
         }
     };
-    let to_client = tokio::io::copy(&mut upstream_rx, &mut client_tx);
+    let to_client = async {
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            let n = match upstream_rx.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => n,
+            };
+            if frozen.load(Ordering::SeqCst) {
+                std::future::pending::<()>().await;
+            }
+            if client_tx.write_all(&buf[..n]).await.is_err() {
+                return;
+            }
+        }
+    };
     tokio::select! {
         _ = to_broker => {}
         _ = to_client => {}
