@@ -4,7 +4,8 @@
 
 use crate::transport::{DeliveryId, Source};
 
-/// A point on a registration's way from the broker client to the engine's decision.
+/// A point on a registration's way from the broker client to the engine's decision, in that
+/// order (`stage as usize` counts from 0).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Stage {
     /// The transport took the delivery from the broker client.

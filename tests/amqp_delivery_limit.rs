@@ -17,6 +17,8 @@
 //! The delay mechanism is forced to delay queues (nothing is deferred here; any would do).
 #![cfg(feature = "amqp")]
 
+#[path = "support/drill.rs"]
+mod drill;
 mod support;
 
 use std::time::Duration;
@@ -278,20 +280,25 @@ async fn control_a_limit_prereq_does_not_know_lets_the_broker_dead_letter() {
     loop {
         // After a give-back the broker either puts the payment back in its queue or, past the
         // limit, dead-letters it; the latter is asynchronous, so wait for one or the other.
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-        let (back, dead) = loop {
-            let back = support::ready_count(&ch, &names.queue).await;
-            let dead = support::ready_count(&ch, &broker_dlq).await;
-            if back + dead > 0 || tokio::time::Instant::now() > deadline {
-                break (back, dead);
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        };
-        assert!(
-            back + dead > 0,
-            "after {restarts} restarts the payment is neither in its queue nor dead-lettered"
-        );
-        if dead > 0 {
+        drill::wait_until(
+            "the payment back in its queue or dead-lettered",
+            Duration::from_secs(30),
+            async || {
+                let back = support::ready_count(&ch, &names.queue).await;
+                let dead = support::ready_count(&ch, &broker_dlq).await;
+                if back + dead > 0 {
+                    Ok(())
+                } else {
+                    Err(format!(
+                        "after {restarts} restarts the payment is neither in its queue nor \
+                         dead-lettered"
+                    ))
+                }
+            },
+        )
+        .await;
+        // Once dead-lettered it stays there (nothing consumes the broker's dead-letter queue).
+        if support::ready_count(&ch, &broker_dlq).await > 0 {
             break;
         }
         assert!(restarts < 10, "the broker never dead-lettered the payment");

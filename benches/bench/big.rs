@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::StreamExt;
-use lapin::options::{BasicAckOptions, BasicQosOptions, QueueDeclareOptions};
+use lapin::options::{BasicQosOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use prereq::amqp::{Queue, QueueKind, Route};
 use prereq::transport::Demand;
@@ -23,8 +23,8 @@ use crate::cleanup::lock;
 use crate::data::{BODY_BYTES, Client, Payment, client_body, payment_body};
 use crate::env::{Env, clients_queue, payments_queue};
 use crate::figures::percentile;
-use crate::publish::{PUBLISH_WINDOW, confirm_channel, publish_all};
-use crate::raw::{consume, scratch_queue};
+use crate::publish::{confirm_channel, publish_all};
+use crate::raw::{Acks, consume, scratch_queue};
 use crate::rss::{peak_rss_mb, reset_peak_rss, rss_mb};
 use crate::shared::Running;
 use crate::{Res, STUCK, timeout};
@@ -229,7 +229,7 @@ async fn through_lapin(env: &Env, bodies: &[Vec<u8>], by_key: bool) -> Res<Drain
     let mut consumer = consume(&cch, &queue).await?;
     let mut ms = Vec::with_capacity(n);
     timeout("big: bare lapin", STUCK, async {
-        let mut acks = futures::stream::FuturesUnordered::new();
+        let mut acks = Acks::default();
         let mut first = Vec::new();
         for i in 0..n {
             let d = consumer
@@ -246,28 +246,14 @@ async fn through_lapin(env: &Env, bodies: &[Vec<u8>], by_key: bool) -> Res<Drain
                 first.sort_by_key(|(client, _)| *client);
                 for (_, acker) in first.drain(..) {
                     ms.push(t0.elapsed().as_secs_f64() * 1e3);
-                    acks.push(ack(acker));
-                    if acks.len() >= PUBLISH_WINDOW {
-                        while let Some(r) = acks.next().await {
-                            r?;
-                        }
-                    }
+                    acks.push(acker).await?;
                 }
                 continue;
             }
             ms.push(t0.elapsed().as_secs_f64() * 1e3);
-            let acker = d.acker;
-            acks.push(ack(acker));
-            if acks.len() >= PUBLISH_WINDOW {
-                while let Some(r) = acks.next().await {
-                    r?;
-                }
-            }
+            acks.push(d.acker).await?;
         }
-        while let Some(r) = acks.next().await {
-            r?;
-        }
-        Res::Ok(())
+        acks.drain().await
     })
     .await??;
     let peak_rss_mb = peak_rss_mb();
@@ -288,10 +274,4 @@ impl Drain {
             rss_before_mb,
         }
     }
-}
-
-/// Acknowledge one delivery.
-async fn ack(acker: lapin::Acker) -> Res<()> {
-    acker.ack(BasicAckOptions::default()).await?;
-    Ok(())
 }

@@ -259,28 +259,17 @@ pub const HOPS: [&str; 5] = [
 /// The probe's stamps of each registration, as hops (empty without the probe).
 #[cfg(prereq_probe)]
 fn hops(known: &[Option<Known>], registered_at: &[Instant]) -> Vec<Vec<f64>> {
-    use prereq::probe::Stage;
     use std::collections::HashMap;
     let stamps: HashMap<(u64, usize), std::time::Instant> = prereq::probe::take()
         .into_iter()
-        .map(|(stage, id, at)| {
-            let i = [
-                Stage::Taken,
-                Stage::Forwarded,
-                Stage::Pumped,
-                Stage::Decided,
-            ]
-            .iter()
-            .position(|s| *s == stage)
-            .unwrap_or(usize::MAX);
-            ((id, i), at)
-        })
+        .map(|(stage, id, at)| ((id, stage as usize), at))
         .collect();
     let mut hops = vec![Vec::new(); HOPS.len()];
     for (k, sent) in known.iter().zip(registered_at) {
         let Some((at, id)) = *k else { continue };
         let mut points = vec![sent.into_std()];
-        points.extend((0..4).filter_map(|i| stamps.get(&(id, i)).copied()));
+        // The stamps, in the order of `Stage` (one fewer than the hops).
+        points.extend((0..HOPS.len() - 1).filter_map(|i| stamps.get(&(id, i)).copied()));
         points.push(at.into_std());
         if points.len() != HOPS.len() + 1 {
             continue;

@@ -4,6 +4,8 @@
 use std::time::Duration;
 
 use futures::StreamExt;
+use futures::future::BoxFuture;
+use futures::stream::FuturesUnordered;
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
 use lapin::{Acker, Channel, Connection, ConnectionProperties, Consumer};
@@ -62,6 +64,32 @@ pub async fn raw(env: &Env, s: &Sizes) -> Res<Raw> {
     })
 }
 
+/// Acknowledgements sent without waiting for one another, awaited in windows of
+/// [`PUBLISH_WINDOW`].
+#[derive(Default)]
+pub struct Acks(FuturesUnordered<BoxFuture<'static, lapin::Result<bool>>>);
+
+impl Acks {
+    /// Send `acker`'s acknowledgement; wait for all in flight once a window is full.
+    pub async fn push(&mut self, acker: Acker) -> Res<()> {
+        self.0.push(Box::pin(async move {
+            acker.ack(BasicAckOptions::default()).await
+        }));
+        if self.0.len() >= PUBLISH_WINDOW {
+            self.drain().await?;
+        }
+        Ok(())
+    }
+
+    /// Wait for every acknowledgement in flight.
+    pub async fn drain(&mut self) -> Res<()> {
+        while let Some(r) = self.0.next().await {
+            r?;
+        }
+        Ok(())
+    }
+}
+
 /// Consume `n` messages with a manual ack each, from the first delivery to the last ack: each
 /// ack awaited before the next delivery, or (`pipelined`) acks sent without waiting for one
 /// another, awaited in windows of [`PUBLISH_WINDOW`].
@@ -73,26 +101,17 @@ async fn raw_consume(conn: &Connection, queue: &str, n: usize, pipelined: bool) 
     let mut consumer = consume(&cch, queue).await?;
     let mut first = None;
     let consumed = timeout("raw consume", STUCK, async {
-        let mut acks = futures::stream::FuturesUnordered::new();
+        let mut acks = Acks::default();
         for _ in 0..n {
             let d = consumer.next().await.ok_or("raw consumer closed")??;
             first.get_or_insert_with(Instant::now);
             if pipelined {
-                let acker = d.acker;
-                acks.push(async move { acker.ack(BasicAckOptions::default()).await });
-                if acks.len() >= PUBLISH_WINDOW {
-                    while let Some(r) = acks.next().await {
-                        r?;
-                    }
-                }
+                acks.push(d.acker).await?;
             } else {
                 d.acker.ack(BasicAckOptions::default()).await?;
             }
         }
-        while let Some(r) = acks.next().await {
-            r?;
-        }
-        Res::Ok(())
+        acks.drain().await
     })
     .await?;
     consumed?;

@@ -124,48 +124,48 @@ async fn forward_until_armed_open(
     armed: Arc<AtomicBool>,
     frozen: Arc<AtomicBool>,
 ) {
-    let (mut client_rx, mut client_tx) = client.into_split();
-    let (mut upstream_rx, mut upstream_tx) = upstream.into_split();
-    let to_broker = async {
-        let mut buf = vec![0u8; 64 * 1024];
-        loop {
-            let n = match client_rx.read(&mut buf).await {
-                Ok(0) | Err(_) => return,
-                Ok(n) => n,
-            };
-            let chunk = &buf[..n];
-            let opens = chunk
-                .windows(11)
-                .any(|f| f[0] == 1 && (f[1], f[2]) != (0, 0) && f[7..11] == [0, 20, 0, 10]);
-            if opens && armed.swap(false, Ordering::SeqCst) {
-                return;
-            }
-            if frozen.load(Ordering::SeqCst) {
-                std::future::pending::<()>().await;
-            }
-            if upstream_tx.write_all(chunk).await.is_err() {
-                return;
-            }
-        }
+    let (client_rx, client_tx) = client.into_split();
+    let (upstream_rx, upstream_tx) = upstream.into_split();
+    // A `channel.open` method frame (type 1, a channel other than 0, class 20, method 10) in
+    // what the client sends.
+    let channel_open = |chunk: &[u8]| {
+        chunk
+            .windows(11)
+            .any(|f| f[0] == 1 && (f[1], f[2]) != (0, 0) && f[7..11] == [0, 20, 0, 10])
     };
-    let to_client = async {
-        let mut buf = vec![0u8; 64 * 1024];
-        loop {
-            let n = match upstream_rx.read(&mut buf).await {
-                Ok(0) | Err(_) => return,
-                Ok(n) => n,
-            };
-            if frozen.load(Ordering::SeqCst) {
-                std::future::pending::<()>().await;
-            }
-            if client_tx.write_all(&buf[..n]).await.is_err() {
-                return;
-            }
-        }
-    };
+    let to_broker = relay(client_rx, upstream_tx, &frozen, |chunk: &[u8]| {
+        channel_open(chunk) && armed.swap(false, Ordering::SeqCst)
+    });
+    let to_client = relay(upstream_rx, client_tx, &frozen, |_: &[u8]| false);
     tokio::select! {
-        _ = to_broker => {}
-        _ = to_client => {}
+        () = to_broker => {}
+        () = to_client => {}
+    }
+}
+
+/// Copy `rx` to `tx` until either ends or a chunk read makes `ends_here` true (that chunk is not
+/// passed on); while `frozen` is set, hold both open and pass nothing.
+async fn relay(
+    mut rx: tokio::net::tcp::OwnedReadHalf,
+    mut tx: tokio::net::tcp::OwnedWriteHalf,
+    frozen: &AtomicBool,
+    mut ends_here: impl FnMut(&[u8]) -> bool,
+) {
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = match rx.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        if ends_here(&buf[..n]) {
+            return;
+        }
+        if frozen.load(Ordering::SeqCst) {
+            std::future::pending::<()>().await;
+        }
+        if tx.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
     }
 }
 
