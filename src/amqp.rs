@@ -46,6 +46,7 @@
 //! # Ok(()) }
 //! ```
 
+mod acks;
 mod addr;
 mod assign;
 mod broker;

@@ -23,6 +23,8 @@ pub struct Env {
     /// `<pid>.<nanos>`: in every name the run declares.
     pub run: String,
     pub cleanup: Cleanup,
+    /// The broker's port, to find its process for CPU figures ([`crate::cpu`]).
+    pub port: u16,
 }
 
 impl Env {
@@ -35,7 +37,13 @@ impl Env {
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_nanos())
             .unwrap_or(0);
+        let port = addr
+            .expose()
+            .parse::<lapin::uri::AMQPUri>()
+            .map(|u| u.authority.port)
+            .unwrap_or(5672);
         Ok(Self {
+            port,
             run: format!("{}.{nanos}", std::process::id()),
             cleanup: Cleanup::new(addr.clone()),
             broker,

@@ -34,6 +34,7 @@
 
 mod big;
 mod cleanup;
+mod cpu;
 mod data;
 mod engine;
 mod env;

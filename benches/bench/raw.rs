@@ -11,6 +11,7 @@ use lapin::types::FieldTable;
 use lapin::{Acker, Channel, Connection, ConnectionProperties, Consumer};
 use tokio::time::Instant;
 
+use crate::cpu::{Cpu, PerMsg};
 use crate::data::{BODY_BYTES, Client, Payment, RaceData, payment_body};
 use crate::env::{Env, default_prefetch};
 use crate::publish::{PUBLISH_WINDOW, confirm_channel, publish_all, register_on_schedule};
@@ -22,6 +23,8 @@ pub struct Raw {
     pub publish_per_s: f64,
     pub consume_per_s: f64,
     pub consume_pipelined_per_s: f64,
+    /// CPU per message of the pipelined consume.
+    pub cpu: PerMsg,
 }
 
 /// A durable classic queue of its own for a bare-lapin scenario (deleted with the rest), and a
@@ -55,12 +58,15 @@ pub async fn raw(env: &Env, s: &Sizes) -> Res<Raw> {
     let consume = raw_consume(env.conn(), &queue, s.n, false).await?;
     // The same messages again, for the pipelined variant.
     publish_all(&ch, &queue, &bodies, |_| {}).await?;
+    let cpu = Cpu::now(env.port);
     let pipelined = raw_consume(env.conn(), &queue, s.n, true).await?;
+    let cpu = cpu.per_msg(s.n);
     let _ = ch.close(200, "done".into()).await;
     Ok(Raw {
         publish_per_s: s.n as f64 / publish.as_secs_f64(),
         consume_per_s: s.n as f64 / consume.as_secs_f64(),
         consume_pipelined_per_s: s.n as f64 / pipelined.as_secs_f64(),
+        cpu,
     })
 }
 

@@ -19,6 +19,11 @@ use crate::sizes::Sizes;
 use crate::steady::steady;
 use crate::table::Table;
 
+/// A CPU figure in microseconds, or "-" where it could not be read.
+fn opt_us(us: Option<f64>) -> String {
+    us.map_or_else(|| "-".to_owned(), |us| format!("{us:.1}"))
+}
+
 /// Held memory per message, in KiB: the heap growth while the payments came in, over the
 /// payments held then.
 fn held_kb_per_msg(r: &Race) -> f64 {
@@ -33,6 +38,10 @@ fn held_kb_per_msg(r: &Race) -> f64 {
 pub async fn broker_scenarios(env: &Env, s: &Sizes, f: &mut Figures, t: &mut Table) -> Res<f64> {
     if s.mode == "big" {
         return big_figures(env, s, f, t).await;
+    }
+    if s.mode == "steady" {
+        steady_rounds(env, s, f, t).await?;
+        return Ok(crate::rss::peak_rss_mb());
     }
     let r = raw(env, s).await?;
     t.row(
@@ -65,6 +74,23 @@ pub async fn broker_scenarios(env: &Env, s: &Sizes, f: &mut Figures, t: &mut Tab
     f.num("steady_per_s", st.per_s, 0);
     f.num("steady_ratio", ratio, 3);
     f.num("steady_ratio_pipelined", ratio_pipelined, 3);
+    t.row(
+        "CPU per message: raw pipelined / steady",
+        format!(
+            "this process {:.1} / {:.1} us, broker {} / {} us",
+            r.cpu.own_us,
+            st.cpu.own_us,
+            opt_us(r.cpu.broker_us),
+            opt_us(st.cpu.broker_us)
+        ),
+    );
+    f.num("raw_cpu_us_per_msg", r.cpu.own_us, 2);
+    f.num("steady_cpu_us_per_msg", st.cpu.own_us, 2);
+    f.num("steady_cpu_over_raw", st.cpu.own_us / r.cpu.own_us, 3);
+    if let (Some(rb), Some(sb)) = (r.cpu.broker_us, st.cpu.broker_us) {
+        f.num("raw_broker_cpu_us_per_msg", rb, 2);
+        f.num("steady_broker_cpu_us_per_msg", sb, 2);
+    }
     if st.report.handled != s.n as u64 || st.report.deferred != 0 {
         return Err(format!("steady: unexpected report {:?}", st.report).into());
     }
@@ -287,6 +313,56 @@ pub async fn broker_scenarios(env: &Env, s: &Sizes, f: &mut Figures, t: &mut Tab
         peak = peak.max(big_figures(env, s, f, t).await?);
     }
     Ok(peak)
+}
+
+/// Steady state and bare lapin's pipelined consume, three rounds in turn (the broker's own speed
+/// drifts between runs; `PREREQ_BENCH_ROUNDS` sets another number, 1 for instruction counts):
+/// each round's figures, and the medians.
+async fn steady_rounds(env: &Env, s: &Sizes, f: &mut Figures, t: &mut Table) -> Res<()> {
+    let mut ratios = Vec::new();
+    let (mut raw_cpu, mut steady_cpu) = (Vec::new(), Vec::new());
+    let (mut raw_broker, mut steady_broker) = (Vec::new(), Vec::new());
+    let rounds: u32 = std::env::var("PREREQ_BENCH_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3);
+    for round in 1..=rounds {
+        let r = raw(env, s).await?;
+        let st = steady(env, s).await?;
+        t.row(
+            &format!("round {round}: steady / raw pipelined"),
+            format!(
+                "{:.0} / {:.0} msg/s = {:.2}x; CPU this process {:.1} / {:.1} us, broker {} / {} us",
+                st.per_s,
+                r.consume_pipelined_per_s,
+                st.per_s / r.consume_pipelined_per_s,
+                st.cpu.own_us,
+                r.cpu.own_us,
+                opt_us(st.cpu.broker_us),
+                opt_us(r.cpu.broker_us)
+            ),
+        );
+        ratios.push(st.per_s / r.consume_pipelined_per_s);
+        raw_cpu.push(r.cpu.own_us);
+        steady_cpu.push(st.cpu.own_us);
+        raw_broker.extend(r.cpu.broker_us);
+        steady_broker.extend(st.cpu.broker_us);
+    }
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+    };
+    f.set("n", s.n as u64);
+    f.num("steady_ratio_pipelined", median(&mut ratios), 3);
+    f.num("raw_cpu_us_per_msg", median(&mut raw_cpu), 2);
+    f.num("steady_cpu_us_per_msg", median(&mut steady_cpu), 2);
+    f.num("raw_broker_cpu_us_per_msg", median(&mut raw_broker), 2);
+    f.num(
+        "steady_broker_cpu_us_per_msg",
+        median(&mut steady_broker),
+        2,
+    );
+    Ok(())
 }
 
 /// The big hold's table rows and figures; returns its peak RSS.

@@ -75,6 +75,17 @@ impl Sizes {
                     ..Self::quick()
                 }
             }
+            // Steady state alone, against bare lapin, three times in turn: `PREREQ_BENCH_N`
+            // payments (50 000 unless set).
+            Ok("steady") => Self {
+                mode: "steady",
+                n: std::env::var("PREREQ_BENCH_N")
+                    .ok()
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(50_000),
+                k: 5_000,
+                ..Self::quick()
+            },
             // The big hold alone: `PREREQ_BENCH_N` payments (100 000 unless set).
             Ok("big") => Self {
                 mode: "big",
@@ -96,12 +107,12 @@ impl Sizes {
 
     /// The known-key engine path runs.
     pub fn engine_known(&self) -> bool {
-        !matches!(self.mode, "engine-held" | "engine-unique" | "big")
+        !matches!(self.mode, "engine-held" | "engine-unique" | "big" | "steady")
     }
 
     /// The held-then-released engine path runs.
     pub fn engine_held(&self) -> bool {
-        !matches!(self.mode, "engine-known" | "engine-unique" | "big")
+        !matches!(self.mode, "engine-known" | "engine-unique" | "big" | "steady")
     }
 
     /// The known-key engine path with every message its own key runs (only on its own).

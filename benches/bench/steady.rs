@@ -9,6 +9,7 @@ use tokio::sync::oneshot;
 use tokio::time::Instant;
 
 use crate::cleanup::lock;
+use crate::cpu::{Cpu, PerMsg};
 use crate::data::{BODY_BYTES, Client, Payment, payment_body};
 use crate::env::{Env, payments_queue};
 use crate::publish::{confirm_channel, publish_all};
@@ -19,6 +20,8 @@ use crate::{Res, STUCK, timeout};
 /// prereq's steady rate.
 pub struct Steady {
     pub per_s: f64,
+    /// CPU per message, from connecting to the last acknowledgement.
+    pub cpu: PerMsg,
     pub report: Report,
 }
 
@@ -69,6 +72,7 @@ pub async fn steady(env: &Env, s: &Sizes) -> Res<Steady> {
     // set-up (connection, topology, consumers), which raw does not pay: a conservative
     // comparison.
     let start = Instant::now();
+    let cpu = Cpu::now(env.port);
     let transport = env.transport(&prefix, route).await?;
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
     let running = tokio::spawn(
@@ -82,9 +86,11 @@ pub async fn steady(env: &Env, s: &Sizes) -> Res<Steady> {
     transport.close().await;
     let report = report??;
     let end = finished??;
+    let cpu = cpu.per_msg(s.n);
     lock(&first).ok_or("steady: no handler ran")?;
     Ok(Steady {
         per_s: n as f64 / (end - start).as_secs_f64(),
+        cpu,
         report,
     })
 }

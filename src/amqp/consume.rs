@@ -7,12 +7,13 @@ use std::time::Duration;
 
 use futures::{FutureExt, StreamExt};
 use lapin::message::Delivery as LapinDelivery;
-use lapin::options::{BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
+use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::{Channel, Consumer};
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, warn};
 
+use super::acks::Acks;
 use super::declare::{declare_queue, short};
 use super::error::AmqpError;
 use super::group::Assignment;
@@ -231,6 +232,8 @@ async fn forward(
     tx: &Deliveries,
 ) -> Ended {
     let name = Arc::clone(vias.queue());
+    // Settles what this life of the channel delivers.
+    let mut acks = Acks::new(channel.clone());
     loop {
         let owned = |c: &Consumption| {
             c.partition
@@ -253,9 +256,10 @@ async fn forward(
             next = consumer.next() => next,
             changed = ownership_changed => {
                 if changed && !owned(c) {
-                    match hand_over(shared, c, &channel, consumer, vias, Vec::new()).await {
+                    match hand_over(shared, c, &channel, &acks, consumer, vias, Vec::new()).await {
                         Ok((ch, standby)) => {
                             shared.track(&name, &ch, standby.tag());
+                            acks = Acks::new(ch.clone());
                             (channel, consumer) = (ch, standby);
                         }
                         Err(e) => return Ended::Failed(e),
@@ -265,12 +269,21 @@ async fn forward(
             }
             () = tx.closed() => return Ended::Cancelled,
         };
+        if let Some(Ok(d)) = &next {
+            if acks.is_void() && !d.acker.poisoned() {
+                // The channel failed and recovered in place: a new life, with new delivery
+                // tags (the old life's deliveries are the broker's again).
+                acks = Acks::new(channel.clone());
+            }
+            acks.opened(d);
+        }
         match next {
             Some(Ok(d)) if !owned(c) => {
                 // Active on a partition another instance owns: give it up, this delivery too.
-                match hand_over(shared, c, &channel, consumer, vias, vec![d]).await {
+                match hand_over(shared, c, &channel, &acks, consumer, vias, vec![d]).await {
                     Ok((ch, standby)) => {
                         shared.track(&name, &ch, standby.tag());
+                        acks = Acks::new(ch.clone());
                         (channel, consumer) = (ch, standby);
                     }
                     Err(e) => return Ended::Failed(e),
@@ -278,12 +291,12 @@ async fn forward(
             }
             Some(Ok(d)) => {
                 if let Some(copy) = shared.delivered_twice(&d) {
-                    drop_duplicate(shared, d, &name, &copy).await;
+                    drop_duplicate(shared, &acks, d, &name, &copy).await;
                     continue;
                 }
                 let taken = probe::now();
                 let via = vias.get(d.exchange.as_str(), d.routing_key.as_str());
-                let delivery = shared.register(d, via, c.source);
+                let delivery = shared.register(d, via, c.source, &acks);
                 probe::stamp(Stage::Taken, c.source, delivery.id, taken);
                 if let Some(refresh) = near_limit(shared, &delivery) {
                     // One more return would take it past the queue's delivery limit: start
@@ -327,6 +340,7 @@ async fn hand_over(
     shared: &Arc<Shared>,
     c: &Consumption,
     channel: &Channel,
+    acks: &Arc<Acks>,
     mut consumer: Consumer,
     vias: &mut Vias,
     mut parked: Vec<LapinDelivery>,
@@ -348,7 +362,10 @@ async fn hand_over(
         tokio::select! {
             () = changed => {}
             next = consumer.next() => match next {
-                Some(Ok(d)) => parked.push(d),
+                Some(Ok(d)) => {
+                    acks.opened(&d);
+                    parked.push(d);
+                }
                 Some(Err(e)) => {
                     channel
                         .wait_for_recovery(e)
@@ -363,11 +380,12 @@ async fn hand_over(
     // What lapin has received already: the close would return it unseen.
     while let Some(Some(next)) = consumer.next().now_or_never() {
         if let Ok(d) = next {
+            acks.opened(&d);
             parked.push(d);
         }
     }
     let given_back = parked.len();
-    refresh_near_limit(shared, vias, &mut parked).await;
+    refresh_near_limit(shared, acks, vias, &mut parked).await;
     let _ = channel
         .close(200, "prereq: partition handed over".into())
         .await;
@@ -382,7 +400,12 @@ async fn hand_over(
 /// queue's delivery limit to the back of the queue (a new count) and acknowledge them: the
 /// channel's close would bring them to the limit, and the broker would drop them. A copy that
 /// fails leaves its original to the close.
-async fn refresh_near_limit(shared: &Shared, vias: &mut Vias, parked: &mut Vec<LapinDelivery>) {
+async fn refresh_near_limit(
+    shared: &Shared,
+    acks: &Arc<Acks>,
+    vias: &mut Vias,
+    parked: &mut Vec<LapinDelivery>,
+) {
     let mut kept = Vec::with_capacity(parked.len());
     for d in parked.drain(..) {
         let returns = headers::read_incoming(d.properties.headers().as_ref())
@@ -395,7 +418,8 @@ async fn refresh_near_limit(shared: &Shared, vias: &mut Vias, parked: &mut Vec<L
         }
         let p = Unsettled {
             via,
-            acker: d.acker,
+            acks: Arc::clone(acks),
+            tag: d.delivery_tag,
             properties: Packed::pack(d.properties),
             body: d.data,
             returns,
@@ -404,7 +428,7 @@ async fn refresh_near_limit(shared: &Shared, vias: &mut Vias, parked: &mut Vec<L
         };
         match shared.copy_back(&p).await {
             Ok(()) => {
-                if let Err(e) = p.acker.ack(BasicAckOptions::default()).await {
+                if let Err(e) = p.acks.ack(p.tag).await {
                     warn!(target: "prereq", queue = %p.via.queue,
                         error = %shared.broker.addr().scrub(&e.to_string()),
                         "could not acknowledge a message copied back (it comes twice)");
@@ -420,12 +444,12 @@ async fn refresh_near_limit(shared: &Shared, vias: &mut Vias, parked: &mut Vec<L
 /// Acknowledge a deferred copy the broker delivered twice (see [`super::copies`]), without
 /// handing it to the consumer. If the ack is lost with its channel, the broker delivers the
 /// copy again, and it is recognised again.
-async fn drop_duplicate(shared: &Shared, d: LapinDelivery, queue: &str, copy: &str) {
+async fn drop_duplicate(shared: &Shared, acks: &Acks, d: LapinDelivery, queue: &str, copy: &str) {
     debug!(target: "prereq", queue, copy,
         "a deferred copy delivered twice by the broker: acknowledged, not handled again");
     #[cfg(feature = "metrics")]
     crate::metrics::duplicate_copy_dropped();
-    if let Err(e) = d.acker.ack(BasicAckOptions::default()).await {
+    if let Err(e) = acks.ack(d.delivery_tag).await {
         warn!(target: "prereq", queue,
             error = %shared.broker.addr().scrub(&e.to_string()),
             "could not acknowledge a duplicate copy (the broker delivers it again)");

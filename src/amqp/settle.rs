@@ -8,10 +8,10 @@
 //! reported as such ([`AmqpError::Stale`]), never as done.
 
 use lapin::BasicProperties;
-use lapin::options::{BasicAckOptions, BasicNackOptions};
 use lapin::types::FieldTable;
 use tracing::warn;
 
+use super::acks::AckError;
 use super::copies::new_copy_id;
 use super::declare::declare_delay_queue;
 use super::delay::{self, DelayMechanism};
@@ -44,7 +44,7 @@ impl Shared {
             // Left unsettled: closing the partition's channel returns it, in order.
             return Ok(());
         }
-        if !p.acker.usable() {
+        if p.acks.is_void() {
             // Its channel failed: the broker has it back and delivers it again (a requeue is
             // what already happened; anything else did not).
             return match settle {
@@ -76,12 +76,11 @@ impl Shared {
     }
 
     async fn ack(&self, p: &Unsettled) -> Result<(), AmqpError> {
-        match p.acker.ack(BasicAckOptions::default()).await {
-            Ok(true) => Ok(()),
-            // From a channel that was recovered since: void.
-            Ok(false) => Err(AmqpError::Stale),
-            Err(_) if p.acker.poisoned() => Err(AmqpError::Stale),
-            Err(e) => Err(self.broker.addr().broker_error("ack", &e)),
+        match p.acks.ack(p.tag).await {
+            Ok(()) => Ok(()),
+            // From a channel that failed since: void.
+            Err(AckError::Void) => Err(AmqpError::Stale),
+            Err(AckError::Broker(e)) => Err(self.broker.addr().broker_error("ack", &e)),
         }
     }
 
@@ -121,15 +120,11 @@ impl Shared {
             // reads it again from the stream.
             return self.ack(p).await;
         }
-        let options = BasicNackOptions {
-            requeue: true,
-            multiple: false,
-        };
-        match p.acker.nack(options).await {
-            Ok(_) => Ok(()),
+        match p.acks.requeue(p.tag).await {
+            Ok(()) => Ok(()),
             // A failed channel requeues every unacknowledged delivery by itself.
-            Err(_) if p.acker.poisoned() => Ok(()),
-            Err(e) => Err(self.broker.addr().broker_error("nack (requeue)", &e)),
+            Err(AckError::Void) => Ok(()),
+            Err(AckError::Broker(e)) => Err(self.broker.addr().broker_error("nack (requeue)", &e)),
         }
     }
 
