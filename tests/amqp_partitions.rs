@@ -212,3 +212,158 @@ async fn keyed_messages_are_held_released_retried_to_their_partition_and_routed(
     exchanges.push(partitions.members_exchange());
     cleanup(&conn, &queues, &exchanges).await;
 }
+
+/// How many messages the queue `name` holds ready (a fresh channel: a failed passive declare
+/// closes it); `None` while it does not exist.
+async fn ready(conn: &Connection, name: &str) -> Option<u32> {
+    let ch = conn.create_channel().await.ok()?;
+    let q = ch
+        .queue_declare(
+            name.into(),
+            lapin::options::QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            lapin::types::FieldTable::default(),
+        )
+        .await
+        .ok()?;
+    let _ = ch.close(200, "counted".into()).await;
+    Some(q.message_count())
+}
+
+/// A burst waiting in the router's queue: every message reaches its partition once (or the
+/// dead-letter queue, those without a key), the originals are acknowledged in batches, and
+/// nothing is left in or comes back to the router's queue once it stopped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_through_the_router_arrives_once_each_and_leaves_nothing_behind() {
+    const N: u64 = 600;
+    let Some(conn) = broker().await else { return };
+    let name = unique("router-burst");
+    let partitions = Partitions::new(&name, 4);
+    let route = Route::partitioned(partitions.clone());
+    let broker = Broker::connect(BrokerOptions::from_env())
+        .await
+        .expect("connect");
+    broker.declare(&route).await.expect("declare");
+    let ingress = format!("{name}.ingress");
+    let dead = format!("{name}.dead");
+    let router = |stopped: tokio::sync::oneshot::Receiver<()>| {
+        let broker = broker.clone();
+        let partitions = partitions.clone();
+        let ingress = ingress.clone();
+        tokio::spawn(async move {
+            route_by_key(
+                &broker,
+                Queue::classic(&ingress),
+                &partitions,
+                |body: &[u8]| {
+                    let v: serde_json::Value =
+                        serde_json::from_slice(body).map_err(|e| e.to_string())?;
+                    v["clientId"]
+                        .as_u64()
+                        .map(|c| c.to_string())
+                        .ok_or_else(|| "no clientId".to_owned())
+                },
+                async {
+                    let _ = stopped.await;
+                },
+            )
+            .await
+        })
+    };
+    // A first router declares its queue; it is stopped, the burst published, a second started.
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let first = router(stopped);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while ready(&conn, &ingress).await.is_none() {
+        assert!(tokio::time::Instant::now() < deadline, "no ingress queue");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let _ = stop.send(());
+    first.await.expect("router").expect("first router ran");
+    let publisher = broker.publisher().await.expect("publisher");
+    let keyless = |i: u64| i % 100 == 7;
+    for i in 0..N {
+        let body = if keyless(i) {
+            format!(r#"{{"id":{i}}}"#)
+        } else {
+            format!(r#"{{"id":{i},"clientId":{}}}"#, i % 50)
+        };
+        publisher
+            .publish("", &ingress, body.as_bytes(), &Message::new())
+            .await
+            .expect("publish to the router's queue");
+    }
+    let n_keyless = (0..N).filter(|i| keyless(*i)).count() as u64;
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let second = router(stopped);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let mut routed = 0;
+        for i in 0..partitions.count() {
+            routed += ready(&conn, &partitions.queue_name(i)).await.unwrap_or(0);
+        }
+        let dead_lettered = ready(&conn, &dead).await.unwrap_or(0);
+        if u64::from(routed) == N - n_keyless && u64::from(dead_lettered) == n_keyless {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "routed {routed}, dead-lettered {dead_lettered} of {N}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let _ = stop.send(());
+    let report = second.await.expect("router").expect("second router ran");
+    assert_eq!(report.routed, N - n_keyless);
+    assert_eq!(report.dead_lettered, n_keyless);
+    // Every original was acknowledged before the router's channel closed: none came back.
+    assert_eq!(
+        ready(&conn, &ingress).await,
+        Some(0),
+        "left in the router's queue"
+    );
+    // Each message in its partition once (read by a consumer: a single-active-consumer queue
+    // refuses `basic.get`).
+    let mut ids = std::collections::BTreeSet::new();
+    for i in 0..partitions.count() {
+        let queue = partitions.queue_name(i);
+        let count = ready(&conn, &queue).await.unwrap_or(0);
+        let ch = conn.create_channel().await.expect("channel");
+        let mut consumer = ch
+            .basic_consume(
+                queue.as_str().into(),
+                "".into(),
+                lapin::options::BasicConsumeOptions {
+                    no_ack: true,
+                    ..Default::default()
+                },
+                lapin::types::FieldTable::default(),
+            )
+            .await
+            .expect("consume a partition");
+        for _ in 0..count {
+            let d = tokio::time::timeout(
+                Duration::from_secs(10),
+                futures::StreamExt::next(&mut consumer),
+            )
+            .await
+            .expect("a routed message in time")
+            .expect("consumer open")
+            .expect("delivery");
+            let p: Payment = serde_json::from_slice(&d.data).expect("a payment");
+            assert!(ids.insert(p.id), "payment {} routed twice", p.id);
+            assert_eq!(p.client_id, p.id % 50);
+        }
+        let _ = ch.close(200, "read".into()).await;
+    }
+    assert_eq!(ids.len() as u64, N - n_keyless);
+
+    let mut queues: Vec<String> = route.queue_names();
+    queues.push(ingress);
+    queues.push(dead);
+    let mut exchanges = route.exchange_names();
+    exchanges.push(partitions.members_exchange());
+    cleanup(&conn, &queues, &exchanges).await;
+}

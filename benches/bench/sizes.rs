@@ -107,12 +107,18 @@ impl Sizes {
 
     /// The known-key engine path runs.
     pub fn engine_known(&self) -> bool {
-        !matches!(self.mode, "engine-held" | "engine-unique" | "big" | "steady")
+        !matches!(
+            self.mode,
+            "engine-held" | "engine-unique" | "big" | "steady"
+        )
     }
 
     /// The held-then-released engine path runs.
     pub fn engine_held(&self) -> bool {
-        !matches!(self.mode, "engine-known" | "engine-unique" | "big" | "steady")
+        !matches!(
+            self.mode,
+            "engine-known" | "engine-unique" | "big" | "steady"
+        )
     }
 
     /// The known-key engine path with every message its own key runs (only on its own).

@@ -4,17 +4,18 @@
 //!
 //! Only one router consumes the queue at a time (an exclusive consumer), so messages keep their
 //! order; the others wait and take over when it goes. The router is an extra hop: one publish
-//! and one confirm per message, up to [`ROUTER_PREFETCH`] of them in flight (see
+//! and one confirm per message, up to [`ROUTER_PREFETCH`] of them in flight, and one
+//! acknowledgement for every run of copies confirmed by the time it looks (see
 //! `docs/scaling.md`).
 
 use std::future::Future;
 use std::time::Duration;
 
-use futures::StreamExt;
 use futures::stream::FuturesOrdered;
+use futures::{FutureExt, StreamExt};
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString};
-use lapin::{Acker, BasicProperties, Confirmation};
+use lapin::{Acker, BasicProperties, Channel, Confirmation};
 
 use super::addr::AmqpAddr;
 use super::broker::Broker;
@@ -119,12 +120,17 @@ where
                 _ = &mut shutdown => {
                     // What was published is acknowledged before the channel closes (else it
                     // would come back and be routed twice).
-                    settle_all(&mut unconfirmed, &exchange, addr, &mut report).await?;
+                    settle_all(&channel, &mut unconfirmed, &exchange, addr, &mut report).await?;
                     let _ = channel.close(200, "router stopping".into()).await;
                     return Ok(report);
                 }
                 Some(done) = unconfirmed.next(), if !unconfirmed.is_empty() => {
-                    settle_routed(done, &exchange, addr, &mut report).await?;
+                    // With every confirmation already in: one acknowledgement for them all.
+                    let mut batch = vec![done];
+                    while let Some(Some(more)) = unconfirmed.next().now_or_never() {
+                        batch.push(more);
+                    }
+                    settle_routed(&channel, batch, &exchange, addr, &mut report).await?;
                 }
                 next = consumer.next(), if unconfirmed.len() < usize::from(ROUTER_PREFETCH) => {
                     let d = match next {
@@ -140,7 +146,8 @@ where
                         // Cancelled (the queue was deleted?): settle what is in flight, start
                         // over.
                         None => {
-                            settle_all(&mut unconfirmed, &exchange, addr, &mut report).await?;
+                            settle_all(&channel, &mut unconfirmed, &exchange, addr, &mut report)
+                                .await?;
                             continue 'standby;
                         }
                     };
@@ -168,11 +175,12 @@ where
                     )
                     .await
                     .map_err(|e| addr.broker_error("route by key", &e))?;
-                    let acker = d.acker;
+                    let (acker, tag) = (d.acker, d.delivery_tag);
                     unconfirmed.push_back(async move {
                         Routed {
                             confirmation: confirm.await,
                             acker,
+                            tag,
                             routing_key,
                             dead_lettered,
                         }
@@ -187,8 +195,10 @@ where
 struct Routed {
     /// The broker's answer.
     confirmation: Result<Confirmation, lapin::Error>,
-    /// Acknowledges the original.
+    /// Tells whether the original's channel failed since (then it comes back by itself).
     acker: Acker,
+    /// The original's delivery tag.
+    tag: u64,
     /// The copy's routing key: the message's key, or the dead-letter queue's name.
     routing_key: String,
     /// It went to the dead-letter queue (no key found), through the default exchange.
@@ -197,46 +207,71 @@ struct Routed {
 
 /// Settle every copy in flight, oldest first.
 async fn settle_all(
+    channel: &Channel,
     unconfirmed: &mut FuturesOrdered<impl Future<Output = Routed>>,
     exchange: &str,
     addr: &AmqpAddr,
     report: &mut RouterReport,
 ) -> Result<(), AmqpError> {
+    let mut batch = Vec::with_capacity(unconfirmed.len());
     while let Some(done) = unconfirmed.next().await {
-        settle_routed(done, exchange, addr, report).await?;
+        batch.push(done);
     }
-    Ok(())
+    settle_routed(channel, batch, exchange, addr, report).await
 }
 
-/// The copy (to `exchange`, the partitions', unless dead-lettered) was confirmed: acknowledge
-/// its original. Not confirmed: an error (the router stops, and the original, unacknowledged,
-/// goes back to its queue).
+/// The copies of `batch` (to `exchange`, the partitions', unless dead-lettered), oldest first,
+/// were answered: acknowledge the originals of those confirmed, up to the first that was not,
+/// with one `basic.ack` (`multiple`: every original before them on the channel was settled
+/// already, in order). A copy not confirmed is an error (the router stops, and its original,
+/// unacknowledged, goes back to its queue).
 async fn settle_routed(
-    done: Routed,
+    channel: &Channel,
+    batch: Vec<Routed>,
     exchange: &str,
     addr: &AmqpAddr,
     report: &mut RouterReport,
 ) -> Result<(), AmqpError> {
-    let to = Copy {
-        what: "route by key",
-        exchange: if done.dead_lettered { "" } else { exchange },
-        routing_key: &done.routing_key,
-        mandatory: true,
-    };
-    let confirmation = done
-        .confirmation
-        .map_err(|e| addr.broker_error("route by key", &e))?;
-    confirmed(to, confirmation)?;
-    done.acker
-        .ack(BasicAckOptions::default())
-        .await
-        .map_err(|e| addr.broker_error("ack a routed message", &e))?;
-    if done.dead_lettered {
-        report.dead_lettered += 1;
-    } else {
-        report.routed += 1;
+    let mut failed = None;
+    // The last original whose copy was confirmed, and what the batch counts up to it.
+    let mut last = None;
+    let (mut routed, mut dead_lettered) = (0, 0);
+    for done in batch {
+        let to = Copy {
+            what: "route by key",
+            exchange: if done.dead_lettered { "" } else { exchange },
+            routing_key: &done.routing_key,
+            mandatory: true,
+        };
+        let checked = done
+            .confirmation
+            .map_err(|e| addr.broker_error("route by key", &e))
+            .and_then(|confirmation| confirmed(to, confirmation));
+        if let Err(e) = checked {
+            failed = Some(e);
+            break;
+        }
+        if done.dead_lettered {
+            dead_lettered += 1;
+        } else {
+            routed += 1;
+        }
+        last = Some((done.tag, done.acker));
     }
-    Ok(())
+    // A failed channel gives its unacknowledged deliveries back by itself.
+    if let Some((tag, acker)) = last
+        && !acker.poisoned()
+    {
+        let all = BasicAckOptions { multiple: true };
+        if let Err(e) = channel.basic_ack(tag, all).await
+            && !acker.poisoned()
+        {
+            return Err(addr.broker_error("ack routed messages", &e));
+        }
+    }
+    report.routed += routed;
+    report.dead_lettered += dead_lettered;
+    failed.map_or(Ok(()), Err)
 }
 
 /// The properties of a message the router could not find a key in, for the dead-letter queue.
