@@ -12,11 +12,11 @@ use crate::env::Env;
 use crate::figures::{Figures, percentile};
 use crate::plot::plot;
 use crate::race::{Race, race};
-use crate::raw::{Meanwhile, raw, raw_latency};
+use crate::raw::{Meanwhile, Raw, raw, raw_latency};
 use crate::router::{p50_p99, router_hop};
 use crate::rss::peak_rss_mb;
 use crate::sizes::Sizes;
-use crate::steady::steady;
+use crate::steady::{Steady, steady};
 use crate::table::Table;
 
 /// A CPU figure in microseconds, or "-" where it could not be read.
@@ -39,60 +39,9 @@ pub async fn broker_scenarios(env: &Env, s: &Sizes, f: &mut Figures, t: &mut Tab
     if s.mode == "big" {
         return big_figures(env, s, f, t).await;
     }
+    raw_and_steady(env, s, f, t).await?;
     if s.mode == "steady" {
-        steady_rounds(env, s, f, t).await?;
         return Ok(crate::rss::peak_rss_mb());
-    }
-    let r = raw(env, s).await?;
-    t.row(
-        "raw lapin publish (confirms)",
-        format!("{:.0} msg/s ({} msgs)", r.publish_per_s, s.n),
-    );
-    t.row(
-        "raw lapin consume (each ack awaited)",
-        format!("{:.0} msg/s", r.consume_per_s),
-    );
-    t.row(
-        "raw lapin consume (acks pipelined)",
-        format!("{:.0} msg/s", r.consume_pipelined_per_s),
-    );
-    f.set("n", s.n as u64);
-    f.num("raw_publish_per_s", r.publish_per_s, 0);
-    f.num("raw_consume_per_s", r.consume_per_s, 0);
-    f.num("raw_consume_pipelined_per_s", r.consume_pipelined_per_s, 0);
-
-    let st = steady(env, s).await?;
-    let ratio = st.per_s / r.consume_per_s;
-    let ratio_pipelined = st.per_s / r.consume_pipelined_per_s;
-    t.row(
-        "steady (prereq, keys known)",
-        format!(
-            "{:.0} msg/s = {ratio:.2}x raw (awaited), {ratio_pipelined:.2}x raw (pipelined)",
-            st.per_s
-        ),
-    );
-    f.num("steady_per_s", st.per_s, 0);
-    f.num("steady_ratio", ratio, 3);
-    f.num("steady_ratio_pipelined", ratio_pipelined, 3);
-    t.row(
-        "CPU per message: raw pipelined / steady",
-        format!(
-            "this process {:.1} / {:.1} us, broker {} / {} us",
-            r.cpu.own_us,
-            st.cpu.own_us,
-            opt_us(r.cpu.broker_us),
-            opt_us(st.cpu.broker_us)
-        ),
-    );
-    f.num("raw_cpu_us_per_msg", r.cpu.own_us, 2);
-    f.num("steady_cpu_us_per_msg", st.cpu.own_us, 2);
-    f.num("steady_cpu_over_raw", st.cpu.own_us / r.cpu.own_us, 3);
-    if let (Some(rb), Some(sb)) = (r.cpu.broker_us, st.cpu.broker_us) {
-        f.num("raw_broker_cpu_us_per_msg", rb, 2);
-        f.num("steady_broker_cpu_us_per_msg", sb, 2);
-    }
-    if st.report.handled != s.n as u64 || st.report.deferred != 0 {
-        return Err(format!("steady: unexpected report {:?}", st.report).into());
     }
 
     let data = RaceData::new(s.race_n, s.race_k, s.race_t, 0x5EED_5EED);
@@ -315,20 +264,23 @@ pub async fn broker_scenarios(env: &Env, s: &Sizes, f: &mut Figures, t: &mut Tab
     Ok(peak)
 }
 
-/// Steady state and bare lapin's pipelined consume, three rounds in turn (the broker's own speed
-/// drifts between runs; `PREREQ_BENCH_ROUNDS` sets another number, 1 for instruction counts):
-/// each round's figures, and the medians.
-async fn steady_rounds(env: &Env, s: &Sizes, f: &mut Figures, t: &mut Table) -> Res<()> {
-    let mut ratios = Vec::new();
-    let (mut raw_cpu, mut steady_cpu) = (Vec::new(), Vec::new());
-    let (mut raw_broker, mut steady_broker) = (Vec::new(), Vec::new());
-    let rounds: u32 = std::env::var("PREREQ_BENCH_ROUNDS")
+/// Bare lapin (publish with confirms; consume with each ack awaited, and with acks pipelined)
+/// and prereq's steady state, three rounds in turn (`PREREQ_BENCH_ROUNDS` sets another number,
+/// 1 for instruction counts): the broker's own speed drifts between rounds and sometimes
+/// doubles, so each figure is the median of the rounds, and the ratios are taken round by round.
+async fn raw_and_steady(env: &Env, s: &Sizes, f: &mut Figures, t: &mut Table) -> Res<()> {
+    let rounds: usize = std::env::var("PREREQ_BENCH_ROUNDS")
         .ok()
         .and_then(|v| v.parse().ok())
+        .filter(|n| *n > 0)
         .unwrap_or(3);
+    let mut all = Vec::with_capacity(rounds);
     for round in 1..=rounds {
         let r = raw(env, s).await?;
         let st = steady(env, s).await?;
+        if st.report.handled != s.n as u64 || st.report.deferred != 0 {
+            return Err(format!("steady: unexpected report {:?}", st.report).into());
+        }
         t.row(
             &format!("round {round}: steady / raw pipelined"),
             format!(
@@ -342,26 +294,68 @@ async fn steady_rounds(env: &Env, s: &Sizes, f: &mut Figures, t: &mut Table) -> 
                 opt_us(r.cpu.broker_us)
             ),
         );
-        ratios.push(st.per_s / r.consume_pipelined_per_s);
-        raw_cpu.push(r.cpu.own_us);
-        steady_cpu.push(st.cpu.own_us);
-        raw_broker.extend(r.cpu.broker_us);
-        steady_broker.extend(st.cpu.broker_us);
+        all.push((r, st));
     }
-    let median = |v: &mut Vec<f64>| {
+    let median = |pick: &dyn Fn(&(Raw, Steady)) -> Option<f64>| {
+        let mut v: Vec<f64> = all.iter().filter_map(pick).collect();
         v.sort_by(f64::total_cmp);
         v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
     };
+    let publish = median(&|(r, _)| Some(r.publish_per_s));
+    let awaited = median(&|(r, _)| Some(r.consume_per_s));
+    let pipelined = median(&|(r, _)| Some(r.consume_pipelined_per_s));
+    let steady_per_s = median(&|(_, st)| Some(st.per_s));
+    let ratio = median(&|(r, st)| Some(st.per_s / r.consume_per_s));
+    let ratio_pipelined = median(&|(r, st)| Some(st.per_s / r.consume_pipelined_per_s));
+    t.row(
+        "raw lapin publish (confirms)",
+        format!("{publish:.0} msg/s ({} msgs, median of {rounds})", s.n),
+    );
+    t.row(
+        "raw lapin consume (each ack awaited)",
+        format!("{awaited:.0} msg/s"),
+    );
+    t.row(
+        "raw lapin consume (acks pipelined)",
+        format!("{pipelined:.0} msg/s"),
+    );
+    t.row(
+        "steady (prereq, keys known)",
+        format!(
+            "{steady_per_s:.0} msg/s; median ratio {ratio:.2}x raw (awaited), {ratio_pipelined:.2}x raw (pipelined)"
+        ),
+    );
     f.set("n", s.n as u64);
-    f.num("steady_ratio_pipelined", median(&mut ratios), 3);
-    f.num("raw_cpu_us_per_msg", median(&mut raw_cpu), 2);
-    f.num("steady_cpu_us_per_msg", median(&mut steady_cpu), 2);
-    f.num("raw_broker_cpu_us_per_msg", median(&mut raw_broker), 2);
+    f.set("rounds", rounds as u64);
+    f.num("raw_publish_per_s", publish, 0);
+    f.num("raw_consume_per_s", awaited, 0);
+    f.num("raw_consume_pipelined_per_s", pipelined, 0);
+    f.num("steady_per_s", steady_per_s, 0);
+    f.num("steady_ratio", ratio, 3);
+    f.num("steady_ratio_pipelined", ratio_pipelined, 3);
+    f.set(
+        "steady_ratio_pipelined_rounds",
+        all.iter()
+            .map(|(r, st)| format!("{:.2}", st.per_s / r.consume_pipelined_per_s))
+            .collect::<Vec<_>>()
+            .join(" / "),
+    );
     f.num(
-        "steady_broker_cpu_us_per_msg",
-        median(&mut steady_broker),
+        "raw_cpu_us_per_msg",
+        median(&|(r, _)| Some(r.cpu.own_us)),
         2,
     );
+    f.num(
+        "steady_cpu_us_per_msg",
+        median(&|(_, st)| Some(st.cpu.own_us)),
+        2,
+    );
+    let raw_broker = median(&|(r, _)| r.cpu.broker_us);
+    let steady_broker = median(&|(_, st)| st.cpu.broker_us);
+    if raw_broker.is_finite() && steady_broker.is_finite() {
+        f.num("raw_broker_cpu_us_per_msg", raw_broker, 2);
+        f.num("steady_broker_cpu_us_per_msg", steady_broker, 2);
+    }
     Ok(())
 }
 
