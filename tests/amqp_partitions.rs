@@ -69,6 +69,42 @@ async fn cleanup(conn: &Connection, queues: &[String], exchanges: &[String]) {
     }
 }
 
+/// The ingress router from the classic queue `ingress` to `partitions`, reading the key from the
+/// body's `clientId`, in a task until the returned sender is used.
+fn start_router(
+    broker: &Broker,
+    partitions: &Partitions,
+    ingress: &str,
+) -> (
+    tokio::sync::oneshot::Sender<()>,
+    tokio::task::JoinHandle<Result<prereq::amqp::RouterReport, prereq::amqp::AmqpError>>,
+) {
+    let broker = broker.clone();
+    let partitions = partitions.clone();
+    let ingress = ingress.to_owned();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(async move {
+        route_by_key(
+            &broker,
+            Queue::classic(&ingress),
+            &partitions,
+            |body: &[u8]| {
+                let v: serde_json::Value =
+                    serde_json::from_slice(body).map_err(|e| e.to_string())?;
+                v["clientId"]
+                    .as_u64()
+                    .map(|c| c.to_string())
+                    .ok_or_else(|| "no clientId".to_owned())
+            },
+            async {
+                let _ = stopped.await;
+            },
+        )
+        .await
+    });
+    (stop, task)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keyed_messages_are_held_released_retried_to_their_partition_and_routed() {
     let Some(conn) = broker().await else { return };
@@ -121,32 +157,7 @@ async fn keyed_messages_are_held_released_retried_to_their_partition_and_routed(
     // A producer that cannot route by key publishes into a plain queue; the router does it.
     let ingress = format!("{name}.ingress");
     let publisher = broker.publisher().await.expect("publisher");
-    let router = {
-        let broker = broker.clone();
-        let partitions = partitions.clone();
-        let ingress = ingress.clone();
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let task = tokio::spawn(async move {
-            route_by_key(
-                &broker,
-                Queue::classic(&ingress),
-                &partitions,
-                |body: &[u8]| {
-                    let v: serde_json::Value =
-                        serde_json::from_slice(body).map_err(|e| e.to_string())?;
-                    v["clientId"]
-                        .as_u64()
-                        .map(|c| c.to_string())
-                        .ok_or_else(|| "no clientId".to_owned())
-                },
-                async {
-                    let _ = stopped.await;
-                },
-            )
-            .await
-        });
-        (stop, task)
-    };
+    let router = start_router(&broker, &partitions, &ingress);
     // Keyed publishing, for producers that can.
     let body = |id: u64, client: u64| format!(r#"{{"id":{id},"clientId":{client}}}"#);
     publisher
@@ -248,33 +259,8 @@ async fn a_burst_through_the_router_arrives_once_each_and_leaves_nothing_behind(
     broker.declare(&route).await.expect("declare");
     let ingress = format!("{name}.ingress");
     let dead = format!("{name}.dead");
-    let router = |stopped: tokio::sync::oneshot::Receiver<()>| {
-        let broker = broker.clone();
-        let partitions = partitions.clone();
-        let ingress = ingress.clone();
-        tokio::spawn(async move {
-            route_by_key(
-                &broker,
-                Queue::classic(&ingress),
-                &partitions,
-                |body: &[u8]| {
-                    let v: serde_json::Value =
-                        serde_json::from_slice(body).map_err(|e| e.to_string())?;
-                    v["clientId"]
-                        .as_u64()
-                        .map(|c| c.to_string())
-                        .ok_or_else(|| "no clientId".to_owned())
-                },
-                async {
-                    let _ = stopped.await;
-                },
-            )
-            .await
-        })
-    };
     // A first router declares its queue; it is stopped, the burst published, a second started.
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let first = router(stopped);
+    let (stop, first) = start_router(&broker, &partitions, &ingress);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     while ready(&conn, &ingress).await.is_none() {
         assert!(tokio::time::Instant::now() < deadline, "no ingress queue");
@@ -296,8 +282,7 @@ async fn a_burst_through_the_router_arrives_once_each_and_leaves_nothing_behind(
             .expect("publish to the router's queue");
     }
     let n_keyless = (0..N).filter(|i| keyless(*i)).count() as u64;
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let second = router(stopped);
+    let (stop, second) = start_router(&broker, &partitions, &ingress);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     loop {
         let mut routed = 0;
