@@ -5,6 +5,8 @@
 //! messages by key.
 #![cfg(feature = "amqp")]
 
+mod support;
+
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -259,6 +261,13 @@ async fn a_burst_through_the_router_arrives_once_each_and_leaves_nothing_behind(
     broker.declare(&route).await.expect("declare");
     let ingress = format!("{name}.ingress");
     let dead = format!("{name}.dead");
+    // Deleted when the test ends, also when it fails.
+    let cleanup = support::Cleanup::new();
+    cleanup
+        .route(&route)
+        .queue(ingress.as_str())
+        .queue(dead.as_str())
+        .exchange(partitions.members_exchange());
     // A first router declares its queue; it is stopped, the burst published, a second started.
     let (stop, first) = start_router(&broker, &partitions, &ingress);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
@@ -345,10 +354,5 @@ async fn a_burst_through_the_router_arrives_once_each_and_leaves_nothing_behind(
     }
     assert_eq!(ids.len() as u64, N - n_keyless);
 
-    let mut queues: Vec<String> = route.queue_names();
-    queues.push(ingress);
-    queues.push(dead);
-    let mut exchanges = route.exchange_names();
-    exchanges.push(partitions.members_exchange());
-    cleanup(&conn, &queues, &exchanges).await;
+    drop(cleanup);
 }
