@@ -10,10 +10,9 @@ mod support;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions};
-use lapin::{Connection, ConnectionProperties};
+use lapin::Connection;
 use prereq::amqp::{
-    AmqpAddr, Broker, BrokerOptions, DelayMode, Message, Partitions, Queue, Route, route_by_key,
+    Broker, BrokerOptions, DelayMode, Message, Partitions, Queue, Route, route_by_key,
 };
 use prereq::{Backoff, Decision, DependentConsumer, HandlerError, HoldBudget, MemoryKeys};
 
@@ -24,51 +23,9 @@ struct Payment {
     client_id: u64,
 }
 
-/// A broker connection, or a printed skip (a failure under `PREREQ_REQUIRE_BROKER=1`).
-async fn broker() -> Option<Connection> {
-    let addr = AmqpAddr::from_env();
-    match Connection::connect(addr.expose(), ConnectionProperties::default()).await {
-        Ok(c) => Some(c),
-        Err(e) => {
-            let reason = format!(
-                "RabbitMQ at {addr} unreachable: {}",
-                addr.scrub(&e.to_string())
-            );
-            assert!(
-                std::env::var("PREREQ_REQUIRE_BROKER").as_deref() != Ok("1"),
-                "PREREQ_REQUIRE_BROKER=1 but {reason}"
-            );
-            use std::io::Write as _;
-            let _ = writeln!(std::io::stderr(), "skipping a broker test: {reason}");
-            None
-        }
-    }
-}
-
+/// A name of this run's own (`support::unique` ends with a dot, a prefix).
 fn unique(tag: &str) -> String {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or(0);
-    format!("prereq-test.{tag}.{}.{nanos}", std::process::id())
-}
-
-/// Delete what the test declared.
-async fn cleanup(conn: &Connection, queues: &[String], exchanges: &[String]) {
-    for q in queues {
-        if let Ok(ch) = conn.create_channel().await {
-            let _ = ch
-                .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
-                .await;
-        }
-    }
-    for x in exchanges {
-        if let Ok(ch) = conn.create_channel().await {
-            let _ = ch
-                .exchange_delete(x.as_str().into(), ExchangeDeleteOptions::default())
-                .await;
-        }
-    }
+    format!("{}{tag}", support::unique(tag))
 }
 
 /// The ingress router from the classic queue `ingress` to `partitions`, reading the key from the
@@ -109,10 +66,20 @@ fn start_router(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keyed_messages_are_held_released_retried_to_their_partition_and_routed() {
-    let Some(conn) = broker().await else { return };
+    if support::broker().await.is_none() {
+        return;
+    }
     let name = unique("partitions");
     let partitions = Partitions::new(&name, 4);
     let route = Route::partitioned(partitions.clone());
+    // Deleted when the test ends, also when it fails.
+    let cleanup = support::Cleanup::new();
+    cleanup
+        .route(&route)
+        .queue(format!("{name}.ingress"))
+        .queue(format!("{name}.delay.200ms"))
+        .exchange(format!("{name}.delay"))
+        .exchange(partitions.members_exchange());
     let broker = Broker::connect(
         BrokerOptions::from_env()
             .delay_mode(DelayMode::DelayQueues)
@@ -217,13 +184,7 @@ async fn keyed_messages_are_held_released_retried_to_their_partition_and_routed(
     assert_eq!(report.dead_lettered, 0);
     assert_eq!(routed.routed, 1);
 
-    let mut queues: Vec<String> = route.queue_names();
-    queues.push(ingress);
-    queues.push(format!("{name}.delay.200ms"));
-    let mut exchanges = route.exchange_names();
-    exchanges.push(format!("{name}.delay"));
-    exchanges.push(partitions.members_exchange());
-    cleanup(&conn, &queues, &exchanges).await;
+    drop(cleanup);
 }
 
 /// How many messages the queue `name` holds ready (a fresh channel: a failed passive declare
@@ -251,7 +212,9 @@ async fn ready(conn: &Connection, name: &str) -> Option<u32> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_burst_through_the_router_arrives_once_each_and_leaves_nothing_behind() {
     const N: u64 = 600;
-    let Some(conn) = broker().await else { return };
+    let Some(conn) = support::broker().await else {
+        return;
+    };
     let name = unique("router-burst");
     let partitions = Partitions::new(&name, 4);
     let route = Route::partitioned(partitions.clone());

@@ -21,12 +21,8 @@ pub struct PerMsg {
 }
 
 impl Cpu {
-    /// Read the counters now; the broker is the process listening on `port` here.
-    pub fn now(port: u16) -> Self {
-        Self::read(listener_pid(port))
-    }
-
-    fn read(broker: Option<u32>) -> Self {
+    /// Read the counters now; `broker` is the broker's process ([`listener_pid`]), if known.
+    pub fn now(broker: Option<u32>) -> Self {
         Self {
             own_ns: threads_ns(Path::new("/proc/self/task")).unwrap_or(0),
             broker_ns: broker
@@ -37,7 +33,7 @@ impl Cpu {
 
     /// CPU per message spent since `self`, for `n` messages.
     pub fn per_msg(self, n: usize) -> PerMsg {
-        let later = Self::read(self.broker);
+        let later = Self::now(self.broker);
         let n = n.max(1) as f64;
         PerMsg {
             own_us: later.own_ns.saturating_sub(self.own_ns) as f64 / 1e3 / n,
@@ -69,7 +65,7 @@ fn threads_ns(tasks: &Path) -> Option<u64> {
 }
 
 /// The process listening on `port` on this machine (the broker under test), if any.
-fn listener_pid(port: u16) -> Option<u32> {
+pub fn listener_pid(port: u16) -> Option<u32> {
     let inode = ["/proc/net/tcp", "/proc/net/tcp6"]
         .iter()
         .find_map(|table| {

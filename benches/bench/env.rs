@@ -23,8 +23,9 @@ pub struct Env {
     /// `<pid>.<nanos>`: in every name the run declares.
     pub run: String,
     pub cleanup: Cleanup,
-    /// The broker's port, to find its process for CPU figures ([`crate::cpu`]).
-    pub port: u16,
+    /// The broker's process, when it runs on this machine (found once, by its port), for the
+    /// CPU figures ([`crate::cpu`]).
+    pub broker_pid: Option<u32>,
 }
 
 impl Env {
@@ -43,7 +44,7 @@ impl Env {
             .map(|u| u.authority.port)
             .unwrap_or(5672);
         Ok(Self {
-            port,
+            broker_pid: crate::cpu::listener_pid(port),
             run: format!("{}.{nanos}", std::process::id()),
             cleanup: Cleanup::new(addr.clone()),
             broker,

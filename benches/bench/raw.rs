@@ -58,7 +58,7 @@ pub async fn raw(env: &Env, s: &Sizes) -> Res<Raw> {
     let consume = raw_consume(env.conn(), &queue, s.n, false).await?;
     // The same messages again, for the pipelined variant.
     publish_all(&ch, &queue, &bodies, |_| {}).await?;
-    let cpu = Cpu::now(env.port);
+    let cpu = Cpu::now(env.broker_pid);
     let pipelined = raw_consume(env.conn(), &queue, s.n, true).await?;
     let cpu = cpu.per_msg(s.n);
     let _ = ch.close(200, "done".into()).await;

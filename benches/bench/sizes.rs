@@ -59,10 +59,7 @@ impl Sizes {
             // For instruction counts: one path, one run of `PREREQ_BENCH_N` messages (the
             // difference between two N gives the cost per message without the fixed costs).
             Ok(mode @ ("engine-known" | "engine-held" | "engine-unique")) => {
-                let n = std::env::var("PREREQ_BENCH_N")
-                    .ok()
-                    .and_then(|v| v.parse().ok())
-                    .unwrap_or(20_000);
+                let n = n_from_env(20_000);
                 Self {
                     mode: match mode {
                         "engine-known" => "engine-known",
@@ -79,20 +76,14 @@ impl Sizes {
             // payments (50 000 unless set).
             Ok("steady") => Self {
                 mode: "steady",
-                n: std::env::var("PREREQ_BENCH_N")
-                    .ok()
-                    .and_then(|v| v.parse().ok())
-                    .unwrap_or(50_000),
+                n: n_from_env(50_000),
                 k: 5_000,
                 ..Self::quick()
             },
             // The big hold alone: `PREREQ_BENCH_N` payments (100 000 unless set).
             Ok("big") => Self {
                 mode: "big",
-                big_n: std::env::var("PREREQ_BENCH_N")
-                    .ok()
-                    .and_then(|v| v.parse().ok())
-                    .unwrap_or(100_000),
+                big_n: n_from_env(100_000),
                 big_k: 1_000,
                 ..Self::quick()
             },
@@ -146,4 +137,12 @@ impl Sizes {
             big_k: 0,
         }
     }
+}
+
+/// `PREREQ_BENCH_N`, else `default`.
+fn n_from_env(default: usize) -> usize {
+    std::env::var("PREREQ_BENCH_N")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
 }

@@ -72,7 +72,7 @@ pub async fn steady(env: &Env, s: &Sizes) -> Res<Steady> {
     // set-up (connection, topology, consumers), which raw does not pay: a conservative
     // comparison.
     let start = Instant::now();
-    let cpu = Cpu::now(env.port);
+    let cpu = Cpu::now(env.broker_pid);
     let transport = env.transport(&prefix, route).await?;
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
     let running = tokio::spawn(
