@@ -23,9 +23,10 @@ struct Payment {
     client_id: u64,
 }
 
-/// A name of this run's own (`support::unique` ends with a dot, a prefix).
+/// A name of this run's own (`support::unique` without its trailing dot: the test's names
+/// are made by appending `.suffix`).
 fn unique(tag: &str) -> String {
-    format!("{}{tag}", support::unique(tag))
+    support::unique(tag).trim_end_matches('.').to_owned()
 }
 
 /// The ingress router from the classic queue `ingress` to `partitions`, reading the key from the
@@ -72,13 +73,14 @@ async fn keyed_messages_are_held_released_retried_to_their_partition_and_routed(
     let name = unique("partitions");
     let partitions = Partitions::new(&name, 4);
     let route = Route::partitioned(partitions.clone());
+    let ingress = format!("{name}.ingress");
+    let policy = Backoff::constant(Duration::from_millis(200));
     // Deleted when the test ends, also when it fails.
     let cleanup = support::Cleanup::new();
     cleanup
         .route(&route)
-        .queue(format!("{name}.ingress"))
-        .queue(format!("{name}.delay.200ms"))
-        .exchange(format!("{name}.delay"))
+        .queue(ingress.as_str())
+        .delay_queues(&route, &policy)
         .exchange(partitions.members_exchange());
     let broker = Broker::connect(
         BrokerOptions::from_env()
@@ -110,7 +112,7 @@ async fn keyed_messages_are_held_released_retried_to_their_partition_and_routed(
         },
     )
     .keys(keys.clone())
-    .policy(Backoff::constant(Duration::from_millis(200)))
+    .policy(policy)
     .budget(HoldBudget::DEFAULT.max_time(Duration::from_secs(30)))
     .on_event(|e| {
         if matches!(e.decision, Decision::DeadLettered(_)) {
@@ -124,7 +126,6 @@ async fn keyed_messages_are_held_released_retried_to_their_partition_and_routed(
     }));
 
     // A producer that cannot route by key publishes into a plain queue; the router does it.
-    let ingress = format!("{name}.ingress");
     let publisher = broker.publisher().await.expect("publisher");
     let router = start_router(&broker, &partitions, &ingress);
     // Keyed publishing, for producers that can.
