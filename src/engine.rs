@@ -54,6 +54,8 @@ use crate::transport::{Delivery, Demand, Settle, Source, Transport};
 
 /// Deliveries the pump may have handed over before the loop takes them.
 const PUMP_BUFFER: usize = 32;
+/// Ready items the loop takes after a turn before it turns again (see `Engine::take_ready`).
+const TAKE_READY: usize = 64;
 /// Key lookups in flight at once (a database pool is not flooded by a resync).
 const MAX_LOOKUPS: usize = 64;
 /// A deferred message that has not come back this long after its delay stops blocking its key
@@ -288,7 +290,7 @@ impl<K: Key, M: Send + 'static, T: Transport> Engine<K, M, T> {
         tokio::pin!(shutdown);
         loop {
             self.start_handlers();
-            let in_memory = self.hold.len() + self.lanes.queued() + self.looking;
+            let in_memory = self.in_memory();
             let deadline = next_of(
                 next_of(self.hold.next_deadline(), self.away.next_deadline()),
                 self.recheck.map(|(at, _)| at),
@@ -315,7 +317,62 @@ impl<K: Key, M: Send + 'static, T: Transport> Engine<K, M, T> {
                     Some(Err(e)) => return (Stop::Failed(e), pump),
                 },
             }
+            if let Some(stop) = self.take_ready(&mut pump) {
+                return (stop, pump);
+            }
         }
+    }
+
+    /// After a turn of the loop, take what else is ready already (handlers that returned or
+    /// ended, finished work, deliveries the pump passed on) without another turn: a turn sets
+    /// up and polls every source of the loop, which costs more than the item it takes. Up to
+    /// `TAKE_READY` items, so that shutdown, key wakes and hold deadlines are looked at soon;
+    /// in the loop's order (what frees a lane before what fills one).
+    fn take_ready(&mut self, pump: &mut Pump<T>) -> Option<Stop<T::Error>> {
+        let mut left = TAKE_READY;
+        loop {
+            let before = left;
+            while left > 0
+                && let Ok(id) = self.returned.try_recv()
+            {
+                self.on_returned(id);
+                left -= 1;
+            }
+            while left > 0
+                && let Some(done) = self.handlers.try_join_next_with_id()
+            {
+                self.on_handled(done);
+                left -= 1;
+            }
+            while left > 0
+                && let Some(done) = self.work.try_join_next()
+            {
+                if let Ok(work) = done {
+                    self.on_work(work);
+                }
+                left -= 1;
+            }
+            self.start_handlers();
+            while left > 0 && self.in_memory() < self.intake_limit {
+                match pump.inbox.try_recv() {
+                    Ok(Ok(Some(d))) => self.on_delivery(d),
+                    Ok(Ok(None)) | Err(mpsc::error::TryRecvError::Disconnected) => {
+                        return Some(Stop::Closed);
+                    }
+                    Ok(Err(e)) => return Some(Stop::Failed(e)),
+                    Err(mpsc::error::TryRecvError::Empty) => break,
+                }
+                left -= 1;
+            }
+            if left == before || left == 0 {
+                return None;
+            }
+        }
+    }
+
+    /// Messages in memory: held, in lanes, waiting for lookups.
+    fn in_memory(&self) -> usize {
+        self.hold.len() + self.lanes.queued() + self.looking
     }
 
     /// Stop taking deliveries, and give back those the pump had taken.
@@ -1105,9 +1162,16 @@ fn handle<K: Key, M: Send + 'static, T: Transport>(
                 outcome: Err(e),
             };
         }
-        // The key's next message need not wait for the acknowledgement.
-        returned.tell();
-        let acked = transport.settle(meta.id, Settle::Ack).await;
+        let mut acking = std::pin::pin!(transport.settle(meta.id, Settle::Ack));
+        let acked = match futures::poll!(acking.as_mut()) {
+            // Acknowledged at once: the task ends now, and its end frees the lane.
+            Poll::Ready(acked) => acked,
+            Poll::Pending => {
+                // The key's next message need not wait for the acknowledgement.
+                returned.tell();
+                acking.await
+            }
+        };
         let mut event = event_of(&meta, Some(key.clone()), Decision::Handled);
         if let Err(e) = acked {
             event.decision = Decision::SettleFailed {
