@@ -19,6 +19,8 @@
 //! so that the key's later messages wait behind it and the key's order survives the deferral.
 
 mod away;
+mod handlers;
+mod intake;
 mod lanes;
 
 use std::collections::HashMap;
@@ -29,14 +31,15 @@ use std::task::{Context as TaskContext, Poll, Waker};
 use std::time::Duration;
 
 use futures::FutureExt;
-use rustc_hash::FxHashMap;
-use tokio::sync::{Semaphore, mpsc, oneshot};
-use tokio::task::{Id, JoinSet};
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use self::away::Away;
+use self::handlers::{Handlers, Teller, Told};
+use self::intake::Intake;
 use self::lanes::Lanes;
 use crate::cache::KeyCache;
 use crate::config::Config;
@@ -52,8 +55,6 @@ use crate::report::Report;
 use crate::retry::{Policy, seed_of};
 use crate::transport::{Delivery, Demand, Settle, Source, Transport};
 
-/// Deliveries the pump may have handed over before the loop takes them.
-const PUMP_BUFFER: usize = 32;
 /// Ready items the loop takes after a turn before it turns again (see `Engine::take_ready`).
 const TAKE_READY: usize = 64;
 /// Key lookups in flight at once (a database pool is not flooded by a resync).
@@ -97,11 +98,10 @@ where
         });
     }
     let mut engine = Engine::new(cfg, Arc::clone(&transport));
-    let pump = Pump::start(transport);
-    let (stop, pump) = engine.serve(shutdown, pump).await;
-    // Nothing new from here on: what is given back stays with the broker.
+    let stop = engine.serve(shutdown, Intake::new(transport)).await;
+    // Nothing new from here on: what is given back stays with the broker. (A delivery the
+    // transport had ready and the loop did not take is the transport's: it was not handed out.)
     engine.transport.stop_receiving().await;
-    engine.stop_intake(pump).await;
     engine.finish_handlers().await;
     engine.give_back();
     engine.finish_work().await;
@@ -137,21 +137,6 @@ struct Handled<K> {
     key: K,
     meta: Meta,
     outcome: Result<Event<K>, HandlerError>,
-}
-
-/// How a handler task says its handler succeeded, before it acknowledges the message: its
-/// key's next message may start meanwhile.
-struct Returned {
-    /// To the engine's `returned`.
-    tx: mpsc::UnboundedSender<Id>,
-}
-
-impl Returned {
-    fn tell(self) {
-        if let Some(id) = tokio::task::try_id() {
-            let _ = self.tx.send(id);
-        }
-    }
 }
 
 /// A running handler task, as the engine knows it.
@@ -203,20 +188,12 @@ struct Engine<K, M, T> {
     lanes: Lanes<K, Pending<M>>,
     /// Deferred messages expected back, per key: later messages of the key wait behind them.
     away: Away<K>,
-    /// Running handlers.
-    handlers: JoinSet<Handled<K>>,
-    /// Each running handler task: its key and partition, and whether it still holds its key's
-    /// lane (to free the lane even if the task was lost, and to know when a revoked partition
-    /// runs nothing any more). Keyed by tokio's task ids, which come from no one outside: a
-    /// fast hasher, not a DoS-resistant one.
-    running: FxHashMap<Id, Running<K>>,
-    /// Handler tasks whose handler succeeded tell it here, before they acknowledge: their key's
-    /// next message may run while the acknowledgement travels. Every task tells (telling only
-    /// when a message of the key waited took a shared flag per handler, which cost more than it
-    /// saved; see docs/performance.md, round 4).
-    returned: mpsc::UnboundedReceiver<Id>,
-    /// The sending side of `returned`, for each handler task.
-    returned_tx: mpsc::UnboundedSender<Id>,
+    /// Running handler tasks, and for each its key and partition, and whether it still holds
+    /// its key's lane (to free the lane even if the task was lost, and to know when a revoked
+    /// partition runs nothing any more). A task whose handler succeeded tells it before it
+    /// acknowledges (unless the acknowledgement is done at once): its key's next message may
+    /// run while the acknowledgement travels.
+    handlers: Handlers<Handled<K>, Running<K>>,
     /// Partitions the transport revoked whose running handlers have not all finished: their
     /// messages are given back as they come.
     revoking: std::collections::HashSet<u32>,
@@ -241,7 +218,6 @@ struct Engine<K, M, T> {
 
 impl<K: Key, M: Send + 'static, T: Transport> Engine<K, M, T> {
     fn new(cfg: Arc<Config<K, M>>, transport: Arc<T>) -> Self {
-        let (returned_tx, returned) = mpsc::unbounded_channel();
         let mut budget = cfg.budget;
         if let Some(ack_timeout) = transport.ack_timeout() {
             // A held message is an unacknowledged delivery: defer it well before the broker
@@ -259,10 +235,7 @@ impl<K: Key, M: Send + 'static, T: Transport> Engine<K, M, T> {
             looking: 0,
             lanes: Lanes::new(),
             away: Away::new(),
-            handlers: JoinSet::new(),
-            running: FxHashMap::default(),
-            returned,
-            returned_tx,
+            handlers: Handlers::new(),
             revoking: std::collections::HashSet::new(),
             work: JoinSet::new(),
             lookup_slots: Arc::new(Semaphore::new(MAX_LOOKUPS)),
@@ -279,12 +252,8 @@ impl<K: Key, M: Send + 'static, T: Transport> Engine<K, M, T> {
 
     // ---- The phases of a run ----------------------------------------------------------------
 
-    /// Decide until told to stop; returns why, and the pump to stop.
-    async fn serve<S: Future>(
-        &mut self,
-        shutdown: S,
-        mut pump: Pump<T>,
-    ) -> (Stop<T::Error>, Pump<T>) {
+    /// Decide until told to stop; returns why.
+    async fn serve<S: Future>(&mut self, shutdown: S, mut intake: Intake<T>) -> Stop<T::Error> {
         let mut wakes = self.cfg.source.subscribe();
         let mut wakes_open = true;
         tokio::pin!(shutdown);
@@ -297,11 +266,8 @@ impl<K: Key, M: Send + 'static, T: Transport> Engine<K, M, T> {
             );
             tokio::select! {
                 biased;
-                _ = &mut shutdown => return (Stop::Shutdown, pump),
-                Some(id) = self.returned.recv() => self.on_returned(id),
-                Some(done) = self.handlers.join_next_with_id(), if !self.handlers.is_empty() => {
-                    self.on_handled(done);
-                }
+                _ = &mut shutdown => return Stop::Shutdown,
+                told = self.handlers.recv(), if !self.handlers.is_empty() => self.on_told(told),
                 Some(done) = self.work.join_next(), if !self.work.is_empty() => {
                     if let Ok(work) = done { self.on_work(work); }
                 }
@@ -311,37 +277,31 @@ impl<K: Key, M: Send + 'static, T: Transport> Engine<K, M, T> {
                 },
                 () = sleep_until_opt(deadline), if deadline.is_some() => self.expire(),
                 Some(partition) = self.transport.revoked() => self.on_revoked(partition),
-                got = pump.inbox.recv(), if in_memory < self.intake_limit => match got {
-                    Some(Ok(Some(d))) => self.on_delivery(d),
-                    Some(Ok(None)) | None => return (Stop::Closed, pump),
-                    Some(Err(e)) => return (Stop::Failed(e), pump),
+                got = intake.next(), if in_memory < self.intake_limit => match got {
+                    Ok(Some(d)) => self.on_delivery(d),
+                    Ok(None) => return Stop::Closed,
+                    Err(e) => return Stop::Failed(e),
                 },
             }
-            if let Some(stop) = self.take_ready(&mut pump) {
-                return (stop, pump);
+            if let Some(stop) = self.take_ready(&mut intake) {
+                return stop;
             }
         }
     }
 
-    /// After a turn of the loop, take what else is ready already (handlers that returned or
-    /// ended, finished work, deliveries the pump passed on) without another turn: a turn sets
+    /// After a turn of the loop, take what else is ready already (what handler tasks told,
+    /// finished work, deliveries the transport has ready) without another turn: a turn sets
     /// up and polls every source of the loop, which costs more than the item it takes. Up to
     /// `TAKE_READY` items, so that shutdown, key wakes and hold deadlines are looked at soon;
     /// in the loop's order (what frees a lane before what fills one).
-    fn take_ready(&mut self, pump: &mut Pump<T>) -> Option<Stop<T::Error>> {
+    fn take_ready(&mut self, intake: &mut Intake<T>) -> Option<Stop<T::Error>> {
         let mut left = TAKE_READY;
         loop {
             let before = left;
             while left > 0
-                && let Ok(id) = self.returned.try_recv()
+                && let Some(told) = self.handlers.try_recv()
             {
-                self.on_returned(id);
-                left -= 1;
-            }
-            while left > 0
-                && let Some(done) = self.handlers.try_join_next_with_id()
-            {
-                self.on_handled(done);
+                self.on_told(told);
                 left -= 1;
             }
             while left > 0
@@ -354,13 +314,11 @@ impl<K: Key, M: Send + 'static, T: Transport> Engine<K, M, T> {
             }
             self.start_handlers();
             while left > 0 && self.in_memory() < self.intake_limit {
-                match pump.inbox.try_recv() {
-                    Ok(Ok(Some(d))) => self.on_delivery(d),
-                    Ok(Ok(None)) | Err(mpsc::error::TryRecvError::Disconnected) => {
-                        return Some(Stop::Closed);
-                    }
-                    Ok(Err(e)) => return Some(Stop::Failed(e)),
-                    Err(mpsc::error::TryRecvError::Empty) => break,
+                match intake.ready() {
+                    Some(Ok(Some(d))) => self.on_delivery(d),
+                    Some(Ok(None)) => return Some(Stop::Closed),
+                    Some(Err(e)) => return Some(Stop::Failed(e)),
+                    None => break,
                 }
                 left -= 1;
             }
@@ -375,24 +333,13 @@ impl<K: Key, M: Send + 'static, T: Transport> Engine<K, M, T> {
         self.hold.len() + self.lanes.queued() + self.looking
     }
 
-    /// Stop taking deliveries, and give back those the pump had taken.
-    async fn stop_intake(&mut self, pump: Pump<T>) {
-        for d in pump.stop().await {
-            let event = self.event(&d, None, Decision::Requeued);
-            self.settle(event, Settle::Requeue);
-        }
-    }
-
     /// Let running handlers finish (for up to the shutdown grace); start nothing new.
     async fn finish_handlers(&mut self) {
         let grace = tokio::time::sleep(self.cfg.shutdown_grace);
         tokio::pin!(grace);
-        loop {
+        while !self.handlers.is_empty() {
             tokio::select! {
-                done = self.handlers.join_next_with_id() => match done {
-                    Some(done) => self.on_handled(done),
-                    None => return,
-                },
+                told = self.handlers.recv() => self.on_told(told),
                 () = &mut grace => {
                     tracing::warn!(
                         target: "prereq",
@@ -400,8 +347,9 @@ impl<K: Key, M: Send + 'static, T: Transport> Engine<K, M, T> {
                         "shutdown grace over: abandoning running handlers; the broker redelivers their messages"
                     );
                     self.handlers.abort_all();
-                    while let Some(done) = self.handlers.join_next_with_id().await {
-                        self.on_handled(done);
+                    while !self.handlers.is_empty() {
+                        let told = self.handlers.recv().await;
+                        self.on_told(told);
                     }
                     return;
                 }
@@ -577,36 +525,40 @@ impl<K: Key, M: Send + 'static, T: Transport> Engine<K, M, T> {
         }
     }
 
+    fn on_told(&mut self, told: Told<Handled<K>>) {
+        match told {
+            Told::Returned(id) => self.on_returned(id),
+            Told::Ended(id, Some(handled)) => self.on_handled(id, handled),
+            Told::Ended(id, None) => self.on_lost(id),
+        }
+    }
+
     /// The handler of task `id` succeeded; its task acknowledges the message now: the key's
     /// next message may start. (Its order is the handlers' order; an acknowledgement that is
     /// lost with its connection makes the broker deliver the message again, as always.)
-    fn on_returned(&mut self, id: Id) {
-        if let Some(running) = self.running.get_mut(&id)
+    fn on_returned(&mut self, id: u64) {
+        if let Some(running) = self.handlers.get_mut(id)
             && std::mem::replace(&mut running.lane, false)
         {
             self.lanes.finish(&running.key);
         }
     }
 
-    /// A handler task ended: free its lane if it still has it, and settle by the outcome.
-    fn on_handled(&mut self, done: Result<(Id, Handled<K>), tokio::task::JoinError>) {
-        let (Handled { key, meta, outcome }, lane) = match done {
-            Ok((id, handled)) => {
-                let lane = self.running.remove(&id).is_none_or(|r| r.lane);
-                (handled, lane)
+    /// Handler task `id` ended without an outcome (cancelled at the end of the shutdown grace):
+    /// its message stays unsettled and the broker delivers it again.
+    fn on_lost(&mut self, id: u64) {
+        if let Some(running) = self.handlers.remove(id) {
+            if running.lane {
+                self.lanes.finish(&running.key);
             }
-            // Cancelled at the end of the shutdown grace: the message stays unsettled and the
-            // broker delivers it again.
-            Err(e) => {
-                if let Some(running) = self.running.remove(&e.id()) {
-                    if running.lane {
-                        self.lanes.finish(&running.key);
-                    }
-                    self.release_partition_if_idle(running.partition);
-                }
-                return;
-            }
-        };
+            self.release_partition_if_idle(running.partition);
+        }
+    }
+
+    /// Handler task `id` ended: free its lane if it still has it, and settle by the outcome.
+    fn on_handled(&mut self, id: u64, handled: Handled<K>) {
+        let lane = self.handlers.remove(id).is_none_or(|r| r.lane);
+        let Handled { key, meta, outcome } = handled;
         let partition = meta.partition;
         match outcome {
             Ok(event) => self.emit(event),
@@ -663,11 +615,7 @@ impl<K: Key, M: Send + 'static, T: Transport> Engine<K, M, T> {
         let Some(partition) = partition.filter(|p| self.revoking.contains(p)) else {
             return;
         };
-        if self
-            .running
-            .values()
-            .any(|r| r.partition == Some(partition))
-        {
+        if self.handlers.iter().any(|r| r.partition == Some(partition)) {
             return;
         }
         self.revoking.remove(&partition);
@@ -920,23 +868,19 @@ impl<K: Key, M: Send + 'static, T: Transport> Engine<K, M, T> {
             }
             let p_partition = p.meta.partition;
             let Pending { msg, meta } = p;
-            let task = handle(
+            let (cfg, transport, task_key) = (
                 Arc::clone(&self.cfg),
                 Arc::clone(&self.transport),
                 key.clone(),
-                msg,
-                meta,
-                Returned {
-                    tx: self.returned_tx.clone(),
-                },
             );
-            let id = self.handlers.spawn(task).id();
             let running = Running {
                 key,
                 partition: p_partition,
                 lane: true,
             };
-            self.running.insert(id, running);
+            self.handlers.spawn(running, move |teller| {
+                handle(cfg, transport, task_key, msg, meta, teller)
+            });
         }
     }
 
@@ -1131,7 +1075,7 @@ fn record<K: Key>(
     })
 }
 
-/// Run the handler for one message; on success, acknowledge it.
+/// Run the handler for one message; on success, acknowledge it. Tells the loop the outcome.
 ///
 /// A plain function returning an `async move` block, not an `async fn`: an `async fn` keeps
 /// each argument twice in its future (once as given, once as the body's local), and the task's
@@ -1146,8 +1090,8 @@ fn handle<K: Key, M: Send + 'static, T: Transport>(
     key: K,
     msg: M,
     meta: Meta,
-    returned: Returned,
-) -> impl Future<Output = Handled<K>> + Send + 'static {
+    teller: Teller<Handled<K>>,
+) -> impl Future<Output = ()> + Send + 'static {
     async move {
         let outcome = match call(&cfg, &key, msg, &meta) {
             Ok(running) => running
@@ -1156,20 +1100,22 @@ fn handle<K: Key, M: Send + 'static, T: Transport>(
             Err(e) => Err(e),
         };
         if let Err(e) = outcome {
-            return Handled {
+            return teller.ended(Handled {
                 key,
                 meta,
                 outcome: Err(e),
-            };
+            });
         }
-        let mut acking = std::pin::pin!(transport.settle(meta.id, Settle::Ack));
-        let acked = match futures::poll!(acking.as_mut()) {
-            // Acknowledged at once: the task ends now, and its end frees the lane.
-            Poll::Ready(acked) => acked,
-            Poll::Pending => {
-                // The key's next message need not wait for the acknowledgement.
-                returned.tell();
-                acking.await
+        let acked = {
+            let mut acking = std::pin::pin!(transport.settle(meta.id, Settle::Ack));
+            match futures::poll!(acking.as_mut()) {
+                // Acknowledged at once: the task ends now, and its end frees the lane.
+                Poll::Ready(acked) => acked,
+                Poll::Pending => {
+                    // The key's next message need not wait for the acknowledgement.
+                    teller.returned();
+                    acking.await
+                }
             }
         };
         let mut event = event_of(&meta, Some(key.clone()), Decision::Handled);
@@ -1178,11 +1124,11 @@ fn handle<K: Key, M: Send + 'static, T: Transport>(
                 error: e.to_string(),
             };
         }
-        Handled {
+        teller.ended(Handled {
             key,
             meta,
             outcome: Ok(event),
-        }
+        });
     }
 }
 
@@ -1301,66 +1247,6 @@ fn deferral<K: Key>(
                 ),
             };
             (Settle::DeadLetter(dl.clone()), Decision::DeadLettered(dl))
-        }
-    }
-}
-
-/// The task that takes deliveries from the transport and passes them to the loop, so that the
-/// loop never cancels a `recv` in flight (transports need not be cancel-safe).
-struct Pump<T: Transport> {
-    inbox: mpsc::Receiver<Result<Option<Delivery>, T::Error>>,
-    stop: oneshot::Sender<()>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl<T: Transport> Pump<T> {
-    fn start(transport: Arc<T>) -> Self {
-        // A few deliveries in flight between the pump and the loop, so that neither waits for
-        // the other on every message.
-        let (tx, inbox) = mpsc::channel(PUMP_BUFFER);
-        let (stop, stopped) = oneshot::channel();
-        let task = tokio::spawn(pump(transport, tx, stopped));
-        Self { inbox, stop, task }
-    }
-
-    /// Stop the pump; the deliveries it had passed on and the loop did not take.
-    async fn stop(mut self) -> Vec<Delivery> {
-        let _ = self.stop.send(());
-        self.inbox.close();
-        let mut left = Vec::new();
-        while let Some(got) = self.inbox.recv().await {
-            if let Ok(Some(d)) = got {
-                left.push(d);
-            }
-        }
-        let _ = self.task.await;
-        left
-    }
-}
-
-/// Take deliveries from the transport and pass them on, until told to stop. A delivery the
-/// loop no longer accepts goes back to the transport.
-async fn pump<T: Transport>(
-    transport: Arc<T>,
-    tx: mpsc::Sender<Result<Option<Delivery>, T::Error>>,
-    mut stop: oneshot::Receiver<()>,
-) {
-    loop {
-        let got = tokio::select! {
-            biased;
-            _ = &mut stop => return,
-            got = transport.recv() => got,
-        };
-        if let Ok(Some(d)) = &got {
-            probe::stamp(Stage::Pumped, d.source, d.id, None);
-        }
-        let last = !matches!(got, Ok(Some(_)));
-        if let Err(mpsc::error::SendError(Ok(Some(d)))) = tx.send(got).await {
-            let _ = transport.settle(d.id, Settle::Requeue).await;
-            return;
-        }
-        if last {
-            return;
         }
     }
 }

@@ -12,9 +12,7 @@ pub enum Stage {
     Taken,
     /// The transport handed it to its receiver (after recording it as unsettled).
     Forwarded,
-    /// The engine's pump took it from the transport.
-    Pumped,
-    /// The engine's loop took it from the pump.
+    /// The engine's loop took it from the transport.
     Decided,
 }
 

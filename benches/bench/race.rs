@@ -248,11 +248,10 @@ pub async fn race(
 }
 
 /// The key path's hops, as [`Race::hops_ms`] lists them.
-pub const HOPS: [&str; 5] = [
+pub const HOPS: [&str; 4] = [
     "publish -> transport (broker, lapin)",
     "transport: record unsettled",
-    "transport -> pump",
-    "pump -> engine loop",
+    "transport -> engine loop",
     "engine loop -> key known",
 ];
 
