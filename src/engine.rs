@@ -38,7 +38,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use self::away::Away;
-use self::handlers::{Handlers, Teller, Told};
+use self::handlers::{Handlers, Jobs, Teller, Told};
 use self::intake::Intake;
 use self::lanes::Lanes;
 use crate::cache::KeyCache;
@@ -139,7 +139,14 @@ struct Handled<K> {
     outcome: Result<Event<K>, HandlerError>,
 }
 
-/// A running handler task, as the engine knows it.
+/// A message for a handler: what a worker receives.
+struct Job<K, M> {
+    key: K,
+    msg: M,
+    meta: Meta,
+}
+
+/// A running handler job, as the engine knows it.
 struct Running<K> {
     /// The key it handles.
     key: K,
@@ -193,7 +200,7 @@ struct Engine<K, M, T> {
     /// partition runs nothing any more). A task whose handler succeeded tells it before it
     /// acknowledges (unless the acknowledgement is done at once): its key's next message may
     /// run while the acknowledgement travels.
-    handlers: Handlers<Handled<K>, Running<K>>,
+    handlers: Handlers<Job<K, M>, Handled<K>, Running<K>>,
     /// Partitions the transport revoked whose running handlers have not all finished: their
     /// messages are given back as they come.
     revoking: std::collections::HashSet<u32>,
@@ -547,7 +554,7 @@ impl<K: Key, M: Send + 'static, T: Transport> Engine<K, M, T> {
     /// Handler task `id` ended without an outcome (cancelled at the end of the shutdown grace):
     /// its message stays unsettled and the broker delivers it again.
     fn on_lost(&mut self, id: u64) {
-        if let Some(running) = self.handlers.remove(id) {
+        if let Some(running) = self.handlers.remove(id, true) {
             if running.lane {
                 self.lanes.finish(&running.key);
             }
@@ -557,7 +564,7 @@ impl<K: Key, M: Send + 'static, T: Transport> Engine<K, M, T> {
 
     /// Handler task `id` ended: free its lane if it still has it, and settle by the outcome.
     fn on_handled(&mut self, id: u64, handled: Handled<K>) {
-        let lane = self.handlers.remove(id).is_none_or(|r| r.lane);
+        let lane = self.handlers.remove(id, false).is_none_or(|r| r.lane);
         let Handled { key, meta, outcome } = handled;
         let partition = meta.partition;
         match outcome {
@@ -868,19 +875,16 @@ impl<K: Key, M: Send + 'static, T: Transport> Engine<K, M, T> {
             }
             let p_partition = p.meta.partition;
             let Pending { msg, meta } = p;
-            let (cfg, transport, task_key) = (
-                Arc::clone(&self.cfg),
-                Arc::clone(&self.transport),
-                key.clone(),
-            );
             let running = Running {
-                key,
+                key: key.clone(),
                 partition: p_partition,
                 lane: true,
             };
-            self.handlers.spawn(running, move |teller| {
-                handle(cfg, transport, task_key, msg, meta, teller)
-            });
+            let (cfg, transport) = (&self.cfg, &self.transport);
+            self.handlers
+                .start(running, Job { key, msg, meta }, |jobs| {
+                    worker(Arc::clone(cfg), Arc::clone(transport), jobs)
+                });
         }
     }
 
@@ -1075,25 +1079,36 @@ fn record<K: Key>(
     })
 }
 
+/// A worker: runs the jobs it is given, one after another, until the engine drops its channel.
+#[allow(clippy::manual_async_fn)]
+fn worker<K: Key, M: Send + 'static, T: Transport>(
+    cfg: Arc<Config<K, M>>,
+    transport: Arc<T>,
+    mut jobs: Jobs<Job<K, M>, Handled<K>>,
+) -> impl Future<Output = ()> + Send + 'static {
+    async move {
+        while let Some((job, teller)) = jobs.recv().await {
+            handle(&cfg, &*transport, job, teller).await;
+        }
+    }
+}
+
 /// Run the handler for one message; on success, acknowledge it. Tells the loop the outcome.
 ///
 /// A plain function returning an `async move` block, not an `async fn`: an `async fn` keeps
-/// each argument twice in its future (once as given, once as the body's local), and the task's
-/// future is moved a few times on its way into the runtime. For the same reason the message and
-/// its metadata come apart (a `Pending` would be kept whole beside its `meta`), the handler is
-/// called in `call` (its context and span are not kept), and the event is made once the
-/// acknowledgement is done (as `settle_with` stamps it) rather than carried across the wait.
+/// each argument twice in its future (once as given, once as the body's local). For the same
+/// reason the handler is called in `call` (its context and span are not kept), and the event is
+/// made once the acknowledgement is done (as `settle_with` stamps it) rather than carried
+/// across the wait.
 #[allow(clippy::manual_async_fn)]
-fn handle<K: Key, M: Send + 'static, T: Transport>(
-    cfg: Arc<Config<K, M>>,
-    transport: Arc<T>,
-    key: K,
-    msg: M,
-    meta: Meta,
+fn handle<'a, K: Key, M: Send + 'static, T: Transport>(
+    cfg: &'a Config<K, M>,
+    transport: &'a T,
+    Job { key, msg, meta }: Job<K, M>,
     teller: Teller<Handled<K>>,
-) -> impl Future<Output = ()> + Send + 'static {
+) -> impl Future<Output = ()> + Send + 'a {
     async move {
-        let outcome = match call(&cfg, &key, msg, &meta) {
+        let outcome = match call(cfg, &key, msg, &meta) {
             Ok(running) => running
                 .await
                 .unwrap_or_else(|payload| Err(panicked(&*payload))),

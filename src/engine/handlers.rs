@@ -1,10 +1,13 @@
-//! [`Handlers`]: the running handler tasks, and what they tell the loop.
+//! [`Handlers`]: the tasks that run handlers, and what they tell the loop.
 //!
-//! Each handler runs in a task of its own (handlers may use both cores). A task tells the loop
-//! through one channel: when its handler returned (`Told::Returned`, optional) and when it ended
-//! (`Told::Ended`, always exactly once: a task that is aborted or panics tells it from its
-//! [`Teller`]'s drop). The loop needs no join handle per task (a join set costs a lock and a
-//! waker per task, and a copy of each output), only an abort handle for the end of a shutdown.
+//! Handlers run in worker tasks (they may use every core), at most one job at a time each,
+//! kept between jobs: a job is a channel send to an idle worker, not a task spawned (a spawn
+//! allocates, initialises and frees a task, and its handle; see docs/performance.md, round 6).
+//! Workers are started as needed, up to as many as jobs run at once.
+//!
+//! A job tells the loop through one channel: when its handler returned (`Told::Returned`,
+//! optional) and when it ended (`Told::Ended`, always exactly once: a job whose worker is
+//! aborted or dies tells it from its [`Teller`]'s drop, and that worker is not used again).
 
 use std::future::Future;
 
@@ -12,18 +15,18 @@ use rustc_hash::FxHashMap;
 use tokio::sync::mpsc;
 use tokio::task::AbortHandle;
 
-/// What a handler task tells the loop; `u64` is the task's number among the handlers.
+/// What a job tells the loop; `u64` is the job's number.
 pub(super) enum Told<O> {
-    /// Its handler returned successfully; the task still settles the message.
+    /// Its handler returned successfully; the job still settles the message.
     Returned(u64),
-    /// The task ended: with its output, or `None` if it was aborted (or failed) before it had
-    /// one.
+    /// The job ended: with its output, or `None` if its worker was aborted (or died) before it
+    /// had one.
     Ended(u64, Option<O>),
 }
 
-/// How a handler task tells the loop.
+/// How a job tells the loop.
 pub(super) struct Teller<O> {
-    /// The task's number.
+    /// The job's number.
     id: u64,
     /// To the loop's `Handlers`.
     tx: mpsc::UnboundedSender<Told<O>>,
@@ -37,7 +40,7 @@ impl<O> Teller<O> {
         let _ = self.tx.send(Told::Returned(self.id));
     }
 
-    /// The task ends with `output`.
+    /// The job ends with `output`.
     pub(super) fn ended(mut self, output: O) {
         self.ended = true;
         let _ = self.tx.send(Told::Ended(self.id, Some(output)));
@@ -52,31 +55,49 @@ impl<O> Drop for Teller<O> {
     }
 }
 
-/// A running task, as the loop knows it.
-struct Task<R> {
+/// What a worker receives: a job and how it tells the loop about it.
+pub(super) type Jobs<J, O> = mpsc::UnboundedReceiver<(J, Teller<O>)>;
+
+/// A worker task, as the loop knows it.
+struct Worker<J, O> {
+    /// Its jobs.
+    jobs: mpsc::UnboundedSender<(J, Teller<O>)>,
     /// To cancel it at the end of a shutdown's grace.
     abort: AbortHandle,
+}
+
+/// A running job, as the loop knows it.
+struct Running<R> {
+    /// The worker that runs it (an index into `Handlers::workers`).
+    worker: usize,
     /// What the loop keeps about it.
     what: R,
 }
 
-/// The running handler tasks: what the loop keeps about each (`R`), and what they tell it.
-pub(super) struct Handlers<O, R> {
-    /// Each running task by its number. The numbers come from no one outside: a fast hasher,
+/// The workers and their running jobs: what the loop keeps about each job (`R`), what a job is
+/// (`J`), what it ends with (`O`).
+pub(super) struct Handlers<J, O, R> {
+    /// Every worker started, by index; `None` once it is gone (aborted or died).
+    workers: Vec<Option<Worker<J, O>>>,
+    /// Workers without a job.
+    idle: Vec<usize>,
+    /// Each running job by its number. The numbers come from no one outside: a fast hasher,
     /// not a DoS-resistant one.
-    running: FxHashMap<u64, Task<R>>,
-    /// What the tasks tell.
+    running: FxHashMap<u64, Running<R>>,
+    /// What the jobs tell.
     told: mpsc::UnboundedReceiver<Told<O>>,
-    /// The sending side of `told`, for each new task's teller.
+    /// The sending side of `told`, for each job's teller.
     tx: mpsc::UnboundedSender<Told<O>>,
-    /// The number the next task gets.
+    /// The number the next job gets.
     next_id: u64,
 }
 
-impl<O: Send + 'static, R> Handlers<O, R> {
+impl<J: Send + 'static, O: Send + 'static, R> Handlers<J, O, R> {
     pub(super) fn new() -> Self {
         let (tx, told) = mpsc::unbounded_channel();
         Self {
+            workers: Vec::new(),
+            idle: Vec::new(),
             running: FxHashMap::default(),
             told,
             tx,
@@ -84,7 +105,7 @@ impl<O: Send + 'static, R> Handlers<O, R> {
         }
     }
 
-    /// Tasks that have not told their end.
+    /// Jobs that have not told their end.
     pub(super) fn len(&self) -> usize {
         self.running.len()
     }
@@ -93,38 +114,72 @@ impl<O: Send + 'static, R> Handlers<O, R> {
         self.running.is_empty()
     }
 
-    /// Spawn the task `make` returns for its teller, keeping `what` about it.
-    pub(super) fn spawn<F>(&mut self, what: R, make: impl FnOnce(Teller<O>) -> F)
+    /// Run `job` on an idle worker, or on a new one that `worker` makes from its job channel;
+    /// keep `what` about it.
+    pub(super) fn start<F>(&mut self, what: R, job: J, worker: impl Fn(Jobs<J, O>) -> F)
     where
         F: Future<Output = ()> + Send + 'static,
     {
         self.next_id += 1;
         let id = self.next_id;
-        let teller = Teller {
-            id,
-            tx: self.tx.clone(),
-            ended: false,
+        let mut sent = (
+            job,
+            Teller {
+                id,
+                tx: self.tx.clone(),
+                ended: false,
+            },
+        );
+        let at = loop {
+            let at = match self.idle.pop() {
+                Some(at) => at,
+                None => {
+                    let (jobs, rx) = mpsc::unbounded_channel();
+                    let abort = tokio::spawn(worker(rx)).abort_handle();
+                    self.workers.push(Some(Worker { jobs, abort }));
+                    self.workers.len() - 1
+                }
+            };
+            let Some(w) = self.workers.get(at).and_then(Option::as_ref) else {
+                continue;
+            };
+            match w.jobs.send(sent) {
+                Ok(()) => break at,
+                // The worker is gone (it can only have died): never again, try another.
+                Err(mpsc::error::SendError(back)) => {
+                    sent = back;
+                    self.workers[at] = None;
+                }
+            }
         };
-        let abort = tokio::spawn(make(teller)).abort_handle();
-        self.running.insert(id, Task { abort, what });
+        self.running.insert(id, Running { worker: at, what });
     }
 
-    /// What the loop keeps about running task `id`.
+    /// What the loop keeps about running job `id`.
     pub(super) fn get_mut(&mut self, id: u64) -> Option<&mut R> {
-        self.running.get_mut(&id).map(|t| &mut t.what)
+        self.running.get_mut(&id).map(|r| &mut r.what)
     }
 
-    /// Forget task `id` (it told its end); what the loop kept about it.
-    pub(super) fn remove(&mut self, id: u64) -> Option<R> {
-        self.running.remove(&id).map(|t| t.what)
+    /// Forget job `id`, which told its end; what the loop kept about it. `lost`: it ended
+    /// without an outcome, its worker is not used again.
+    pub(super) fn remove(&mut self, id: u64, lost: bool) -> Option<R> {
+        let r = self.running.remove(&id)?;
+        if lost {
+            if let Some(w) = self.workers.get_mut(r.worker).and_then(Option::take) {
+                w.abort.abort();
+            }
+        } else {
+            self.idle.push(r.worker);
+        }
+        Some(r.what)
     }
 
-    /// What the loop keeps about each running task.
+    /// What the loop keeps about each running job.
     pub(super) fn iter(&self) -> impl Iterator<Item = &R> {
-        self.running.values().map(|t| &t.what)
+        self.running.values().map(|r| &r.what)
     }
 
-    /// The next thing a task tells. Pending forever while no task runs (the loop guards it).
+    /// The next thing a job tells. Pending forever while no job runs (the loop guards it).
     pub(super) async fn recv(&mut self) -> Told<O> {
         match self.told.recv().await {
             Some(told) => told,
@@ -133,15 +188,26 @@ impl<O: Send + 'static, R> Handlers<O, R> {
         }
     }
 
-    /// What a task told, if anything is waiting.
+    /// What a job told, if anything is waiting.
     pub(super) fn try_recv(&mut self) -> Option<Told<O>> {
         self.told.try_recv().ok()
     }
 
-    /// Cancel every running task; each tells its end (`None`) as it is dropped.
-    pub(super) fn abort_all(&self) {
-        for t in self.running.values() {
-            t.abort.abort();
+    /// Cancel every worker; each running job tells its end (`None`) as it is dropped.
+    pub(super) fn abort_all(&mut self) {
+        self.idle.clear();
+        for w in self.workers.iter().flatten() {
+            w.abort.abort();
+        }
+    }
+}
+
+impl<J, O, R> Drop for Handlers<J, O, R> {
+    /// Workers end with the loop (as a dropped join set's tasks would): a job still running is
+    /// cancelled, its message left unsettled for the broker to deliver again.
+    fn drop(&mut self) {
+        for w in self.workers.iter().flatten() {
+            w.abort.abort();
         }
     }
 }
