@@ -320,14 +320,18 @@ impl<K: Key, M: Send + 'static, T: Transport> Engine<K, M, T> {
                 left -= 1;
             }
             self.start_handlers();
-            while left > 0 && self.in_memory() < self.intake_limit {
+            // One delivery, then what the handlers told meanwhile: a free handler slot is
+            // filled before the next delivery is decoded, as in the loop's own order.
+            if left > 0 && self.in_memory() < self.intake_limit {
                 match intake.ready() {
-                    Some(Ok(Some(d))) => self.on_delivery(d),
+                    Some(Ok(Some(d))) => {
+                        self.on_delivery(d);
+                        left -= 1;
+                    }
                     Some(Ok(None)) => return Some(Stop::Closed),
                     Some(Err(e)) => return Some(Stop::Failed(e)),
-                    None => break,
+                    None => {}
                 }
-                left -= 1;
             }
             if left == before || left == 0 {
                 return None;
