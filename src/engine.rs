@@ -1,10 +1,10 @@
 //! The decision loop: handle, hold, defer or dead-letter each delivery.
 //!
 //! One task owns all state (the cache, the hold, the lanes, the deferred messages, the
-//! counters), so decisions need no locks and happen in a well-defined order. Handlers, broker
-//! settlements, key lookups and registration writes run in spawned tasks and report back to the
-//! loop. The loop knows nothing of AMQP or SQL: it speaks the [`Transport`] seam and the key
-//! source seam only.
+//! counters), so decisions need no locks and happen in a well-defined order. Handlers run in
+//! worker tasks (`handlers`); broker settlements, key lookups and registration writes run in
+//! spawned tasks; all report back to the loop. The loop knows nothing of AMQP or SQL: it
+//! speaks the [`Transport`] seam and the key source seam only.
 //!
 //! Where a message can be, once decoded:
 //! - waiting for the source's answer about its key (`lookups`), behind earlier messages of the
@@ -131,8 +131,8 @@ struct Waiting<M> {
     expired: bool,
 }
 
-/// What a handler task reports: the message's key and description, and the handler's outcome
-/// (on success, the task acknowledged the message itself and reports the event).
+/// What a handler job reports: the message's key and description, and the handler's outcome
+/// (on success, the job acknowledged the message itself and reports the event).
 struct Handled<K> {
     key: K,
     meta: Meta,
@@ -153,7 +153,7 @@ struct Running<K> {
     /// The partition its message came from.
     partition: Option<u32>,
     /// Its key's lane is still taken: the handler has not returned, or failed (the lane is
-    /// freed only once the task ends and the message is deferred or dead-lettered).
+    /// freed only once the job ends and the message is deferred or dead-lettered).
     lane: bool,
 }
 
@@ -195,9 +195,9 @@ struct Engine<K, M, T> {
     lanes: Lanes<K, Pending<M>>,
     /// Deferred messages expected back, per key: later messages of the key wait behind them.
     away: Away<K>,
-    /// Running handler tasks, and for each its key and partition, and whether it still holds
-    /// its key's lane (to free the lane even if the task was lost, and to know when a revoked
-    /// partition runs nothing any more). A task whose handler succeeded tells it before it
+    /// Running handler jobs, and for each its key and partition, and whether it still holds
+    /// its key's lane (to free the lane even if the job was lost, and to know when a revoked
+    /// partition runs nothing any more). A job whose handler succeeded tells it before it
     /// acknowledges (unless the acknowledgement is done at once): its key's next message may
     /// run while the acknowledgement travels.
     handlers: Handlers<Job<K, M>, Handled<K>, Running<K>>,
@@ -296,7 +296,7 @@ impl<K: Key, M: Send + 'static, T: Transport> Engine<K, M, T> {
         }
     }
 
-    /// After a turn of the loop, take what else is ready already (what handler tasks told,
+    /// After a turn of the loop, take what else is ready already (what handler jobs told,
     /// finished work, deliveries the transport has ready) without another turn: a turn sets
     /// up and polls every source of the loop, which costs more than the item it takes. Up to
     /// `TAKE_READY` items, so that shutdown, key wakes and hold deadlines are looked at soon;
@@ -544,7 +544,7 @@ impl<K: Key, M: Send + 'static, T: Transport> Engine<K, M, T> {
         }
     }
 
-    /// The handler of task `id` succeeded; its task acknowledges the message now: the key's
+    /// The handler of job `id` succeeded; the job acknowledges the message now: the key's
     /// next message may start. (Its order is the handlers' order; an acknowledgement that is
     /// lost with its connection makes the broker deliver the message again, as always.)
     fn on_returned(&mut self, id: u64) {
@@ -555,7 +555,7 @@ impl<K: Key, M: Send + 'static, T: Transport> Engine<K, M, T> {
         }
     }
 
-    /// Handler task `id` ended without an outcome (cancelled at the end of the shutdown grace):
+    /// Handler job `id` ended without an outcome (cancelled at the end of the shutdown grace):
     /// its message stays unsettled and the broker delivers it again.
     fn on_lost(&mut self, id: u64) {
         if let Some(running) = self.handlers.remove(id, true) {
@@ -566,7 +566,7 @@ impl<K: Key, M: Send + 'static, T: Transport> Engine<K, M, T> {
         }
     }
 
-    /// Handler task `id` ended: free its lane if it still has it, and settle by the outcome.
+    /// Handler job `id` ended: free its lane if it still has it, and settle by the outcome.
     fn on_handled(&mut self, id: u64, handled: Handled<K>) {
         let lane = self.handlers.remove(id, false).is_none_or(|r| r.lane);
         let Handled { key, meta, outcome } = handled;
@@ -1128,7 +1128,7 @@ fn handle<'a, K: Key, M: Send + 'static, T: Transport>(
         let acked = {
             let mut acking = std::pin::pin!(transport.settle(meta.id, Settle::Ack));
             match futures::poll!(acking.as_mut()) {
-                // Acknowledged at once: the task ends now, and its end frees the lane.
+                // Acknowledged at once: the job ends now, and its end frees the lane.
                 Poll::Ready(acked) => acked,
                 Poll::Pending => {
                     // The key's next message need not wait for the acknowledgement.
@@ -1151,7 +1151,7 @@ fn handle<'a, K: Key, M: Send + 'static, T: Transport>(
     }
 }
 
-/// What a handler task awaits: the handler's future, in its span, a panic caught.
+/// What a handler job awaits: the handler's future, in its span, a panic caught.
 type Called = futures::future::CatchUnwind<
     AssertUnwindSafe<tracing::instrument::Instrumented<HandlerFuture>>,
 >;

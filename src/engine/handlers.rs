@@ -211,3 +211,79 @@ impl<J, O, R> Drop for Handlers<J, O, R> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Doubles each job; panics on 0; never ends on 1.
+    async fn worker(mut jobs: Jobs<u32, u32>) {
+        while let Some((job, teller)) = jobs.recv().await {
+            match job {
+                0 => panic!("a worker dies"),
+                1 => std::future::pending::<()>().await,
+                n => {
+                    teller.returned();
+                    teller.ended(n * 2);
+                }
+            }
+        }
+    }
+
+    async fn ended(h: &mut Handlers<u32, u32, &'static str>) -> (u64, Option<u32>) {
+        loop {
+            match h.recv().await {
+                Told::Returned(_) => {}
+                Told::Ended(id, out) => return (id, out),
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_worker_is_kept_between_jobs_and_replaced_when_it_dies() {
+        let mut h: Handlers<u32, u32, &'static str> = Handlers::new();
+        for n in 2..5 {
+            h.start("job", n, worker);
+            let (id, out) = ended(&mut h).await;
+            assert_eq!(out, Some(n * 2));
+            assert_eq!(h.remove(id, false), Some("job"));
+        }
+        assert_eq!(h.workers.len(), 1, "one worker ran the three jobs");
+
+        h.start("dies", 0, worker);
+        let (id, out) = ended(&mut h).await;
+        assert_eq!(
+            out, None,
+            "a job whose worker died tells its end without an outcome"
+        );
+        assert_eq!(h.remove(id, true), Some("dies"));
+        assert!(h.is_empty());
+
+        h.start("after", 7, worker);
+        let (id, out) = ended(&mut h).await;
+        assert_eq!(out, Some(14));
+        h.remove(id, false);
+        assert_eq!(
+            h.workers.iter().flatten().count(),
+            1,
+            "the dead worker is not used again"
+        );
+    }
+
+    #[tokio::test]
+    async fn aborted_jobs_tell_their_end() {
+        let mut h: Handlers<u32, u32, &'static str> = Handlers::new();
+        h.start("stuck", 1, worker);
+        h.start("stuck too", 1, worker);
+        assert_eq!(h.len(), 2);
+        h.abort_all();
+        let mut whats = Vec::new();
+        while !h.is_empty() {
+            let (id, out) = ended(&mut h).await;
+            assert_eq!(out, None);
+            whats.extend(h.remove(id, true));
+        }
+        whats.sort_unstable();
+        assert_eq!(whats, ["stuck", "stuck too"]);
+    }
+}
