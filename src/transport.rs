@@ -192,6 +192,11 @@ pub trait Transport: Send + Sync + 'static {
     }
 
     /// The next delivery, from either stream; `Ok(None)` when the transport is closed for good.
+    ///
+    /// The consumer keeps one call in flight across the turns of its loop and drops it
+    /// unfinished only when it stops, so it need not be cancel-safe while the consumer runs. A
+    /// delivery should be handed out only in the poll that returns it: one recorded as handed
+    /// out by a call dropped unfinished stays unsettled until the transport closes.
     fn recv(&self) -> impl Future<Output = Result<Option<Delivery>, Self::Error>> + Send;
 
     /// Carry out the engine's decision for a delivery.
