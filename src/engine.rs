@@ -30,7 +30,8 @@ use std::sync::Arc;
 use std::task::{Context as TaskContext, Poll, Waker};
 use std::time::Duration;
 
-use futures::FutureExt;
+use futures::stream::FuturesUnordered;
+use futures::{FutureExt, StreamExt};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
@@ -57,6 +58,9 @@ use crate::transport::{Delivery, Demand, Settle, Source, Transport};
 
 /// Ready items the loop takes after a turn before it turns again (see `Engine::take_ready`).
 const TAKE_READY: usize = 64;
+/// The most messages of one key a handler job runs in a row (the key's other messages wait for
+/// the next job, behind other keys).
+const JOB_MAX: usize = 32;
 /// Key lookups in flight at once (a database pool is not flooded by a resync).
 const MAX_LOOKUPS: usize = 64;
 /// A deferred message that has not come back this long after its delay stops blocking its key
@@ -139,22 +143,29 @@ struct Handled<K> {
     outcome: Result<Event<K>, HandlerError>,
 }
 
-/// A message for a handler: what a worker receives.
+/// Messages of one key for a handler, to run in order: what a worker receives.
 struct Job<K, M> {
     key: K,
-    msg: M,
-    meta: Meta,
+    first: Pending<M>,
+    /// The key's next messages, up to `JOB_MAX - 1` (empty: no allocation).
+    more: Vec<Pending<M>>,
 }
+
+/// What a job ends with: the messages it did not run, in order (a retryable failure, a stale
+/// delivery or a stop came first).
+type Left<M> = Vec<Pending<M>>;
 
 /// A running handler job, as the engine knows it.
 struct Running<K> {
     /// The key it handles.
     key: K,
-    /// The partition its message came from.
+    /// The partition its messages came from.
     partition: Option<u32>,
-    /// Its key's lane is still taken: the handler has not returned, or failed (the lane is
-    /// freed only once the job ends and the message is deferred or dead-lettered).
+    /// Its key's lane is still taken: the job runs handlers, or ended early (the lane is freed
+    /// once the job ends, after what it did not run went back to the lane or the hold).
     lane: bool,
+    /// Its messages whose outcome it has not told yet.
+    unreported: usize,
 }
 
 /// What the other tasks report.
@@ -200,7 +211,11 @@ struct Engine<K, M, T> {
     /// partition runs nothing any more). A job whose handler succeeded tells it before it
     /// acknowledges (unless the acknowledgement is done at once): its key's next message may
     /// run while the acknowledgement travels.
-    handlers: Handlers<Job<K, M>, Handled<K>, Running<K>>,
+    handlers: Handlers<Job<K, M>, Handled<K>, Left<M>, Running<K>>,
+    /// Messages in running jobs besides the one each runs (counted in memory like a lane's).
+    in_jobs: usize,
+    /// Cancelled when the consumer stops: jobs run no further message.
+    draining: CancellationToken,
     /// Partitions the transport revoked whose running handlers have not all finished: their
     /// messages are given back as they come.
     revoking: std::collections::HashSet<u32>,
@@ -243,6 +258,8 @@ impl<K: Key, M: Send + 'static, T: Transport> Engine<K, M, T> {
             lanes: Lanes::new(),
             away: Away::new(),
             handlers: Handlers::new(),
+            in_jobs: 0,
+            draining: CancellationToken::new(),
             revoking: std::collections::HashSet::new(),
             work: JoinSet::new(),
             lookup_slots: Arc::new(Semaphore::new(MAX_LOOKUPS)),
@@ -341,11 +358,12 @@ impl<K: Key, M: Send + 'static, T: Transport> Engine<K, M, T> {
 
     /// Messages in memory: held, in lanes, waiting for lookups.
     fn in_memory(&self) -> usize {
-        self.hold.len() + self.lanes.queued() + self.looking
+        self.hold.len() + self.lanes.queued() + self.looking + self.in_jobs
     }
 
     /// Let running handlers finish (for up to the shutdown grace); start nothing new.
     async fn finish_handlers(&mut self) {
+        self.draining.cancel();
         let grace = tokio::time::sleep(self.cfg.shutdown_grace);
         tokio::pin!(grace);
         while !self.handlers.is_empty() {
@@ -536,16 +554,17 @@ impl<K: Key, M: Send + 'static, T: Transport> Engine<K, M, T> {
         }
     }
 
-    fn on_told(&mut self, told: Told<Handled<K>>) {
+    fn on_told(&mut self, told: Told<Handled<K>, Left<M>>) {
         match told {
+            Told::Output(id, handled) => self.on_handled(id, handled),
             Told::Returned(id) => self.on_returned(id),
-            Told::Ended(id, Some(handled)) => self.on_handled(id, handled),
+            Told::Ended(id, Some(left)) => self.on_job_end(id, left),
             Told::Ended(id, None) => self.on_lost(id),
         }
     }
 
-    /// The handler of job `id` succeeded; the job acknowledges the message now: the key's
-    /// next message may start. (Its order is the handlers' order; an acknowledgement that is
+    /// Job `id` ran its last handler successfully and acknowledges now: the key's next message
+    /// may start. (Its order is the handlers' order; an acknowledgement that is
     /// lost with its connection makes the broker deliver the message again, as always.)
     fn on_returned(&mut self, id: u64) {
         if let Some(running) = self.handlers.get_mut(id)
@@ -556,9 +575,10 @@ impl<K: Key, M: Send + 'static, T: Transport> Engine<K, M, T> {
     }
 
     /// Handler job `id` ended without an outcome (cancelled at the end of the shutdown grace):
-    /// its message stays unsettled and the broker delivers it again.
+    /// its messages stay unsettled and the broker delivers them again.
     fn on_lost(&mut self, id: u64) {
         if let Some(running) = self.handlers.remove(id, true) {
+            self.in_jobs -= running.unreported.saturating_sub(1);
             if running.lane {
                 self.lanes.finish(&running.key);
             }
@@ -566,11 +586,15 @@ impl<K: Key, M: Send + 'static, T: Transport> Engine<K, M, T> {
         }
     }
 
-    /// Handler job `id` ended: free its lane if it still has it, and settle by the outcome.
+    /// Job `id` is done with a message: settle it by the outcome.
     fn on_handled(&mut self, id: u64, handled: Handled<K>) {
-        let lane = self.handlers.remove(id, false).is_none_or(|r| r.lane);
+        if let Some(running) = self.handlers.get_mut(id) {
+            if running.unreported > 1 {
+                self.in_jobs -= 1;
+            }
+            running.unreported = running.unreported.saturating_sub(1);
+        }
         let Handled { key, meta, outcome } = handled;
-        let partition = meta.partition;
         match outcome {
             Ok(event) => self.emit(event),
             Err(e) if e.is_permanent() => {
@@ -588,10 +612,28 @@ impl<K: Key, M: Send + 'static, T: Transport> Engine<K, M, T> {
                 }
             }
         }
-        if lane {
-            self.lanes.finish(&key);
+    }
+
+    /// Job `id` ended; what it did not run goes back to its key's lane (or the hold, behind a
+    /// deferred message of the key; or the broker, if its partition is being given up), then
+    /// the lane is freed if the job still had it.
+    fn on_job_end(&mut self, id: u64, left: Left<M>) {
+        let Some(running) = self.handlers.remove(id, false) else {
+            return;
+        };
+        self.in_jobs -= running.unreported.saturating_sub(1);
+        for p in left {
+            if p.meta.partition.is_some_and(|q| self.revoking.contains(&q)) {
+                let event = self.event_of(&p.meta, Some(running.key.clone()), Decision::Requeued);
+                self.settle(event, Settle::Requeue);
+            } else {
+                self.enqueue_known(running.key.clone(), p);
+            }
         }
-        self.release_partition_if_idle(partition);
+        if running.lane {
+            self.lanes.finish(&running.key);
+        }
+        self.release_partition_if_idle(running.partition);
     }
 
     /// The transport gives up `partition`: give back what is held or queued of it, in the order
@@ -859,7 +901,10 @@ impl<K: Key, M: Send + 'static, T: Transport> Engine<K, M, T> {
     /// Start handlers for runnable lanes, up to the concurrency.
     fn start_handlers(&mut self) {
         while self.handlers.len() < self.cfg.concurrency {
-            let Some((key, p)) = self.lanes.start_next() else {
+            let Some((key, p, more)) = self
+                .lanes
+                .start_batch(JOB_MAX, |a, b| a.meta.partition == b.meta.partition)
+            else {
                 return;
             };
             if self.transport.is_stale(p.meta.id) {
@@ -874,21 +919,33 @@ impl<K: Key, M: Send + 'static, T: Transport> Engine<K, M, T> {
                 ));
                 let event = event_of(&p.meta, Some(key.clone()), Decision::Requeued);
                 self.settle_quietly(event, Settle::Requeue);
+                for p in more {
+                    self.lanes.push(key.clone(), p.meta.pos, p);
+                }
                 self.lanes.finish(&key);
                 continue;
             }
-            let p_partition = p.meta.partition;
-            let Pending { msg, meta } = p;
+            self.in_jobs += more.len();
             let running = Running {
                 key: key.clone(),
-                partition: p_partition,
+                partition: p.meta.partition,
                 lane: true,
+                unreported: 1 + more.len(),
             };
-            let (cfg, transport) = (&self.cfg, &self.transport);
-            self.handlers
-                .start(running, Job { key, msg, meta }, |jobs| {
-                    worker(Arc::clone(cfg), Arc::clone(transport), jobs)
-                });
+            let job = Job {
+                key,
+                first: p,
+                more,
+            };
+            let (cfg, transport, draining) = (&self.cfg, &self.transport, &self.draining);
+            self.handlers.start(running, job, |jobs| {
+                worker(
+                    Arc::clone(cfg),
+                    Arc::clone(transport),
+                    draining.clone(),
+                    jobs,
+                )
+            });
         }
     }
 
@@ -1088,66 +1145,101 @@ fn record<K: Key>(
 fn worker<K: Key, M: Send + 'static, T: Transport>(
     cfg: Arc<Config<K, M>>,
     transport: Arc<T>,
-    mut jobs: Jobs<Job<K, M>, Handled<K>>,
+    draining: CancellationToken,
+    mut jobs: Jobs<Job<K, M>, Handled<K>, Left<M>>,
 ) -> impl Future<Output = ()> + Send + 'static {
     async move {
         while let Some((job, teller)) = jobs.recv().await {
-            handle(&cfg, &*transport, job, teller).await;
+            run_job(&cfg, &*transport, &draining, job, teller).await;
         }
     }
 }
 
-/// Run the handler for one message; on success, acknowledge it. Tells the loop the outcome.
+/// Run a key's messages in order, each handler after the one before returned; acknowledge each
+/// that succeeded (while the next runs). Tells the loop each outcome; stops before the next
+/// message after a retryable failure, at a stale delivery, or once the consumer stops, and
+/// ends with the messages it did not run.
 ///
 /// A plain function returning an `async move` block, not an `async fn`: an `async fn` keeps
 /// each argument twice in its future (once as given, once as the body's local). For the same
-/// reason the handler is called in `call` (its context and span are not kept), and the event is
-/// made once the acknowledgement is done (as `settle_with` stamps it) rather than carried
-/// across the wait.
+/// reason the handler is called in `call` (its context and span are not kept).
 #[allow(clippy::manual_async_fn)]
-fn handle<'a, K: Key, M: Send + 'static, T: Transport>(
+fn run_job<'a, K: Key, M: Send + 'static, T: Transport>(
     cfg: &'a Config<K, M>,
     transport: &'a T,
-    Job { key, msg, meta }: Job<K, M>,
-    teller: Teller<Handled<K>>,
+    draining: &'a CancellationToken,
+    Job { key, first, more }: Job<K, M>,
+    teller: Teller<Handled<K>, Left<M>>,
 ) -> impl Future<Output = ()> + Send + 'a {
     async move {
-        let outcome = match call(cfg, &key, msg, &meta) {
-            Ok(running) => running
-                .await
-                .unwrap_or_else(|payload| Err(panicked(&*payload))),
-            Err(e) => Err(e),
-        };
-        if let Err(e) = outcome {
-            return teller.ended(Handled {
-                key,
-                meta,
-                outcome: Err(e),
-            });
-        }
-        let acked = {
-            let mut acking = std::pin::pin!(transport.settle(meta.id, Settle::Ack));
-            match futures::poll!(acking.as_mut()) {
-                // Acknowledged at once: the job ends now, and its end frees the lane.
-                Poll::Ready(acked) => acked,
-                Poll::Pending => {
-                    // The key's next message need not wait for the acknowledgement.
-                    teller.returned();
-                    acking.await
+        let mut acks = FuturesUnordered::new();
+        let mut left = Vec::new();
+        let mut next = Some(first);
+        let mut more = more.into_iter();
+        let mut later = false;
+        while let Some(p) = next.take().or_else(|| more.next()) {
+            while let Some(Some(done)) = acks.next().now_or_never() {
+                teller.output(done);
+            }
+            // (The first was looked at when the job started.)
+            let stale = std::mem::replace(&mut later, true) && transport.is_stale(p.meta.id);
+            if stale || draining.is_cancelled() {
+                left.push(p);
+                left.extend(more);
+                break;
+            }
+            let Pending { msg, meta } = p;
+            let outcome = match call(cfg, &key, msg, &meta) {
+                Ok(running) => running
+                    .await
+                    .unwrap_or_else(|payload| Err(panicked(&*payload))),
+                Err(e) => Err(e),
+            };
+            match outcome {
+                Ok(()) => {
+                    acks.push(acked(transport, key.clone(), meta));
+                }
+                Err(e) => {
+                    let retry = !e.is_permanent();
+                    teller.output(Handled {
+                        key: key.clone(),
+                        meta,
+                        outcome: Err(e),
+                    });
+                    if retry {
+                        left.extend(more);
+                        break;
+                    }
                 }
             }
-        };
-        let mut event = event_of(&meta, Some(key.clone()), Decision::Handled);
-        if let Err(e) = acked {
-            event.decision = Decision::SettleFailed {
-                error: e.to_string(),
-            };
         }
-        teller.ended(Handled {
-            key,
-            meta,
-            outcome: Ok(event),
-        });
+        while let Some(Some(done)) = acks.next().now_or_never() {
+            teller.output(done);
+        }
+        if left.is_empty() && !acks.is_empty() {
+            // The key's next message need not wait for the acknowledgements.
+            teller.returned();
+        }
+        while let Some(done) = acks.next().await {
+            teller.output(done);
+        }
+        teller.ended(left);
+    }
+}
+
+/// Acknowledge a message whose handler succeeded; its outcome.
+async fn acked<K: Key, T: Transport>(transport: &T, key: K, meta: Meta) -> Handled<K> {
+    let acked = transport.settle(meta.id, Settle::Ack).await;
+    let mut event = event_of(&meta, Some(key.clone()), Decision::Handled);
+    if let Err(e) = acked {
+        event.decision = Decision::SettleFailed {
+            error: e.to_string(),
+        };
+    }
+    Handled {
+        key,
+        meta,
+        outcome: Ok(event),
     }
 }
 

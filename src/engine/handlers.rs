@@ -5,8 +5,9 @@
 //! allocates, initialises and frees a task, and its handle; see docs/performance.md, round 6).
 //! Workers are started as needed, up to as many as jobs run at once.
 //!
-//! A job tells the loop through one channel: when its handler returned (`Told::Returned`,
-//! optional) and when it ended (`Told::Ended`, always exactly once: a job whose worker is
+//! A job tells the loop through one channel: what it has done, as it goes (`Told::Output`),
+//! when it need not keep its place any more (`Told::Returned`, optional), and when it ended
+//! (`Told::Ended`, always exactly once, after everything else it tells: a job whose worker is
 //! aborted or dies tells it from its [`Teller`]'s drop, and that worker is not used again).
 
 use std::future::Future;
@@ -16,38 +17,45 @@ use tokio::sync::mpsc;
 use tokio::task::AbortHandle;
 
 /// What a job tells the loop; `u64` is the job's number.
-pub(super) enum Told<O> {
-    /// Its handler returned successfully; the job still settles the message.
+pub(super) enum Told<O, E> {
+    /// Something it did (there may be several).
+    Output(u64, O),
+    /// It runs nothing more; what it still does (settling) need not keep its place.
     Returned(u64),
-    /// The job ended: with its output, or `None` if its worker was aborted (or died) before it
-    /// had one.
-    Ended(u64, Option<O>),
+    /// The job ended: with what it ends with, or `None` if its worker was aborted (or died)
+    /// before.
+    Ended(u64, Option<E>),
 }
 
 /// How a job tells the loop.
-pub(super) struct Teller<O> {
+pub(super) struct Teller<O, E> {
     /// The job's number.
     id: u64,
     /// To the loop's `Handlers`.
-    tx: mpsc::UnboundedSender<Told<O>>,
+    tx: mpsc::UnboundedSender<Told<O, E>>,
     /// `Ended` was told (the drop tells it otherwise).
     ended: bool,
 }
 
-impl<O> Teller<O> {
-    /// The handler returned successfully.
+impl<O, E> Teller<O, E> {
+    /// The job did `output`.
+    pub(super) fn output(&self, output: O) {
+        let _ = self.tx.send(Told::Output(self.id, output));
+    }
+
+    /// The job runs nothing more.
     pub(super) fn returned(&self) {
         let _ = self.tx.send(Told::Returned(self.id));
     }
 
-    /// The job ends with `output`.
-    pub(super) fn ended(mut self, output: O) {
+    /// The job ends with `end`.
+    pub(super) fn ended(mut self, end: E) {
         self.ended = true;
-        let _ = self.tx.send(Told::Ended(self.id, Some(output)));
+        let _ = self.tx.send(Told::Ended(self.id, Some(end)));
     }
 }
 
-impl<O> Drop for Teller<O> {
+impl<O, E> Drop for Teller<O, E> {
     fn drop(&mut self) {
         if !self.ended {
             let _ = self.tx.send(Told::Ended(self.id, None));
@@ -56,12 +64,12 @@ impl<O> Drop for Teller<O> {
 }
 
 /// What a worker receives: a job and how it tells the loop about it.
-pub(super) type Jobs<J, O> = mpsc::UnboundedReceiver<(J, Teller<O>)>;
+pub(super) type Jobs<J, O, E> = mpsc::UnboundedReceiver<(J, Teller<O, E>)>;
 
 /// A worker task, as the loop knows it.
-struct Worker<J, O> {
+struct Worker<J, O, E> {
     /// Its jobs.
-    jobs: mpsc::UnboundedSender<(J, Teller<O>)>,
+    jobs: mpsc::UnboundedSender<(J, Teller<O, E>)>,
     /// To cancel it at the end of a shutdown's grace.
     abort: AbortHandle,
 }
@@ -75,24 +83,24 @@ struct Running<R> {
 }
 
 /// The workers and their running jobs: what the loop keeps about each job (`R`), what a job is
-/// (`J`), what it ends with (`O`).
-pub(super) struct Handlers<J, O, R> {
+/// (`J`), what it tells as it goes (`O`) and what it ends with (`E`).
+pub(super) struct Handlers<J, O, E, R> {
     /// Every worker started, by index; `None` once it is gone (aborted or died).
-    workers: Vec<Option<Worker<J, O>>>,
+    workers: Vec<Option<Worker<J, O, E>>>,
     /// Workers without a job.
     idle: Vec<usize>,
     /// Each running job by its number. The numbers come from no one outside: a fast hasher,
     /// not a DoS-resistant one.
     running: FxHashMap<u64, Running<R>>,
     /// What the jobs tell.
-    told: mpsc::UnboundedReceiver<Told<O>>,
+    told: mpsc::UnboundedReceiver<Told<O, E>>,
     /// The sending side of `told`, for each job's teller.
-    tx: mpsc::UnboundedSender<Told<O>>,
+    tx: mpsc::UnboundedSender<Told<O, E>>,
     /// The number the next job gets.
     next_id: u64,
 }
 
-impl<J: Send + 'static, O: Send + 'static, R> Handlers<J, O, R> {
+impl<J: Send + 'static, O: Send + 'static, E: Send + 'static, R> Handlers<J, O, E, R> {
     pub(super) fn new() -> Self {
         let (tx, told) = mpsc::unbounded_channel();
         Self {
@@ -116,7 +124,7 @@ impl<J: Send + 'static, O: Send + 'static, R> Handlers<J, O, R> {
 
     /// Run `job` on an idle worker, or on a new one that `worker` makes from its job channel;
     /// keep `what` about it.
-    pub(super) fn start<F>(&mut self, what: R, job: J, worker: impl Fn(Jobs<J, O>) -> F)
+    pub(super) fn start<F>(&mut self, what: R, job: J, worker: impl Fn(Jobs<J, O, E>) -> F)
     where
         F: Future<Output = ()> + Send + 'static,
     {
@@ -180,7 +188,7 @@ impl<J: Send + 'static, O: Send + 'static, R> Handlers<J, O, R> {
     }
 
     /// The next thing a job tells. Pending forever while no job runs (the loop guards it).
-    pub(super) async fn recv(&mut self) -> Told<O> {
+    pub(super) async fn recv(&mut self) -> Told<O, E> {
         match self.told.recv().await {
             Some(told) => told,
             // `self.tx` keeps the channel open.
@@ -189,7 +197,7 @@ impl<J: Send + 'static, O: Send + 'static, R> Handlers<J, O, R> {
     }
 
     /// What a job told, if anything is waiting.
-    pub(super) fn try_recv(&mut self) -> Option<Told<O>> {
+    pub(super) fn try_recv(&mut self) -> Option<Told<O, E>> {
         self.told.try_recv().ok()
     }
 
@@ -202,7 +210,7 @@ impl<J: Send + 'static, O: Send + 'static, R> Handlers<J, O, R> {
     }
 }
 
-impl<J, O, R> Drop for Handlers<J, O, R> {
+impl<J, O, E, R> Drop for Handlers<J, O, E, R> {
     /// Workers end with the loop (as a dropped join set's tasks would): a job still running is
     /// cancelled, its message left unsettled for the broker to deliver again.
     fn drop(&mut self) {
@@ -217,12 +225,13 @@ mod tests {
     use super::*;
 
     /// Doubles each job; panics on 0; never ends on 1.
-    async fn worker(mut jobs: Jobs<u32, u32>) {
+    async fn worker(mut jobs: Jobs<u32, u32, u32>) {
         while let Some((job, teller)) = jobs.recv().await {
             match job {
                 0 => panic!("a worker dies"),
                 1 => std::future::pending::<()>().await,
                 n => {
+                    teller.output(n);
                     teller.returned();
                     teller.ended(n * 2);
                 }
@@ -230,18 +239,24 @@ mod tests {
         }
     }
 
-    async fn ended(h: &mut Handlers<u32, u32, &'static str>) -> (u64, Option<u32>) {
+    /// The job's end, after checking that it told its output first.
+    async fn ended(h: &mut Handlers<u32, u32, u32, &'static str>) -> (u64, Option<u32>) {
+        let mut output = None;
         loop {
             match h.recv().await {
+                Told::Output(_, n) => output = Some(n),
                 Told::Returned(_) => {}
-                Told::Ended(id, out) => return (id, out),
+                Told::Ended(id, end) => {
+                    assert_eq!(output.map(|n| n * 2), end, "output, then the end");
+                    return (id, end);
+                }
             }
         }
     }
 
     #[tokio::test]
     async fn a_worker_is_kept_between_jobs_and_replaced_when_it_dies() {
-        let mut h: Handlers<u32, u32, &'static str> = Handlers::new();
+        let mut h: Handlers<u32, u32, u32, &'static str> = Handlers::new();
         for n in 2..5 {
             h.start("job", n, worker);
             let (id, out) = ended(&mut h).await;
@@ -272,7 +287,7 @@ mod tests {
 
     #[tokio::test]
     async fn aborted_jobs_tell_their_end() {
-        let mut h: Handlers<u32, u32, &'static str> = Handlers::new();
+        let mut h: Handlers<u32, u32, u32, &'static str> = Handlers::new();
         h.start("stuck", 1, worker);
         h.start("stuck too", 1, worker);
         assert_eq!(h.len(), 2);

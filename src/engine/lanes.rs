@@ -77,6 +77,27 @@ impl<K: Eq + Hash + Clone, V> Lanes<K, V> {
         None
     }
 
+    /// The next message that may start and up to `max - 1` more of its key that `same` takes
+    /// with it (compared with the first), in order; its key's lane now running.
+    pub(crate) fn start_batch(
+        &mut self,
+        max: usize,
+        same: impl Fn(&V, &V) -> bool,
+    ) -> Option<(K, V, Vec<V>)> {
+        let (key, first) = self.start_next()?;
+        let mut more = Vec::new();
+        if let Some(lane) = self.lanes.get_mut(&key) {
+            while more.len() + 1 < max
+                && lane.queue.front().is_some_and(|(_, v)| same(&first, v))
+                && let Some((_, v)) = lane.queue.pop_front()
+            {
+                more.push(v);
+            }
+        }
+        self.queued -= more.len();
+        Some((key, first, more))
+    }
+
     /// The handler of `key` returned: its next message may start. The one place a lane is
     /// freed.
     pub(crate) fn finish(&mut self, key: &K) {
@@ -146,6 +167,31 @@ impl<K: Eq + Hash + Clone, V> Lanes<K, V> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_batch_takes_the_key_s_next_messages_while_they_are_alike() {
+        let mut l = Lanes::new();
+        for (pos, v) in [(1, 10), (2, 11), (3, 20), (4, 12)] {
+            l.push("a", pos, v);
+        }
+        l.push("b", 5, 13);
+        let same = |a: &i32, b: &i32| a / 10 == b / 10;
+        assert_eq!(l.start_batch(8, same), Some(("a", 10, vec![11])));
+        assert_eq!(l.queued(), 3);
+        assert_eq!(l.start_batch(8, same), Some(("b", 13, vec![])));
+        assert_eq!(l.start_batch(8, same), None, "a and b are running");
+        l.finish(&"a");
+        assert_eq!(l.start_batch(8, same), Some(("a", 20, vec![])));
+        l.finish(&"a");
+        l.push("a", 6, 14);
+        l.push("a", 7, 15);
+        assert_eq!(
+            l.start_batch(2, same),
+            Some(("a", 12, vec![14])),
+            "at most max"
+        );
+        assert_eq!(l.queued(), 1);
+    }
 
     #[test]
     fn one_running_per_key_in_position_order() {
