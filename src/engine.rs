@@ -23,7 +23,7 @@ mod handlers;
 mod intake;
 mod lanes;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
@@ -143,17 +143,15 @@ struct Handled<K> {
     outcome: Result<Event<K>, HandlerError>,
 }
 
-/// Messages of one key for a handler, to run in order: what a worker receives.
-struct Job<K, M> {
+/// What a worker receives: the key whose messages (kept by the job's teller, up to `JOB_MAX`,
+/// in order) its handler runs.
+struct Job<K> {
     key: K,
-    first: Pending<M>,
-    /// The key's next messages, up to `JOB_MAX - 1` (empty: no allocation).
-    more: Vec<Pending<M>>,
 }
 
-/// What a job ends with: the messages it did not run, in order (a retryable failure, a stale
-/// delivery or a stop came first).
-type Left<M> = Vec<Pending<M>>;
+/// A job's messages that it has not run, in order; what it ends with (a retryable failure, a
+/// stale delivery or a stop came first, or the job was cancelled).
+type Left<M> = VecDeque<Pending<M>>;
 
 /// A running handler job, as the engine knows it.
 struct Running<K> {
@@ -211,7 +209,7 @@ struct Engine<K, M, T> {
     /// partition runs nothing any more). A job whose handler succeeded tells it before it
     /// acknowledges (unless the acknowledgement is done at once): its key's next message may
     /// run while the acknowledgement travels.
-    handlers: Handlers<Job<K, M>, Handled<K>, Left<M>, Running<K>>,
+    handlers: Handlers<Job<K>, Handled<K>, Left<M>, Running<K>>,
     /// Messages in running jobs besides the one each runs (counted in memory like a lane's).
     in_jobs: usize,
     /// Cancelled when the consumer stops: jobs run no further message.
@@ -558,8 +556,8 @@ impl<K: Key, M: Send + 'static, T: Transport> Engine<K, M, T> {
         match told {
             Told::Output(id, handled) => self.on_handled(id, handled),
             Told::Returned(id) => self.on_returned(id),
-            Told::Ended(id, Some(left)) => self.on_job_end(id, left),
-            Told::Ended(id, None) => self.on_lost(id),
+            Told::Ended(id, left) => self.on_job_end(id, left, false),
+            Told::Lost(id, left) => self.on_job_end(id, left.unwrap_or_default(), true),
         }
     }
 
@@ -571,18 +569,6 @@ impl<K: Key, M: Send + 'static, T: Transport> Engine<K, M, T> {
             && std::mem::replace(&mut running.lane, false)
         {
             self.lanes.finish(&running.key);
-        }
-    }
-
-    /// Handler job `id` ended without an outcome (cancelled at the end of the shutdown grace):
-    /// its messages stay unsettled and the broker delivers them again.
-    fn on_lost(&mut self, id: u64) {
-        if let Some(running) = self.handlers.remove(id, true) {
-            self.in_jobs -= running.unreported.saturating_sub(1);
-            if running.lane {
-                self.lanes.finish(&running.key);
-            }
-            self.release_partition_if_idle(running.partition);
         }
     }
 
@@ -616,9 +602,11 @@ impl<K: Key, M: Send + 'static, T: Transport> Engine<K, M, T> {
 
     /// Job `id` ended; what it did not run goes back to its key's lane (or the hold, behind a
     /// deferred message of the key; or the broker, if its partition is being given up), then
-    /// the lane is freed if the job still had it.
-    fn on_job_end(&mut self, id: u64, left: Left<M>) {
-        let Some(running) = self.handlers.remove(id, false) else {
+    /// the lane is freed if the job still had it. A `lost` job was cancelled (at the end of the
+    /// shutdown grace): the message it was running stays unsettled, and the broker delivers it
+    /// again.
+    fn on_job_end(&mut self, id: u64, left: Left<M>, lost: bool) {
+        let Some(running) = self.handlers.remove(id, lost) else {
             return;
         };
         self.in_jobs -= running.unreported.saturating_sub(1);
@@ -901,11 +889,15 @@ impl<K: Key, M: Send + 'static, T: Transport> Engine<K, M, T> {
     /// Start handlers for runnable lanes, up to the concurrency.
     fn start_handlers(&mut self) {
         while self.handlers.len() < self.cfg.concurrency {
-            let Some((key, p, more)) = self
+            let Some((key, mut batch)) = self
                 .lanes
                 .start_batch(JOB_MAX, |a, b| a.meta.partition == b.meta.partition)
             else {
                 return;
+            };
+            let Some(p) = batch.front() else {
+                self.lanes.finish(&key);
+                continue;
             };
             if self.transport.is_stale(p.meta.id) {
                 // Its channel failed since (a reconnect): the broker delivers it again, and
@@ -919,33 +911,30 @@ impl<K: Key, M: Send + 'static, T: Transport> Engine<K, M, T> {
                 ));
                 let event = event_of(&p.meta, Some(key.clone()), Decision::Requeued);
                 self.settle_quietly(event, Settle::Requeue);
-                for p in more {
+                batch.pop_front();
+                for p in batch {
                     self.lanes.push(key.clone(), p.meta.pos, p);
                 }
                 self.lanes.finish(&key);
                 continue;
             }
-            self.in_jobs += more.len();
+            self.in_jobs += batch.len() - 1;
             let running = Running {
                 key: key.clone(),
                 partition: p.meta.partition,
                 lane: true,
-                unreported: 1 + more.len(),
-            };
-            let job = Job {
-                key,
-                first: p,
-                more,
+                unreported: batch.len(),
             };
             let (cfg, transport, draining) = (&self.cfg, &self.transport, &self.draining);
-            self.handlers.start(running, job, |jobs| {
-                worker(
-                    Arc::clone(cfg),
-                    Arc::clone(transport),
-                    draining.clone(),
-                    jobs,
-                )
-            });
+            self.handlers
+                .start(running, Job { key }, Some(batch), |jobs| {
+                    worker(
+                        Arc::clone(cfg),
+                        Arc::clone(transport),
+                        draining.clone(),
+                        jobs,
+                    )
+                });
         }
     }
 
@@ -1146,7 +1135,7 @@ fn worker<K: Key, M: Send + 'static, T: Transport>(
     cfg: Arc<Config<K, M>>,
     transport: Arc<T>,
     draining: CancellationToken,
-    mut jobs: Jobs<Job<K, M>, Handled<K>, Left<M>>,
+    mut jobs: Jobs<Job<K>, Handled<K>, Left<M>>,
 ) -> impl Future<Output = ()> + Send + 'static {
     async move {
         while let Some((job, teller)) = jobs.recv().await {
@@ -1168,24 +1157,24 @@ fn run_job<'a, K: Key, M: Send + 'static, T: Transport>(
     cfg: &'a Config<K, M>,
     transport: &'a T,
     draining: &'a CancellationToken,
-    Job { key, first, more }: Job<K, M>,
-    teller: Teller<Handled<K>, Left<M>>,
+    Job { key }: Job<K>,
+    mut teller: Teller<Handled<K>, Left<M>>,
 ) -> impl Future<Output = ()> + Send + 'a {
     async move {
+        // What is not run yet stays with the teller: if the job is cancelled, the loop gets it
+        // back.
         let mut acks = FuturesUnordered::new();
-        let mut left = Vec::new();
-        let mut next = Some(first);
-        let mut more = more.into_iter();
         let mut later = false;
-        while let Some(p) = next.take().or_else(|| more.next()) {
+        while let Some(p) = teller.unfinished().as_mut().and_then(VecDeque::pop_front) {
             while let Some(Some(done)) = acks.next().now_or_never() {
                 teller.output(done);
             }
             // (The first was looked at when the job started.)
             let stale = std::mem::replace(&mut later, true) && transport.is_stale(p.meta.id);
             if stale || draining.is_cancelled() {
-                left.push(p);
-                left.extend(more);
+                if let Some(unfinished) = teller.unfinished() {
+                    unfinished.push_front(p);
+                }
                 break;
             }
             let Pending { msg, meta } = p;
@@ -1196,9 +1185,7 @@ fn run_job<'a, K: Key, M: Send + 'static, T: Transport>(
                 Err(e) => Err(e),
             };
             match outcome {
-                Ok(()) => {
-                    acks.push(acked(transport, key.clone(), meta));
-                }
+                Ok(()) => acks.push(acked(transport, key.clone(), meta)),
                 Err(e) => {
                     let retry = !e.is_permanent();
                     teller.output(Handled {
@@ -1207,7 +1194,6 @@ fn run_job<'a, K: Key, M: Send + 'static, T: Transport>(
                         outcome: Err(e),
                     });
                     if retry {
-                        left.extend(more);
                         break;
                     }
                 }
@@ -1216,13 +1202,15 @@ fn run_job<'a, K: Key, M: Send + 'static, T: Transport>(
         while let Some(Some(done)) = acks.next().now_or_never() {
             teller.output(done);
         }
-        if left.is_empty() && !acks.is_empty() {
+        let ran_all = teller.unfinished().as_ref().is_none_or(VecDeque::is_empty);
+        if ran_all && !acks.is_empty() {
             // The key's next message need not wait for the acknowledgements.
             teller.returned();
         }
         while let Some(done) = acks.next().await {
             teller.output(done);
         }
+        let left = teller.unfinished().take().unwrap_or_default();
         teller.ended(left);
     }
 }

@@ -267,3 +267,72 @@ async fn shutdown_abandons_a_stuck_handler_after_the_grace_and_loses_nothing() {
     assert_eq!(report.handled, 1);
     assert_eq!(broker.pending(), 0);
 }
+
+/// A stuck handler abandoned at the end of the grace does not take its key's later messages
+/// with it: released together, they were given to the same handler job, which never ran them;
+/// the consumer gives them back itself (in order), and only the stuck one is left unsettled.
+#[tokio::test(start_paused = true)]
+async fn a_stuck_handler_s_key_gives_back_the_messages_it_did_not_run() {
+    let broker = MemoryBroker::new();
+    for id in 1..=3 {
+        broker.publish(payment(id, 1));
+    }
+    broker.register(client(1));
+    let rec = Recorder::new();
+    let started = Log::new();
+    let consumer = {
+        let started = started.clone();
+        builder(&rec, move |p: Payment| {
+            started.push(p.id);
+            std::future::pending::<Result<(), HandlerError>>()
+        })
+        .shutdown_grace(Duration::from_secs(5))
+        .build()
+    };
+    let stop = {
+        let started = started.clone();
+        async move {
+            while started.len() == 0 {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    };
+    let report = consumer.run(broker.transport(), stop).await.unwrap();
+    assert_eq!(started.get(), vec![1], "only the first ran");
+    assert_eq!(
+        report.released, 3,
+        "the three were held, then released together"
+    );
+    assert_eq!(
+        report.requeued, 2,
+        "the two it did not run were given back: {report:?}"
+    );
+    let requeued: Vec<u64> = rec
+        .events()
+        .iter()
+        .filter(|e| e.decision == Decision::Requeued)
+        .filter_map(|e| e.message_id.as_deref().and_then(|id| id.parse().ok()))
+        .collect();
+    assert_eq!(requeued, vec![2, 3], "in order");
+    assert_eq!(broker.pending(), 3, "every message is still the broker's");
+
+    let rec2 = Recorder::new();
+    let keys = MemoryKeys::new();
+    keys.insert(1);
+    let ran = Log::new();
+    let consumer = {
+        let ran = ran.clone();
+        builder(&rec2, move |p: Payment| {
+            ran.push(p.id);
+            async { Ok(()) }
+        })
+        .keys(keys)
+        .build()
+    };
+    let report = run_until(consumer, &broker, &rec2, |ev| handled(ev) == 3).await;
+    assert_eq!(report.handled, 3);
+    let mut ran = ran.get();
+    ran.sort_unstable();
+    assert_eq!(ran, vec![1, 2, 3]);
+    assert_eq!(broker.pending(), 0);
+}

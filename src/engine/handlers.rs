@@ -6,9 +6,10 @@
 //! Workers are started as needed, up to as many as jobs run at once.
 //!
 //! A job tells the loop through one channel: what it has done, as it goes (`Told::Output`),
-//! when it need not keep its place any more (`Told::Returned`, optional), and when it ended
-//! (`Told::Ended`, always exactly once, after everything else it tells: a job whose worker is
-//! aborted or dies tells it from its [`Teller`]'s drop, and that worker is not used again).
+//! when it need not keep its place any more (`Told::Returned`, optional), and how it ended,
+//! always exactly once and after everything else it tells: `Told::Ended`, or `Told::Lost` from
+//! its [`Teller`]'s drop when its worker is aborted or dies (that worker is not used again), with
+//! what the job had left undone.
 
 use std::future::Future;
 
@@ -22,9 +23,11 @@ pub(super) enum Told<O, E> {
     Output(u64, O),
     /// It runs nothing more; what it still does (settling) need not keep its place.
     Returned(u64),
-    /// The job ended: with what it ends with, or `None` if its worker was aborted (or died)
-    /// before.
-    Ended(u64, Option<E>),
+    /// The job ended, with what it ends with.
+    Ended(u64, E),
+    /// The job was dropped before it ended (its worker aborted or died), with what it had left
+    /// undone (`Teller::unfinished`).
+    Lost(u64, Option<E>),
 }
 
 /// How a job tells the loop.
@@ -33,8 +36,10 @@ pub(super) struct Teller<O, E> {
     id: u64,
     /// To the loop's `Handlers`.
     tx: mpsc::UnboundedSender<Told<O, E>>,
-    /// `Ended` was told (the drop tells it otherwise).
+    /// `Ended` was told (the drop tells `Lost` otherwise).
     ended: bool,
+    /// What the job has not done yet, told with `Lost` if it is dropped.
+    unfinished: Option<E>,
 }
 
 impl<O, E> Teller<O, E> {
@@ -51,14 +56,20 @@ impl<O, E> Teller<O, E> {
     /// The job ends with `end`.
     pub(super) fn ended(mut self, end: E) {
         self.ended = true;
-        let _ = self.tx.send(Told::Ended(self.id, Some(end)));
+        let _ = self.tx.send(Told::Ended(self.id, end));
+    }
+
+    /// What the job has not done yet, as it keeps it here: told with `Lost` if the job is
+    /// dropped before it ends.
+    pub(super) fn unfinished(&mut self) -> &mut Option<E> {
+        &mut self.unfinished
     }
 }
 
 impl<O, E> Drop for Teller<O, E> {
     fn drop(&mut self) {
         if !self.ended {
-            let _ = self.tx.send(Told::Ended(self.id, None));
+            let _ = self.tx.send(Told::Lost(self.id, self.unfinished.take()));
         }
     }
 }
@@ -123,9 +134,15 @@ impl<J: Send + 'static, O: Send + 'static, E: Send + 'static, R> Handlers<J, O, 
     }
 
     /// Run `job` on an idle worker, or on a new one that `worker` makes from its job channel;
-    /// keep `what` about it.
-    pub(super) fn start<F>(&mut self, what: R, job: J, worker: impl Fn(Jobs<J, O, E>) -> F)
-    where
+    /// keep `what` about it. `unfinished`: what the job has to do, as its teller keeps it (told
+    /// with `Lost` if the job is dropped before it ends, even before it started).
+    pub(super) fn start<F>(
+        &mut self,
+        what: R,
+        job: J,
+        unfinished: Option<E>,
+        worker: impl Fn(Jobs<J, O, E>) -> F,
+    ) where
         F: Future<Output = ()> + Send + 'static,
     {
         self.next_id += 1;
@@ -136,6 +153,7 @@ impl<J: Send + 'static, O: Send + 'static, E: Send + 'static, R> Handlers<J, O, 
                 id,
                 tx: self.tx.clone(),
                 ended: false,
+                unfinished,
             },
         );
         let at = loop {
@@ -239,17 +257,21 @@ mod tests {
         }
     }
 
-    /// The job's end, after checking that it told its output first.
-    async fn ended(h: &mut Handlers<u32, u32, u32, &'static str>) -> (u64, Option<u32>) {
+    /// The job's end (`Err` if lost, with what it left), after checking that it told its
+    /// output first.
+    async fn ended(
+        h: &mut Handlers<u32, u32, u32, &'static str>,
+    ) -> (u64, Result<u32, Option<u32>>) {
         let mut output = None;
         loop {
             match h.recv().await {
                 Told::Output(_, n) => output = Some(n),
                 Told::Returned(_) => {}
                 Told::Ended(id, end) => {
-                    assert_eq!(output.map(|n| n * 2), end, "output, then the end");
-                    return (id, end);
+                    assert_eq!(output.map(|n| n * 2), Some(end), "output, then the end");
+                    return (id, Ok(end));
                 }
+                Told::Lost(id, left) => return (id, Err(left)),
             }
         }
     }
@@ -258,25 +280,22 @@ mod tests {
     async fn a_worker_is_kept_between_jobs_and_replaced_when_it_dies() {
         let mut h: Handlers<u32, u32, u32, &'static str> = Handlers::new();
         for n in 2..5 {
-            h.start("job", n, worker);
+            h.start("job", n, None, worker);
             let (id, out) = ended(&mut h).await;
-            assert_eq!(out, Some(n * 2));
+            assert_eq!(out, Ok(n * 2));
             assert_eq!(h.remove(id, false), Some("job"));
         }
         assert_eq!(h.workers.len(), 1, "one worker ran the three jobs");
 
-        h.start("dies", 0, worker);
+        h.start("dies", 0, None, worker);
         let (id, out) = ended(&mut h).await;
-        assert_eq!(
-            out, None,
-            "a job whose worker died tells its end without an outcome"
-        );
+        assert_eq!(out, Err(None), "a job whose worker died is lost");
         assert_eq!(h.remove(id, true), Some("dies"));
         assert!(h.is_empty());
 
-        h.start("after", 7, worker);
+        h.start("after", 7, None, worker);
         let (id, out) = ended(&mut h).await;
-        assert_eq!(out, Some(14));
+        assert_eq!(out, Ok(14));
         h.remove(id, false);
         assert_eq!(
             h.workers.iter().flatten().count(),
@@ -286,16 +305,16 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn aborted_jobs_tell_their_end() {
+    async fn aborted_jobs_are_lost_with_what_they_left() {
         let mut h: Handlers<u32, u32, u32, &'static str> = Handlers::new();
-        h.start("stuck", 1, worker);
-        h.start("stuck too", 1, worker);
+        h.start("stuck", 1, Some(7), worker);
+        h.start("stuck too", 1, Some(7), worker);
         assert_eq!(h.len(), 2);
         h.abort_all();
         let mut whats = Vec::new();
         while !h.is_empty() {
             let (id, out) = ended(&mut h).await;
-            assert_eq!(out, None);
+            assert_eq!(out, Err(Some(7)), "lost, with what it had left undone");
             whats.extend(h.remove(id, true));
         }
         whats.sort_unstable();

@@ -83,19 +83,19 @@ impl<K: Eq + Hash + Clone, V> Lanes<K, V> {
         &mut self,
         max: usize,
         same: impl Fn(&V, &V) -> bool,
-    ) -> Option<(K, V, Vec<V>)> {
+    ) -> Option<(K, VecDeque<V>)> {
         let (key, first) = self.start_next()?;
-        let mut more = Vec::new();
+        let mut batch = VecDeque::from([first]);
         if let Some(lane) = self.lanes.get_mut(&key) {
-            while more.len() + 1 < max
-                && lane.queue.front().is_some_and(|(_, v)| same(&first, v))
+            while batch.len() < max
+                && lane.queue.front().is_some_and(|(_, v)| same(&batch[0], v))
                 && let Some((_, v)) = lane.queue.pop_front()
             {
-                more.push(v);
+                batch.push_back(v);
             }
         }
-        self.queued -= more.len();
-        Some((key, first, more))
+        self.queued -= batch.len() - 1;
+        Some((key, batch))
     }
 
     /// The handler of `key` returned: its next message may start. The one place a lane is
@@ -176,20 +176,19 @@ mod tests {
         }
         l.push("b", 5, 13);
         let same = |a: &i32, b: &i32| a / 10 == b / 10;
-        assert_eq!(l.start_batch(8, same), Some(("a", 10, vec![11])));
+        let batch = |l: &mut Lanes<&'static str, i32>, max| {
+            l.start_batch(max, same).map(|(k, b)| (k, Vec::from(b)))
+        };
+        assert_eq!(batch(&mut l, 8), Some(("a", vec![10, 11])));
         assert_eq!(l.queued(), 3);
-        assert_eq!(l.start_batch(8, same), Some(("b", 13, vec![])));
-        assert_eq!(l.start_batch(8, same), None, "a and b are running");
+        assert_eq!(batch(&mut l, 8), Some(("b", vec![13])));
+        assert_eq!(batch(&mut l, 8), None, "a and b are running");
         l.finish(&"a");
-        assert_eq!(l.start_batch(8, same), Some(("a", 20, vec![])));
+        assert_eq!(batch(&mut l, 8), Some(("a", vec![20])));
         l.finish(&"a");
         l.push("a", 6, 14);
         l.push("a", 7, 15);
-        assert_eq!(
-            l.start_batch(2, same),
-            Some(("a", 12, vec![14])),
-            "at most max"
-        );
+        assert_eq!(batch(&mut l, 2), Some(("a", vec![12, 14])), "at most max");
         assert_eq!(l.queued(), 1);
     }
 
