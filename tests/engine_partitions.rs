@@ -115,3 +115,57 @@ async fn a_revoked_partition_is_given_back_in_order_and_released_after_its_runni
     );
     assert_eq!(broker.pending(), 0);
 }
+
+/// Messages released together run in one handler job; when their partition is revoked while
+/// the job runs the first, the job runs none of the others: it hands them back (given back once
+/// the running handler ended, before the partition is released), and the next instance runs
+/// them.
+#[tokio::test(start_paused = true)]
+async fn a_revoked_partition_s_messages_waiting_in_a_running_job_are_not_run() {
+    let broker = MemoryBroker::new();
+    broker.publish_stored(on(0, 1, 1)); // runs 10 s
+    broker.publish_stored(on(0, 2, 1)); // same client: released with payment 1, in its job
+    let runs = Runs::new();
+    let keys = MemoryKeys::new();
+    let (a_rec, b_rec) = (Recorder::new(), Recorder::new());
+    let a = tokio::spawn(instance(&a_rec, &runs, &keys).run(
+        broker.transport(),
+        a_rec.until(|ev| count(ev, |e| e.decision == Decision::Requeued) == 1),
+    ));
+    a_rec
+        .until(|ev| count(ev, |e| e.decision == Decision::Held) == 2)
+        .await;
+    broker.register(client(1));
+    a_rec
+        .until(|ev| count(ev, |e| matches!(e.decision, Decision::Released { .. })) == 2)
+        .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let revoked_at = Instant::now();
+    broker.revoke(0);
+    a.await.unwrap().unwrap();
+    assert_eq!(
+        a_rec.decisions_of("2").last(),
+        Some(&Decision::Requeued),
+        "A gave payment 2 back without running it"
+    );
+    assert_eq!(broker.released(), vec![0]);
+
+    let b = tokio::spawn(instance(&b_rec, &runs, &keys).run(
+        broker.transport(),
+        b_rec.until(|ev| count(ev, |e| e.decision == Decision::Handled) == 1),
+    ));
+    b.await.unwrap().unwrap();
+    let runs = runs.get();
+    let of = |id: u64| runs.iter().find(|(p, _, _)| *p == id).copied().unwrap();
+    let (_, _, one_ended) = of(1);
+    let (_, two_started, _) = of(2);
+    assert_eq!(
+        one_ended - revoked_at,
+        Duration::from_secs(8),
+        "payment 1 ran on A"
+    );
+    assert!(two_started >= one_ended, "payment 2 ran after payment 1");
+    assert_eq!(runs.len(), 2, "each payment ran once: {runs:?}");
+    assert_eq!(b_rec.decisions_of("2").last(), Some(&Decision::Handled));
+    assert_eq!(broker.pending(), 0);
+}

@@ -336,3 +336,52 @@ async fn a_stuck_handler_s_key_gives_back_the_messages_it_did_not_run() {
     assert_eq!(ran, vec![1, 2, 3]);
     assert_eq!(broker.pending(), 0);
 }
+
+/// At a stop, a handler job finishes the handler it runs and starts none of the key's other
+/// messages it was given (released together): those are given back, in order.
+#[tokio::test(start_paused = true)]
+async fn a_stop_lets_a_job_finish_its_handler_and_gives_back_the_rest_of_its_messages() {
+    let broker = MemoryBroker::new();
+    for id in 1..=3 {
+        broker.publish(payment(id, 1));
+    }
+    broker.register(client(1));
+    let rec = Recorder::new();
+    let started = Log::new();
+    let consumer = {
+        let started = started.clone();
+        builder(&rec, move |p: Payment| {
+            started.push(p.id);
+            async {
+                tokio::time::sleep(Duration::from_secs(2)).await;
+                Ok(())
+            }
+        })
+        .shutdown_grace(Duration::from_secs(30))
+        .build()
+    };
+    let stop = {
+        let started = started.clone();
+        async move {
+            while started.len() == 0 {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    };
+    let report = consumer.run(broker.transport(), stop).await.unwrap();
+    assert_eq!(
+        started.get(),
+        vec![1],
+        "the running handler finished, nothing else started"
+    );
+    assert_eq!(report.handled, 1);
+    assert_eq!(report.requeued, 2, "{report:?}");
+    let requeued: Vec<u64> = rec
+        .events()
+        .iter()
+        .filter(|e| e.decision == Decision::Requeued)
+        .filter_map(|e| e.message_id.as_deref().and_then(|id| id.parse().ok()))
+        .collect();
+    assert_eq!(requeued, vec![2, 3]);
+    assert_eq!(broker.pending(), 2);
+}
