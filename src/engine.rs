@@ -59,8 +59,11 @@ use crate::transport::{Delivery, Demand, Settle, Source, Transport};
 /// Ready items the loop takes after a turn before it turns again (see `Engine::take_ready`).
 const TAKE_READY: usize = 64;
 /// The most messages of one key a handler job runs in a row (the key's other messages wait for
-/// the next job, behind other keys).
-const JOB_MAX: usize = 32;
+/// the next job, behind other keys). Small: the jobs' acknowledgements go out key by key, away
+/// from the order of delivery, and RabbitMQ takes acknowledgements far out of that order slowly
+/// when many are unacknowledged (docs/performance.md, round 6: with 32, a hold of 65 535 drained
+/// below 300 msg/s).
+const JOB_MAX: usize = 8;
 /// Key lookups in flight at once (a database pool is not flooded by a resync).
 const MAX_LOOKUPS: usize = 64;
 /// A deferred message that has not come back this long after its delay stops blocking its key
