@@ -146,14 +146,9 @@ struct Handled<K> {
     outcome: Result<Event<K>, HandlerError>,
 }
 
-/// What a worker receives: the key whose messages (kept by the job's teller, up to `JOB_MAX`,
-/// in order) its handler runs.
-struct Job<K> {
-    key: K,
-}
-
-/// A job's messages that it has not run, in order; what it ends with (a retryable failure, a
-/// stale delivery or a stop came first, or the job was cancelled).
+/// A handler job's messages (a key's, up to `JOB_MAX`, in order), kept by its teller: what it
+/// has not run yet, and what it ends with (a retryable failure, a stale delivery or a stop came
+/// first, or the job was cancelled).
 type Left<M> = VecDeque<Pending<M>>;
 
 /// A running handler job, as the engine knows it.
@@ -212,7 +207,7 @@ struct Engine<K, M, T> {
     /// partition runs nothing any more). A job whose handler succeeded tells it before it
     /// acknowledges (unless the acknowledgement is done at once): its key's next message may
     /// run while the acknowledgement travels.
-    handlers: Handlers<Job<K>, Handled<K>, Left<M>, Running<K>>,
+    handlers: Handlers<K, Handled<K>, Left<M>, Running<K>>,
     /// Messages in running jobs besides the one each runs (counted in memory like a lane's).
     in_jobs: usize,
     /// Cancelled when the consumer stops: jobs run no further message.
@@ -559,7 +554,7 @@ impl<K: Key, M: Send + 'static, T: Transport> Engine<K, M, T> {
         match told {
             Told::Output(id, handled) => self.on_handled(id, handled),
             Told::Returned(id) => self.on_returned(id),
-            Told::Ended(id, left) => self.on_job_end(id, left, false),
+            Told::Ended(id, left) => self.on_job_end(id, left.unwrap_or_default(), false),
             Told::Lost(id, left) => self.on_job_end(id, left.unwrap_or_default(), true),
         }
     }
@@ -614,11 +609,21 @@ impl<K: Key, M: Send + 'static, T: Transport> Engine<K, M, T> {
         };
         self.in_jobs -= running.unreported.saturating_sub(1);
         for p in left {
+            let key = running.key.clone();
             if p.meta.partition.is_some_and(|q| self.revoking.contains(&q)) {
-                let event = self.event_of(&p.meta, Some(running.key.clone()), Decision::Requeued);
+                let event = self.event_of(&p.meta, Some(key), Decision::Requeued);
                 self.settle(event, Settle::Requeue);
+            } else if self.transport.is_stale(p.meta.id) {
+                // Its channel failed since (a reconnect): the broker delivers it again, and
+                // running it now would run it twice.
+                let failed = Decision::SettleFailed {
+                    error: STALE.to_owned(),
+                };
+                self.emit(event_of(&p.meta, Some(key.clone()), failed));
+                let event = event_of(&p.meta, Some(key), Decision::Requeued);
+                self.settle_quietly(event, Settle::Requeue);
             } else {
-                self.enqueue_known(running.key.clone(), p);
+                self.enqueue_known(key, p);
             }
         }
         if running.lane {
@@ -892,52 +897,28 @@ impl<K: Key, M: Send + 'static, T: Transport> Engine<K, M, T> {
     /// Start handlers for runnable lanes, up to the concurrency.
     fn start_handlers(&mut self) {
         while self.handlers.len() < self.cfg.concurrency {
-            let Some((key, mut batch)) = self
+            let Some((key, batch)) = self
                 .lanes
                 .start_batch(JOB_MAX, |a, b| a.meta.partition == b.meta.partition)
             else {
                 return;
             };
-            let Some(p) = batch.front() else {
-                self.lanes.finish(&key);
-                continue;
-            };
-            if self.transport.is_stale(p.meta.id) {
-                // Its channel failed since (a reconnect): the broker delivers it again, and
-                // running it now would run it twice.
-                self.emit(event_of(
-                    &p.meta,
-                    Some(key.clone()),
-                    Decision::SettleFailed {
-                        error: STALE.to_owned(),
-                    },
-                ));
-                let event = event_of(&p.meta, Some(key.clone()), Decision::Requeued);
-                self.settle_quietly(event, Settle::Requeue);
-                batch.pop_front();
-                for p in batch {
-                    self.lanes.push(key.clone(), p.meta.pos, p);
-                }
-                self.lanes.finish(&key);
-                continue;
-            }
-            self.in_jobs += batch.len() - 1;
+            self.in_jobs += batch.len().saturating_sub(1);
             let running = Running {
                 key: key.clone(),
-                partition: p.meta.partition,
+                partition: batch.front().and_then(|p| p.meta.partition),
                 lane: true,
                 unreported: batch.len(),
             };
             let (cfg, transport, draining) = (&self.cfg, &self.transport, &self.draining);
-            self.handlers
-                .start(running, Job { key }, Some(batch), |jobs| {
-                    worker(
-                        Arc::clone(cfg),
-                        Arc::clone(transport),
-                        draining.clone(),
-                        jobs,
-                    )
-                });
+            self.handlers.start(running, key, batch, |jobs| {
+                worker(
+                    Arc::clone(cfg),
+                    Arc::clone(transport),
+                    draining.clone(),
+                    jobs,
+                )
+            });
         }
     }
 
@@ -1138,19 +1119,19 @@ fn worker<K: Key, M: Send + 'static, T: Transport>(
     cfg: Arc<Config<K, M>>,
     transport: Arc<T>,
     draining: CancellationToken,
-    mut jobs: Jobs<Job<K>, Handled<K>, Left<M>>,
+    mut jobs: Jobs<K, Handled<K>, Left<M>>,
 ) -> impl Future<Output = ()> + Send + 'static {
     async move {
-        while let Some((job, teller)) = jobs.recv().await {
-            run_job(&cfg, &*transport, &draining, job, teller).await;
+        while let Some((key, teller)) = jobs.recv().await {
+            run_job(&cfg, &*transport, &draining, key, teller).await;
         }
     }
 }
 
-/// Run a key's messages in order, each handler after the one before returned; acknowledge each
-/// that succeeded (while the next runs). Tells the loop each outcome; stops before the next
-/// message after a retryable failure, at a stale delivery, or once the consumer stops, and
-/// ends with the messages it did not run.
+/// Run a key's messages (kept by `teller`) in order, each handler after the one before returned;
+/// acknowledge each that succeeded (while the next runs). Tells the loop each outcome; stops
+/// after a retryable failure, at a stale delivery (a reconnect, a revoked partition: the loop
+/// gives it back), or once the consumer stops, and ends with the messages it did not run.
 ///
 /// A plain function returning an `async move` block, not an `async fn`: an `async fn` keeps
 /// each argument twice in its future (once as given, once as the body's local). For the same
@@ -1160,21 +1141,18 @@ fn run_job<'a, K: Key, M: Send + 'static, T: Transport>(
     cfg: &'a Config<K, M>,
     transport: &'a T,
     draining: &'a CancellationToken,
-    Job { key }: Job<K>,
+    key: K,
     mut teller: Teller<Handled<K>, Left<M>>,
 ) -> impl Future<Output = ()> + Send + 'a {
     async move {
         // What is not run yet stays with the teller: if the job is cancelled, the loop gets it
         // back.
         let mut acks = FuturesUnordered::new();
-        let mut later = false;
-        while let Some(p) = teller.unfinished().as_mut().and_then(VecDeque::pop_front) {
+        while let Some(p) = teller.unfinished().and_then(VecDeque::pop_front) {
             while let Some(Some(done)) = acks.next().now_or_never() {
                 teller.output(done);
             }
-            // (The first was looked at when the job started.)
-            let stale = std::mem::replace(&mut later, true) && transport.is_stale(p.meta.id);
-            if stale || draining.is_cancelled() {
+            if draining.is_cancelled() || transport.is_stale(p.meta.id) {
                 if let Some(unfinished) = teller.unfinished() {
                     unfinished.push_front(p);
                 }
@@ -1205,7 +1183,7 @@ fn run_job<'a, K: Key, M: Send + 'static, T: Transport>(
         while let Some(Some(done)) = acks.next().now_or_never() {
             teller.output(done);
         }
-        let ran_all = teller.unfinished().as_ref().is_none_or(VecDeque::is_empty);
+        let ran_all = teller.unfinished().is_none_or(|left| left.is_empty());
         if ran_all && !acks.is_empty() {
             // The key's next message need not wait for the acknowledgements.
             teller.returned();
@@ -1213,8 +1191,7 @@ fn run_job<'a, K: Key, M: Send + 'static, T: Transport>(
         while let Some(done) = acks.next().await {
             teller.output(done);
         }
-        let left = teller.unfinished().take().unwrap_or_default();
-        teller.ended(left);
+        teller.ended();
     }
 }
 

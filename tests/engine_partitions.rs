@@ -9,7 +9,7 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use prereq::memory::{MemoryBroker, Stored};
+use prereq::memory::{MemoryBroker, MemoryError, Stored};
 use prereq::{Decision, MemoryKeys};
 use tokio::time::Instant;
 
@@ -45,6 +45,17 @@ fn instance(
     .build()
 }
 
+/// An instance running on `broker` in a task of its own until `done` holds over its events.
+fn start(
+    rec: &Recorder<u64>,
+    runs: &Runs,
+    keys: &MemoryKeys<u64>,
+    broker: &MemoryBroker,
+    done: impl Fn(&[prereq::Event<u64>]) -> bool + Send + 'static,
+) -> tokio::task::JoinHandle<Result<prereq::Report, prereq::RunError<MemoryError>>> {
+    tokio::spawn(instance(rec, runs, keys).run(broker.transport(), rec.until(done)))
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_revoked_partition_is_given_back_in_order_and_released_after_its_running_handler() {
     let broker = MemoryBroker::new();
@@ -58,10 +69,9 @@ async fn a_revoked_partition_is_given_back_in_order_and_released_after_its_runni
     let runs = Runs::new();
     let keys = MemoryKeys::new();
     let (a_rec, b_rec) = (Recorder::new(), Recorder::new());
-    let a = tokio::spawn(instance(&a_rec, &runs, &keys).run(
-        broker.transport(),
-        a_rec.until(|ev| count(ev, |e| e.decision == Decision::Handled) == 2),
-    ));
+    let a = start(&a_rec, &runs, &keys, &broker, |ev| {
+        count(ev, |e| e.decision == Decision::Handled) == 2
+    });
     a_rec
         .until(|ev| count(ev, |e| e.decision == Decision::Held) == 1)
         .await;
@@ -86,10 +96,9 @@ async fn a_revoked_partition_is_given_back_in_order_and_released_after_its_runni
 
     // Another instance takes the partition over once it is released.
     broker.register(client(2));
-    let b = tokio::spawn(instance(&b_rec, &runs, &keys).run(
-        broker.transport(),
-        b_rec.until(|ev| count(ev, |e| e.decision == Decision::Handled) == 2),
-    ));
+    let b = start(&b_rec, &runs, &keys, &broker, |ev| {
+        count(ev, |e| e.decision == Decision::Handled) == 2
+    });
     a.await.unwrap().unwrap();
     b.await.unwrap().unwrap();
     assert_eq!(broker.released(), vec![0]);
@@ -128,10 +137,9 @@ async fn a_revoked_partition_s_messages_waiting_in_a_running_job_are_not_run() {
     let runs = Runs::new();
     let keys = MemoryKeys::new();
     let (a_rec, b_rec) = (Recorder::new(), Recorder::new());
-    let a = tokio::spawn(instance(&a_rec, &runs, &keys).run(
-        broker.transport(),
-        a_rec.until(|ev| count(ev, |e| e.decision == Decision::Requeued) == 1),
-    ));
+    let a = start(&a_rec, &runs, &keys, &broker, |ev| {
+        count(ev, |e| e.decision == Decision::Requeued) == 1
+    });
     a_rec
         .until(|ev| count(ev, |e| e.decision == Decision::Held) == 2)
         .await;
@@ -150,11 +158,12 @@ async fn a_revoked_partition_s_messages_waiting_in_a_running_job_are_not_run() {
     );
     assert_eq!(broker.released(), vec![0]);
 
-    let b = tokio::spawn(instance(&b_rec, &runs, &keys).run(
-        broker.transport(),
-        b_rec.until(|ev| count(ev, |e| e.decision == Decision::Handled) == 1),
-    ));
-    b.await.unwrap().unwrap();
+    start(&b_rec, &runs, &keys, &broker, |ev| {
+        count(ev, |e| e.decision == Decision::Handled) == 1
+    })
+    .await
+    .unwrap()
+    .unwrap();
     let runs = runs.get();
     let of = |id: u64| runs.iter().find(|(p, _, _)| *p == id).copied().unwrap();
     let (_, _, one_ended) = of(1);

@@ -5,6 +5,7 @@
 
 mod common;
 
+use std::future::Future;
 use std::time::Duration;
 
 use common::*;
@@ -15,6 +16,50 @@ use tokio::sync::{oneshot, watch};
 
 fn handled(ev: &[prereq::Event<u64>]) -> usize {
     count(ev, |e| e.decision == Decision::Handled)
+}
+
+/// A consumer whose handler logs each payment it starts, then runs `work`, with `grace` to stop;
+/// the log; and a shutdown that completes once a handler started (looked at every 10 ms of
+/// virtual time).
+fn stopped_at_first_start<W>(
+    rec: &Recorder<u64>,
+    grace: Duration,
+    work: fn() -> W,
+) -> (
+    prereq::DependentConsumer<u64, Payment>,
+    Log<u64>,
+    impl Future<Output = ()> + Send + 'static,
+)
+where
+    W: Future<Output = Result<(), HandlerError>> + Send + 'static,
+{
+    let started = Log::new();
+    let consumer = {
+        let started = started.clone();
+        builder(rec, move |p: Payment| {
+            started.push(p.id);
+            work()
+        })
+        .shutdown_grace(grace)
+        .build()
+    };
+    let stop = {
+        let started = started.clone();
+        async move {
+            while started.len() == 0 {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    };
+    (consumer, started, stop)
+}
+
+/// Payments 1 to 3 of client 1, then client 1's registration: held, then released together.
+fn three_payments_then_their_client(broker: &MemoryBroker) {
+    for id in 1..=3 {
+        broker.publish(payment(id, 1));
+    }
+    broker.register(client(1));
 }
 
 #[tokio::test(start_paused = true)]
@@ -227,25 +272,9 @@ async fn shutdown_abandons_a_stuck_handler_after_the_grace_and_loses_nothing() {
     broker.register(client(1));
     broker.publish(payment(1, 1));
     let rec = Recorder::new();
-    let started = Log::new();
-    let consumer = {
-        let started = started.clone();
-        builder(&rec, move |p: Payment| {
-            started.push(p.id);
-            std::future::pending::<Result<(), HandlerError>>()
-        })
-        .shutdown_grace(Duration::from_secs(5))
-        .build()
-    };
+    let (consumer, _, stop) =
+        stopped_at_first_start(&rec, Duration::from_secs(5), std::future::pending);
     let start = tokio::time::Instant::now();
-    let stop = {
-        let started = started.clone();
-        async move {
-            while started.len() == 0 {
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-        }
-    };
     let report = consumer.run(broker.transport(), stop).await.unwrap();
     // The stuck handler started at once; shutdown returned exactly one grace later.
     assert_eq!(
@@ -274,29 +303,10 @@ async fn shutdown_abandons_a_stuck_handler_after_the_grace_and_loses_nothing() {
 #[tokio::test(start_paused = true)]
 async fn a_stuck_handler_s_key_gives_back_the_messages_it_did_not_run() {
     let broker = MemoryBroker::new();
-    for id in 1..=3 {
-        broker.publish(payment(id, 1));
-    }
-    broker.register(client(1));
+    three_payments_then_their_client(&broker);
     let rec = Recorder::new();
-    let started = Log::new();
-    let consumer = {
-        let started = started.clone();
-        builder(&rec, move |p: Payment| {
-            started.push(p.id);
-            std::future::pending::<Result<(), HandlerError>>()
-        })
-        .shutdown_grace(Duration::from_secs(5))
-        .build()
-    };
-    let stop = {
-        let started = started.clone();
-        async move {
-            while started.len() == 0 {
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-        }
-    };
+    let (consumer, started, stop) =
+        stopped_at_first_start(&rec, Duration::from_secs(5), std::future::pending);
     let report = consumer.run(broker.transport(), stop).await.unwrap();
     assert_eq!(started.get(), vec![1], "only the first ran");
     assert_eq!(
@@ -307,13 +317,7 @@ async fn a_stuck_handler_s_key_gives_back_the_messages_it_did_not_run() {
         report.requeued, 2,
         "the two it did not run were given back: {report:?}"
     );
-    let requeued: Vec<u64> = rec
-        .events()
-        .iter()
-        .filter(|e| e.decision == Decision::Requeued)
-        .filter_map(|e| e.message_id.as_deref().and_then(|id| id.parse().ok()))
-        .collect();
-    assert_eq!(requeued, vec![2, 3], "in order");
+    assert_eq!(rec.ids_with(Decision::Requeued), ["2", "3"], "in order");
     assert_eq!(broker.pending(), 3, "every message is still the broker's");
 
     let rec2 = Recorder::new();
@@ -342,32 +346,13 @@ async fn a_stuck_handler_s_key_gives_back_the_messages_it_did_not_run() {
 #[tokio::test(start_paused = true)]
 async fn a_stop_lets_a_job_finish_its_handler_and_gives_back_the_rest_of_its_messages() {
     let broker = MemoryBroker::new();
-    for id in 1..=3 {
-        broker.publish(payment(id, 1));
-    }
-    broker.register(client(1));
+    three_payments_then_their_client(&broker);
     let rec = Recorder::new();
-    let started = Log::new();
-    let consumer = {
-        let started = started.clone();
-        builder(&rec, move |p: Payment| {
-            started.push(p.id);
-            async {
-                tokio::time::sleep(Duration::from_secs(2)).await;
-                Ok(())
-            }
-        })
-        .shutdown_grace(Duration::from_secs(30))
-        .build()
-    };
-    let stop = {
-        let started = started.clone();
-        async move {
-            while started.len() == 0 {
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-        }
-    };
+    let (consumer, started, stop) =
+        stopped_at_first_start(&rec, Duration::from_secs(30), || async {
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            Ok(())
+        });
     let report = consumer.run(broker.transport(), stop).await.unwrap();
     assert_eq!(
         started.get(),
@@ -376,12 +361,6 @@ async fn a_stop_lets_a_job_finish_its_handler_and_gives_back_the_rest_of_its_mes
     );
     assert_eq!(report.handled, 1);
     assert_eq!(report.requeued, 2, "{report:?}");
-    let requeued: Vec<u64> = rec
-        .events()
-        .iter()
-        .filter(|e| e.decision == Decision::Requeued)
-        .filter_map(|e| e.message_id.as_deref().and_then(|id| id.parse().ok()))
-        .collect();
-    assert_eq!(requeued, vec![2, 3]);
+    assert_eq!(rec.ids_with(Decision::Requeued), ["2", "3"]);
     assert_eq!(broker.pending(), 2);
 }

@@ -8,8 +8,8 @@
 //! A job tells the loop through one channel: what it has done, as it goes (`Told::Output`),
 //! when it need not keep its place any more (`Told::Returned`, optional), and how it ended,
 //! always exactly once and after everything else it tells: `Told::Ended`, or `Told::Lost` from
-//! its [`Teller`]'s drop when its worker is aborted or dies (that worker is not used again), with
-//! what the job had left undone.
+//! its [`Teller`]'s drop when its worker is aborted or dies (that worker is not used again).
+//! Either way with what the job had left undone, which its teller keeps (`Teller::unfinished`).
 
 use std::future::Future;
 
@@ -23,10 +23,10 @@ pub(super) enum Told<O, E> {
     Output(u64, O),
     /// It runs nothing more; what it still does (settling) need not keep its place.
     Returned(u64),
-    /// The job ended, with what it ends with.
-    Ended(u64, E),
+    /// The job ended, with what it left undone.
+    Ended(u64, Option<E>),
     /// The job was dropped before it ended (its worker aborted or died), with what it had left
-    /// undone (`Teller::unfinished`).
+    /// undone.
     Lost(u64, Option<E>),
 }
 
@@ -38,7 +38,7 @@ pub(super) struct Teller<O, E> {
     tx: mpsc::UnboundedSender<Told<O, E>>,
     /// `Ended` was told (the drop tells `Lost` otherwise).
     ended: bool,
-    /// What the job has not done yet, told with `Lost` if it is dropped.
+    /// What the job has not done yet, told with its end.
     unfinished: Option<E>,
 }
 
@@ -53,16 +53,16 @@ impl<O, E> Teller<O, E> {
         let _ = self.tx.send(Told::Returned(self.id));
     }
 
-    /// The job ends with `end`.
-    pub(super) fn ended(mut self, end: E) {
+    /// The job ends, with what it has not done.
+    pub(super) fn ended(mut self) {
         self.ended = true;
-        let _ = self.tx.send(Told::Ended(self.id, end));
+        let _ = self.tx.send(Told::Ended(self.id, self.unfinished.take()));
     }
 
-    /// What the job has not done yet, as it keeps it here: told with `Lost` if the job is
-    /// dropped before it ends.
-    pub(super) fn unfinished(&mut self) -> &mut Option<E> {
-        &mut self.unfinished
+    /// What the job has not done yet: it takes its work from here, and puts back what it
+    /// leaves; told with the job's end, also if the job is dropped before it ends.
+    pub(super) fn unfinished(&mut self) -> Option<&mut E> {
+        self.unfinished.as_mut()
     }
 }
 
@@ -134,15 +134,10 @@ impl<J: Send + 'static, O: Send + 'static, E: Send + 'static, R> Handlers<J, O, 
     }
 
     /// Run `job` on an idle worker, or on a new one that `worker` makes from its job channel;
-    /// keep `what` about it. `unfinished`: what the job has to do, as its teller keeps it (told
-    /// with `Lost` if the job is dropped before it ends, even before it started).
-    pub(super) fn start<F>(
-        &mut self,
-        what: R,
-        job: J,
-        unfinished: Option<E>,
-        worker: impl Fn(Jobs<J, O, E>) -> F,
-    ) where
+    /// keep `what` about it. `work`: what the job has to do, as its teller keeps it (told with
+    /// the job's end, also if the job is dropped before it started).
+    pub(super) fn start<F>(&mut self, what: R, job: J, work: E, worker: impl Fn(Jobs<J, O, E>) -> F)
+    where
         F: Future<Output = ()> + Send + 'static,
     {
         self.next_id += 1;
@@ -153,7 +148,7 @@ impl<J: Send + 'static, O: Send + 'static, E: Send + 'static, R> Handlers<J, O, 
                 id,
                 tx: self.tx.clone(),
                 ended: false,
-                unfinished,
+                unfinished: Some(work),
             },
         );
         let at = loop {
@@ -242,36 +237,39 @@ impl<J, O, E, R> Drop for Handlers<J, O, E, R> {
 mod tests {
     use super::*;
 
-    /// Doubles each job; panics on 0; never ends on 1.
+    /// Tells each job doubled and leaves no work undone; panics on 0; never ends on 1.
     async fn worker(mut jobs: Jobs<u32, u32, u32>) {
-        while let Some((job, teller)) = jobs.recv().await {
+        while let Some((job, mut teller)) = jobs.recv().await {
             match job {
                 0 => panic!("a worker dies"),
                 1 => std::future::pending::<()>().await,
                 n => {
-                    teller.output(n);
+                    teller.output(n * 2);
+                    if let Some(work) = teller.unfinished() {
+                        *work = 0;
+                    }
                     teller.returned();
-                    teller.ended(n * 2);
+                    teller.ended();
                 }
             }
         }
     }
 
-    /// The job's end (`Err` if lost, with what it left), after checking that it told its
-    /// output first.
+    /// The job's end, `Ok` with its output or `Err` if lost, and what it left; checks that the
+    /// output came before the end.
     async fn ended(
         h: &mut Handlers<u32, u32, u32, &'static str>,
-    ) -> (u64, Result<u32, Option<u32>>) {
+    ) -> (u64, Result<u32, ()>, Option<u32>) {
         let mut output = None;
         loop {
             match h.recv().await {
                 Told::Output(_, n) => output = Some(n),
                 Told::Returned(_) => {}
-                Told::Ended(id, end) => {
-                    assert_eq!(output.map(|n| n * 2), Some(end), "output, then the end");
-                    return (id, Ok(end));
+                Told::Ended(id, left) => {
+                    let out = output.expect("the output, then the end");
+                    return (id, Ok(out), left);
                 }
-                Told::Lost(id, left) => return (id, Err(left)),
+                Told::Lost(id, left) => return (id, Err(()), left),
             }
         }
     }
@@ -280,21 +278,23 @@ mod tests {
     async fn a_worker_is_kept_between_jobs_and_replaced_when_it_dies() {
         let mut h: Handlers<u32, u32, u32, &'static str> = Handlers::new();
         for n in 2..5 {
-            h.start("job", n, None, worker);
-            let (id, out) = ended(&mut h).await;
+            h.start("job", n, 1, worker);
+            let (id, out, left) = ended(&mut h).await;
             assert_eq!(out, Ok(n * 2));
+            assert_eq!(left, Some(0), "it told what it left undone");
             assert_eq!(h.remove(id, false), Some("job"));
         }
         assert_eq!(h.workers.len(), 1, "one worker ran the three jobs");
 
-        h.start("dies", 0, None, worker);
-        let (id, out) = ended(&mut h).await;
-        assert_eq!(out, Err(None), "a job whose worker died is lost");
+        h.start("dies", 0, 5, worker);
+        let (id, out, left) = ended(&mut h).await;
+        assert_eq!(out, Err(()), "a job whose worker died is lost");
+        assert_eq!(left, Some(5), "with its work");
         assert_eq!(h.remove(id, true), Some("dies"));
         assert!(h.is_empty());
 
-        h.start("after", 7, None, worker);
-        let (id, out) = ended(&mut h).await;
+        h.start("after", 7, 1, worker);
+        let (id, out, _) = ended(&mut h).await;
         assert_eq!(out, Ok(14));
         h.remove(id, false);
         assert_eq!(
@@ -307,14 +307,15 @@ mod tests {
     #[tokio::test]
     async fn aborted_jobs_are_lost_with_what_they_left() {
         let mut h: Handlers<u32, u32, u32, &'static str> = Handlers::new();
-        h.start("stuck", 1, Some(7), worker);
-        h.start("stuck too", 1, Some(7), worker);
+        h.start("stuck", 1, 7, worker);
+        h.start("stuck too", 1, 7, worker);
         assert_eq!(h.len(), 2);
         h.abort_all();
         let mut whats = Vec::new();
         while !h.is_empty() {
-            let (id, out) = ended(&mut h).await;
-            assert_eq!(out, Err(Some(7)), "lost, with what it had left undone");
+            let (id, out, left) = ended(&mut h).await;
+            assert_eq!(out, Err(()));
+            assert_eq!(left, Some(7), "lost, with what it had left undone");
             whats.extend(h.remove(id, true));
         }
         whats.sort_unstable();

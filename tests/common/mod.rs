@@ -168,6 +168,15 @@ impl<K: Clone + Debug + Send + Sync + 'static> Recorder<K> {
             .map(|e| e.at)
     }
 
+    /// The message ids of the events with `decision`, in order.
+    pub fn ids_with(&self, decision: Decision) -> Vec<String> {
+        self.lock()
+            .iter()
+            .filter(|e| e.decision == decision)
+            .filter_map(|e| e.message_id.clone())
+            .collect()
+    }
+
     /// The decisions about the message with this message id, in order.
     pub fn decisions_of(&self, message_id: &str) -> Vec<Decision> {
         self.of(message_id)
