@@ -1,10 +1,13 @@
 //! Steady state: N payments whose clients are all known, through `DependentConsumer` on the
-//! AMQP transport, timed from connecting to the N-th acknowledged message.
+//! AMQP transport, timed from connecting to the N-th acknowledged message; and the same N
+//! behind a hold: payments of clients that never come, queued before them and held meanwhile.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use prereq::{Decision, DependentConsumer, MemoryKeys, Report};
+use std::time::Duration;
+
+use prereq::{Decision, DependentConsumer, HoldBudget, MemoryKeys};
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
@@ -22,19 +25,23 @@ pub struct Steady {
     pub per_s: f64,
     /// CPU per message, from connecting to the last acknowledgement.
     pub cpu: PerMsg,
-    pub report: Report,
+    /// From the first handled payment to the N-th: the rate once what is held was taken in.
+    pub after_first_per_s: f64,
 }
 
-/// Pre-load N payments, then consume them with every client known.
-pub async fn steady(env: &Env, s: &Sizes) -> Res<Steady> {
-    let prefix = env.prefix("steady");
+/// Pre-load `held` payments of clients that never come, then N payments, then consume them
+/// with the N's clients known.
+pub async fn steady(env: &Env, s: &Sizes, held: usize) -> Res<Steady> {
+    let prefix = env.prefix(if held == 0 { "steady" } else { "steady-held" });
     let route = env.route(&prefix);
     // Declare and fill the queue before the consumer starts, as for raw.
     env.broker.declare(&route).await?;
     let payments = payments_queue(&prefix);
     let ch = confirm_channel(env.conn()).await?;
-    let bodies: Vec<Vec<u8>> = (0..s.n as u64)
-        .map(|i| payment_body(i, i % s.k, BODY_BYTES))
+    // Clients from `s.k` on are never known: their payments are held.
+    let held_bodies = (0..held as u64).map(|i| payment_body(s.n as u64 + i, s.k + i, BODY_BYTES));
+    let bodies: Vec<Vec<u8>> = held_bodies
+        .chain((0..s.n as u64).map(|i| payment_body(i, i % s.k, BODY_BYTES)))
         .collect();
     publish_all(&ch, &payments, &bodies, |_| {}).await?;
     let _ = ch.close(200, "done".into()).await;
@@ -58,6 +65,8 @@ pub async fn steady(env: &Env, s: &Sizes) -> Res<Steady> {
         },
     )
     .registrations(|c: &Client| c.id)
+    // The default budget, but time enough that nothing held expires during the run.
+    .budget(HoldBudget::DEFAULT.max_time(Duration::from_secs(600)))
     .on_event(move |e| {
         if e.decision == Decision::Handled
             && handled_o.fetch_add(1, Ordering::Relaxed) + 1 == n
@@ -87,10 +96,13 @@ pub async fn steady(env: &Env, s: &Sizes) -> Res<Steady> {
     let report = report??;
     let end = finished??;
     let cpu = cpu.per_msg(s.n);
-    lock(&first).ok_or("steady: no handler ran")?;
+    let first = lock(&first).ok_or("steady: no handler ran")?;
+    if report.handled != n || report.deferred != 0 || report.peak_held != held {
+        return Err(format!("steady: unexpected report {report:?}").into());
+    }
     Ok(Steady {
         per_s: n as f64 / (end - start).as_secs_f64(),
         cpu,
-        report,
+        after_first_per_s: n as f64 / (end - first).as_secs_f64(),
     })
 }

@@ -24,6 +24,8 @@ use lapin::options::{BasicAckOptions, BasicNackOptions};
 use lapin::{Acker, Channel};
 use tokio::sync::{mpsc, oneshot};
 
+use super::health::{Health, Retired};
+
 /// The most settlements one batch takes, so that one write stays reasonably sized.
 const BATCH: usize = 1024;
 
@@ -53,6 +55,10 @@ struct Window {
     /// The acknowledger of the first delivery of this life: every delivery of a life shares its
     /// poisoning, so it tells whether the channel failed since.
     life: OnceLock<Acker>,
+    /// Set once the consumer moved on to a fresh channel ([`Acks::retire`]): the task closes
+    /// this one when every delivery it carried is settled. Counted in the transport's health
+    /// while it lives.
+    retired: OnceLock<Retired>,
 }
 
 /// One settlement asked of the task.
@@ -70,6 +76,7 @@ impl Acks {
         let window = Arc::new(Window {
             open: Mutex::new(BTreeSet::new()),
             life: OnceLock::new(),
+            retired: OnceLock::new(),
         });
         tokio::spawn(run(channel, rx, Arc::clone(&window)));
         Arc::new(Self { asks, window })
@@ -79,6 +86,17 @@ impl Acks {
     pub(crate) fn opened(&self, d: &LapinDelivery) {
         self.window.life.get_or_init(|| d.acker.clone());
         self.window.open().insert(d.delivery_tag);
+    }
+
+    /// How many deliveries are open on the channel (taken from its consumer, not settled).
+    pub(crate) fn open_len(&self) -> usize {
+        self.window.open().len()
+    }
+
+    /// The consumer took its last delivery from this channel and moved on to a fresh one: close
+    /// the channel once every delivery it carried is settled (the last handle is dropped).
+    pub(crate) fn retire(&self, health: &Health) {
+        let _ = self.window.retired.set(health.retire());
     }
 
     /// Has the channel failed since this life began (its deliveries are the broker's again)?
@@ -170,7 +188,8 @@ enum Frame {
     Requeue(u64),
 }
 
-/// Send what is asked, batch by batch, until every handle is dropped.
+/// Send what is asked, batch by batch, until every handle is dropped; then close a retired
+/// channel.
 async fn run(channel: Channel, mut asks: mpsc::UnboundedReceiver<Ask>, window: Arc<Window>) {
     let mut batch = Vec::new();
     while asks.recv_many(&mut batch, BATCH).await > 0 {
@@ -191,6 +210,11 @@ async fn run(channel: Channel, mut asks: mpsc::UnboundedReceiver<Ask>, window: A
             };
             let _ = ask.done.send(result);
         }
+    }
+    if window.retired.get().is_some() && channel.status().connected() {
+        let _ = channel
+            .close(200, "prereq: every delivery of this channel settled".into())
+            .await;
     }
 }
 

@@ -30,6 +30,18 @@ const RESUBSCRIBE_FIRST: Duration = Duration::from_millis(100);
 /// …up to this.
 const RESUBSCRIBE_MAX: Duration = Duration::from_secs(5);
 
+/// Past this many deliveries open on a consumer's channel, the consumer moves on to a fresh
+/// channel ([`move_on`]). RabbitMQ finds the delivery an acknowledgement names by walking the
+/// channel's unacknowledged deliveries from the oldest, so every acknowledgement behind `n`
+/// held messages costs the broker `n` steps (measured: 10 000 held took a consumer from 33 900
+/// to 344 messages a second; docs/performance.md). What is held stays behind on the old
+/// channel, and acknowledgements on the fresh one walk past at most this many.
+const MOVE_ON_AT: usize = 1024;
+
+/// The most channels a transport keeps open after moving on from them (each closes once every
+/// delivery it carried is settled); past it, a consumer stays on its channel.
+const RETIRED_MAX: usize = 256;
+
 /// What one consumer feeds the transport.
 pub(crate) struct Consumption {
     /// The queue.
@@ -113,18 +125,46 @@ enum Ended {
 
 /// Open a channel, set its prefetch and consume.
 async fn subscribe(shared: &Shared, c: &Consumption) -> Result<(Channel, Consumer), AmqpError> {
-    let addr = shared.broker.addr();
-    let name = &c.queue.name;
+    let channel = open_channel(shared, c).await?;
+    let consumer = start_consuming(shared, c, &channel).await?;
+    Ok((channel, consumer))
+}
+
+/// Open a consumer channel for `c` (kept with the transport's channels, to close with it) and
+/// set its prefetch.
+async fn open_channel(shared: &Shared, c: &Consumption) -> Result<Channel, AmqpError> {
     let channel = shared.broker.channel("open a consumer channel").await?;
-    shared
-        .channels
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-        .push(channel.clone());
+    {
+        let mut channels = shared
+            .channels
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        // Channels closed since (retired ones, handed-over partitions) need no closing.
+        channels.retain(|ch| {
+            let status = ch.status();
+            status.connected() || status.initializing() || status.closing()
+        });
+        channels.push(channel.clone());
+    }
     channel
         .basic_qos(c.prefetch, BasicQosOptions::default())
         .await
-        .map_err(|e| addr.broker_error(format!("set the prefetch on {name}"), &e))?;
+        .map_err(|e| {
+            shared
+                .broker
+                .addr()
+                .broker_error(format!("set the prefetch on {}", c.queue.name), &e)
+        })?;
+    Ok(channel)
+}
+
+/// Consume `c.queue` on `channel`; the consumer is tracked as the queue's current one.
+async fn start_consuming(
+    shared: &Shared,
+    c: &Consumption,
+    channel: &Channel,
+) -> Result<Consumer, AmqpError> {
+    let name = &c.queue.name;
     let mut arguments = FieldTable::default();
     if c.queue.kind == QueueKind::Stream {
         // Every key ever registered (within the stream's retention), on every connect.
@@ -141,9 +181,14 @@ async fn subscribe(shared: &Shared, c: &Consumption) -> Result<(Channel, Consume
             arguments,
         )
         .await
-        .map_err(|e| addr.broker_error(format!("consume {name}"), &e))?;
-    shared.track(name, &channel, consumer.tag());
-    Ok((channel, consumer))
+        .map_err(|e| {
+            shared
+                .broker
+                .addr()
+                .broker_error(format!("consume {name}"), &e)
+        })?;
+    shared.track(name, channel, consumer.tag());
+    Ok(consumer)
 }
 
 /// Re-subscribe with backoff: wait for the connection, declare the queue again if prereq owns
@@ -234,6 +279,13 @@ async fn forward(
     let name = Arc::clone(vias.queue());
     // Settles what this life of the channel delivers.
     let mut acks = Acks::new(channel.clone());
+    // A partition's or a single-active queue's consumer cannot step aside for a moment (the
+    // broker would make another instance's consumer the active one), nor a stream's (it would
+    // read the stream again from its start); registrations are not held.
+    let may_move_on = c.source == Source::Message
+        && c.partition.is_none()
+        && !c.queue.single_active
+        && c.queue.kind != QueueKind::Stream;
     loop {
         let owned = |c: &Consumption| {
             c.partition
@@ -290,23 +342,22 @@ async fn forward(
                 }
             }
             Some(Ok(d)) => {
-                if let Some(copy) = shared.delivered_twice(&d) {
-                    drop_duplicate(shared, &acks, d, &name, &copy).await;
-                    continue;
+                if let Err(ended) = take(shared, c, vias, &acks, d, tx).await {
+                    return ended;
                 }
-                let taken = probe::now();
-                let via = vias.get(d.exchange.as_str(), d.routing_key.as_str());
-                let delivery = shared.register(d, via, c.source, &acks);
-                probe::stamp(Stage::Taken, c.source, delivery.id, taken);
-                if let Some(refresh) = near_limit(shared, &delivery) {
-                    // One more return would take it past the queue's delivery limit: start
-                    // a new count now, while the message is in hand.
-                    tokio::spawn(refresh);
-                    continue;
-                }
-                probe::stamp(Stage::Forwarded, c.source, delivery.id, None);
-                if tx.send(Ok(delivery)).await.is_err() {
-                    return Ended::Cancelled;
+                if may_move_on
+                    && acks.open_len() >= MOVE_ON_AT
+                    && shared.health.retired_channels() < RETIRED_MAX
+                {
+                    match move_on(shared, c, &channel, &mut consumer, &acks, vias, tx).await {
+                        Ok(Some((ch, fresh))) => {
+                            acks.retire(&shared.health);
+                            acks = Acks::new(ch.clone());
+                            (channel, consumer) = (ch, fresh);
+                        }
+                        Ok(None) => {}
+                        Err(ended) => return ended,
+                    }
                 }
             }
             Some(Err(e)) => {
@@ -326,6 +377,113 @@ async fn forward(
             None => return Ended::Cancelled,
         }
     }
+}
+
+/// Hand one delivery to the transport's receiver; or acknowledge it, if it is a deferred copy
+/// the broker delivered twice; or copy it back, if one more return would take it past its
+/// queue's delivery limit. `Err` once the receiver is gone.
+async fn take(
+    shared: &Arc<Shared>,
+    c: &Consumption,
+    vias: &mut Vias,
+    acks: &Arc<Acks>,
+    d: LapinDelivery,
+    tx: &Deliveries,
+) -> Result<(), Ended> {
+    if let Some(copy) = shared.delivered_twice(&d) {
+        let name = Arc::clone(vias.queue());
+        drop_duplicate(shared, acks, d, &name, &copy).await;
+        return Ok(());
+    }
+    let taken = probe::now();
+    let via = vias.get(d.exchange.as_str(), d.routing_key.as_str());
+    let delivery = shared.register(d, via, c.source, acks);
+    probe::stamp(Stage::Taken, c.source, delivery.id, taken);
+    if let Some(refresh) = near_limit(shared, &delivery) {
+        // One more return would take it past the queue's delivery limit: start a new count
+        // now, while the message is in hand.
+        tokio::spawn(refresh);
+        return Ok(());
+    }
+    probe::stamp(Stage::Forwarded, c.source, delivery.id, None);
+    tx.send(Ok(delivery)).await.map_err(|_| Ended::Cancelled)
+}
+
+/// Move the consumer to a fresh channel: open it, cancel the consumer on the old one, take
+/// what the old one still delivers (the broker sends nothing on it after `cancel-ok`), then
+/// consume on the fresh one. Deliveries reach the engine in the queue's order. The old channel
+/// stays open for what it carried (held messages, running handlers) and closes once every
+/// delivery of it is settled ([`Acks::retire`]).
+///
+/// `Ok(None)`: the fresh channel could not be opened, or the cancel failed; the consumer stays
+/// where it is. `Err`: the consumer ended meanwhile (the connection failed, the transport
+/// stops); the caller re-subscribes or returns.
+async fn move_on(
+    shared: &Arc<Shared>,
+    c: &Consumption,
+    channel: &Channel,
+    consumer: &mut Consumer,
+    acks: &Arc<Acks>,
+    vias: &mut Vias,
+    tx: &Deliveries,
+) -> Result<Option<(Channel, Consumer)>, Ended> {
+    let name = &c.queue.name;
+    let fresh = match open_channel(shared, c).await {
+        Ok(ch) => ch,
+        Err(e) => {
+            debug!(target: "prereq", queue = %name, error = %e,
+                "could not open a fresh consumer channel; staying on this one");
+            return Ok(None);
+        }
+    };
+    let close = |reason: &'static str| {
+        let fresh = fresh.clone();
+        async move {
+            let _ = fresh.close(200, reason.into()).await;
+        }
+    };
+    if let Err(e) = channel
+        .basic_cancel(consumer.tag(), BasicCancelOptions::default())
+        .await
+    {
+        debug!(target: "prereq", queue = %name,
+            error = %shared.broker.addr().scrub(&e.to_string()),
+            "could not cancel the consumer to move it to a fresh channel; staying");
+        close("prereq: not needed").await;
+        return Ok(None);
+    }
+    while let Some(next) = consumer.next().await {
+        match next {
+            Ok(d) => {
+                acks.opened(&d);
+                take(shared, c, vias, acks, d, tx).await?;
+            }
+            Err(e) => {
+                close("prereq: not needed").await;
+                let e = shared
+                    .broker
+                    .addr()
+                    .broker_error(format!("consume {name}"), &e);
+                return Err(Ended::Failed(e));
+            }
+        }
+    }
+    if shared.is_stopping() {
+        close("prereq: stopping").await;
+        return Err(Ended::Cancelled);
+    }
+    let next = start_consuming(shared, c, &fresh)
+        .await
+        .map_err(Ended::Failed)?;
+    if shared.is_stopping() {
+        // The stop cancelled the consumers it knew before this one was tracked.
+        let _ = fresh
+            .basic_cancel(next.tag(), BasicCancelOptions::default())
+            .await;
+        return Err(Ended::Cancelled);
+    }
+    debug!(target: "prereq", queue = %name, "consuming on a fresh channel");
+    Ok(Some((fresh, next)))
 }
 
 /// Hand a partition over: the consumer gives back what it holds of it and lets its handlers

@@ -197,7 +197,8 @@ impl Queue {
     /// A queue someone else declares: prereq only checks that it exists (a passive
     /// declaration), with its arguments as they are. `kind` says what it is; for a quorum queue,
     /// give its delivery limit with [`Queue::delivery_limit`] if it is not the broker's default
-    /// ([`DEFAULT_DELIVERY_LIMIT`] on RabbitMQ 4.0+).
+    /// ([`DEFAULT_DELIVERY_LIMIT`] on RabbitMQ 4.0+); if it has `x-single-active-consumer`, say
+    /// so with [`Queue::single_active_consumer`].
     pub fn existing(name: impl Into<String>, kind: QueueKind) -> Self {
         Self {
             declare: false,
@@ -219,7 +220,9 @@ impl Queue {
     }
 
     /// Declared with `x-single-active-consumer: true`: of all its consumers, one receives, the
-    /// others wait and take over when it goes.
+    /// others wait and take over when it goes. Its consumer then never moves to a fresh channel
+    /// while it holds many messages (that would hand the queue to another consumer; see
+    /// `docs/scaling.md`): say so for an [existing](Queue::existing) queue declared that way.
     pub fn single_active_consumer(mut self) -> Self {
         self.single_active = true;
         self
