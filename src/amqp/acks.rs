@@ -10,6 +10,9 @@
 //! sent. A delivery left open on purpose (held, being copied, left to the channel's close) bounds
 //! what one frame may cover, never the other way round.
 //!
+//! A consumer that moved on to a fresh channel leaves its old one to its [`Acks`], retired: the
+//! task closes the channel once every delivery it carried is settled.
+//!
 //! One [`Acks`] serves one life of a channel: a channel that failed and recovered in place has
 //! new delivery tags, and its consumer starts a new [`Acks`] with the first delivery of the new
 //! life. Deliveries of the old life are void: nothing is sent for them (the broker has them
