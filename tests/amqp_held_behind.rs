@@ -19,11 +19,10 @@ mod support;
 use std::collections::HashMap;
 use std::time::Duration;
 
-use lapin::{BasicProperties, Channel};
-use prereq::amqp::payment_demo::{self, CLIENT_KEY, PROCESS_KEY, PaymentNames};
+use prereq::amqp::payment_demo::{self, PaymentNames};
 use prereq::amqp::{Broker, BrokerOptions, DelayMode};
 use prereq::{Backoff, Decision, HoldBudget};
-use support::payments::{Client, Running, payment};
+use support::payments::{Running, publish_payment, register};
 
 /// Payments held: more than one channel's worth before the consumer moves on (1 024).
 const HELD: u64 = 1_500;
@@ -32,31 +31,6 @@ const LATE_CLIENTS: u64 = 100;
 /// The client registered first, and its payments, published after the held ones.
 const KNOWN: u64 = 1;
 const KNOWN_PAYMENTS: u64 = 50;
-
-async fn publish_payment(ch: &Channel, names: &PaymentNames, id: &str, client: u64) {
-    let props = BasicProperties::default()
-        .with_message_id(id.into())
-        .with_content_type("application/json".into())
-        .with_delivery_mode(2);
-    let body = serde_json::to_vec(&payment(id, client)).unwrap();
-    support::publish(ch, &names.payments_exchange, PROCESS_KEY, &body, props).await;
-}
-
-async fn register(ch: &Channel, names: &PaymentNames, id: u64) {
-    let body = serde_json::to_vec(&Client {
-        id,
-        name: format!("client {id}"),
-    })
-    .unwrap();
-    support::publish(
-        ch,
-        &names.clients_exchange,
-        CLIENT_KEY,
-        &body,
-        BasicProperties::default(),
-    )
-    .await;
-}
 
 /// The held payment `i`'s client.
 fn late_client(i: u64) -> u64 {

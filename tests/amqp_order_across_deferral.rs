@@ -10,11 +10,10 @@ mod support;
 
 use std::time::Duration;
 
-use lapin::{BasicProperties, Channel};
-use prereq::amqp::payment_demo::{self, CLIENT_KEY, PROCESS_KEY, PaymentNames};
+use prereq::amqp::payment_demo::{self, PaymentNames};
 use prereq::amqp::{Broker, BrokerOptions, DelayMode};
 use prereq::{Backoff, Decision, DeferCause, HoldBudget};
-use support::payments::{Client, Running, payment};
+use support::payments::{Running, publish_payment, register};
 
 const K: u64 = 42;
 
@@ -26,15 +25,6 @@ fn policy() -> Backoff {
 /// A short hold: payment 1 is deferred half a second after it arrives.
 fn budget() -> HoldBudget {
     HoldBudget::DEFAULT.max_time(Duration::from_millis(500))
-}
-
-async fn publish_payment(ch: &Channel, names: &PaymentNames, id: &str) {
-    let props = BasicProperties::default()
-        .with_message_id(id.into())
-        .with_content_type("application/json".into())
-        .with_delivery_mode(2);
-    let body = serde_json::to_vec(&payment(id, K)).unwrap();
-    support::publish(ch, &names.payments_exchange, PROCESS_KEY, &body, props).await;
 }
 
 /// Run the scenario; the payments in the order they were handled, and payment 2's decisions.
@@ -54,7 +44,7 @@ async fn deferred_then_later(keep_order: bool) -> Option<(Vec<String>, Vec<Decis
     let mut run = Running::start(transport, policy(), budget(), keep_order);
     let ch = support::confirm_channel(&conn).await;
 
-    publish_payment(&ch, &names, "1").await;
+    publish_payment(&ch, &names, "1", K).await;
     run.wait(Duration::from_secs(15), |e| {
         e.message_id.as_deref() == Some("1")
             && matches!(
@@ -66,24 +56,12 @@ async fn deferred_then_later(keep_order: bool) -> Option<(Vec<String>, Vec<Decis
             )
     })
     .await;
-    let body = serde_json::to_vec(&Client {
-        id: K,
-        name: "K".into(),
-    })
-    .unwrap();
-    support::publish(
-        &ch,
-        &names.clients_exchange,
-        CLIENT_KEY,
-        &body,
-        BasicProperties::default(),
-    )
-    .await;
+    register(&ch, &names, K).await;
     run.wait(Duration::from_secs(10), |e| {
         e.decision == Decision::Registered
     })
     .await;
-    publish_payment(&ch, &names, "2").await;
+    publish_payment(&ch, &names, "2", K).await;
 
     let mut handled = 0;
     run.wait(Duration::from_secs(30), |e| {

@@ -13,26 +13,17 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use lapin::Connection;
 use lapin::options::QueueDeclareOptions;
 use lapin::types::FieldTable;
-use lapin::{BasicProperties, Channel, Connection};
-use prereq::amqp::payment_demo::{self, CLIENT_KEY, PROCESS_KEY, PaymentNames};
+use prereq::amqp::payment_demo::{self, PaymentNames};
 use prereq::amqp::{Broker, BrokerOptions, DelayMode};
 use prereq::{Backoff, Decision, DependentConsumer, Event, HandlerError, HoldBudget};
-use support::payments::{Client, Payment, payment};
+use support::payments::{Client, Payment, publish_payment, register};
 use tokio::sync::{mpsc, oneshot, watch};
 
 fn policy() -> Backoff {
     Backoff::linear(Duration::from_secs(1)).max_attempts(5)
-}
-
-async fn publish_payment(ch: &Channel, names: &PaymentNames, id: &str, client: u64) {
-    let props = BasicProperties::default()
-        .with_message_id(id.into())
-        .with_content_type("application/json".into())
-        .with_delivery_mode(2);
-    let body = serde_json::to_vec(&payment(id, client)).unwrap();
-    support::publish(ch, &names.payments_exchange, PROCESS_KEY, &body, props).await;
 }
 
 /// Messages ready in `queue`; 0 if it does not exist.
@@ -119,19 +110,7 @@ async fn settles_cut_off_by_a_dropped_connection_are_reported_as_failures() {
     let ch = support::confirm_channel(&conn).await;
     let mut seen = Vec::new();
     for client in [1, 2] {
-        let body = serde_json::to_vec(&Client {
-            id: client,
-            name: "c".into(),
-        })
-        .unwrap();
-        support::publish(
-            &ch,
-            &names.clients_exchange,
-            CLIENT_KEY,
-            &body,
-            BasicProperties::default(),
-        )
-        .await;
+        register(&ch, &names, client).await;
     }
     let mut registered = 0;
     support::wait_for(

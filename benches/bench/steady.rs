@@ -4,7 +4,6 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-
 use std::time::Duration;
 
 use prereq::{Decision, DependentConsumer, HoldBudget, MemoryKeys};

@@ -85,15 +85,13 @@ impl Acks {
         Arc::new(Self { asks, window })
     }
 
-    /// `d` was taken from the channel's consumer: it is open until settled.
-    pub(crate) fn opened(&self, d: &LapinDelivery) {
+    /// `d` was taken from the channel's consumer: it is open until settled. How many are open
+    /// on the channel now.
+    pub(crate) fn opened(&self, d: &LapinDelivery) -> usize {
         self.window.life.get_or_init(|| d.acker.clone());
-        self.window.open().insert(d.delivery_tag);
-    }
-
-    /// How many deliveries are open on the channel (taken from its consumer, not settled).
-    pub(crate) fn open_len(&self) -> usize {
-        self.window.open().len()
+        let mut open = self.window.open();
+        open.insert(d.delivery_tag);
+        open.len()
     }
 
     /// The consumer took its last delivery from this channel and moved on to a fresh one: close

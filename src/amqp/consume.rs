@@ -150,10 +150,8 @@ async fn open_channel(shared: &Shared, c: &Consumption) -> Result<Channel, AmqpE
         .basic_qos(c.prefetch, BasicQosOptions::default())
         .await
         .map_err(|e| {
-            shared
-                .broker
-                .addr()
-                .broker_error(format!("set the prefetch on {}", c.queue.name), &e)
+            let addr = shared.broker.addr();
+            addr.broker_error(format!("set the prefetch on {}", c.queue.name), &e)
         })?;
     Ok(channel)
 }
@@ -321,13 +319,14 @@ async fn forward(
             }
             () = tx.closed() => return Ended::Cancelled,
         };
+        let mut open = 0;
         if let Some(Ok(d)) = &next {
             if acks.is_void() && !d.acker.poisoned() {
                 // The channel failed and recovered in place: a new life, with new delivery
                 // tags (the old life's deliveries are the broker's again).
                 acks = Acks::new(channel.clone());
             }
-            acks.opened(d);
+            open = acks.opened(d);
         }
         match next {
             Some(Ok(d)) if !owned(c) => {
@@ -346,7 +345,7 @@ async fn forward(
                     return ended;
                 }
                 if may_move_on
-                    && acks.open_len() >= MOVE_ON_AT
+                    && open >= MOVE_ON_AT
                     && shared.health.retired_channels() < RETIRED_MAX
                 {
                     match move_on(shared, c, &channel, &mut consumer, &acks, vias, tx).await {

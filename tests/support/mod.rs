@@ -545,6 +545,34 @@ pub mod payments {
         }
     }
 
+    /// Publish payment `id` of `client` to the demo route's payments exchange (message id `id`,
+    /// persistent, JSON), confirmed.
+    pub async fn publish_payment(ch: &Channel, names: &PaymentNames, id: &str, client: u64) {
+        let props = BasicProperties::default()
+            .with_message_id(id.into())
+            .with_content_type("application/json".into())
+            .with_delivery_mode(2);
+        let body = serde_json::to_vec(&payment(id, client)).unwrap();
+        super::publish(ch, &names.payments_exchange, PROCESS_KEY, &body, props).await;
+    }
+
+    /// Register client `id` on the demo route's clients exchange, confirmed.
+    pub async fn register(ch: &Channel, names: &PaymentNames, id: u64) {
+        let body = serde_json::to_vec(&Client {
+            id,
+            name: format!("client {id}"),
+        })
+        .unwrap();
+        super::publish(
+            ch,
+            &names.clients_exchange,
+            CLIENT_KEY,
+            &body,
+            BasicProperties::default(),
+        )
+        .await;
+    }
+
     /// The headers the Go demo's producer gives a new payment: `x-delay: 0`, `x-retry: 0`,
     /// `x-retry-limit: limit`, all 32-bit integers (AMQP type `I`).
     pub fn demo_headers(limit: u32) -> FieldTable {
