@@ -383,6 +383,20 @@ fn check_wake(o: &Outcome) -> Result<(), TestCaseError> {
         let Some(released) = released else {
             return Err(TestCaseError::fail(format!("{e} not released")));
         };
+        if released.at == registration.at
+            && matches!(
+                released.decision,
+                Decision::Deferred {
+                    cause: DeferCause::HoldExpired,
+                    ..
+                }
+            )
+        {
+            // A tie: its hold ran out in the instant its key came (the deferral decided first,
+            // its event logged once the copy was confirmed). Either order is right; the full
+            // hold time is checked on its own.
+            continue;
+        }
         prop_assert!(
             matches!(released.decision, Decision::Released { waited } if waited == registration.at - e.at),
             "{e}: expected a release at the registration, got {released}"
