@@ -1147,9 +1147,12 @@ fn run_job<'a, K: Key, M: Send + 'static, T: Transport>(
     async move {
         // What is not run yet stays with the teller: if the job is cancelled, the loop gets it
         // back.
+        // Acknowledgements not done at their first poll.
         let mut acks = FuturesUnordered::new();
         while let Some(p) = teller.unfinished().and_then(VecDeque::pop_front) {
-            while let Some(Some(done)) = acks.next().now_or_never() {
+            while !acks.is_empty()
+                && let Some(Some(done)) = acks.next().now_or_never()
+            {
                 teller.output(done);
             }
             if draining.is_cancelled() || transport.is_stale(p.meta.id) {
@@ -1166,7 +1169,15 @@ fn run_job<'a, K: Key, M: Send + 'static, T: Transport>(
                 Err(e) => Err(e),
             };
             match outcome {
-                Ok(()) => acks.push(acked(transport, key.clone(), meta)),
+                Ok(()) => {
+                    // Most transports acknowledge at once (or queue the acknowledgement and
+                    // answer): told without the set's bookkeeping.
+                    let mut ack = Box::pin(acked(transport, key.clone(), meta));
+                    match ack.as_mut().now_or_never() {
+                        Some(done) => teller.output(done),
+                        None => acks.push(ack),
+                    }
+                }
                 Err(e) => {
                     let retry = !e.is_permanent();
                     teller.output(Handled {
@@ -1180,7 +1191,9 @@ fn run_job<'a, K: Key, M: Send + 'static, T: Transport>(
                 }
             }
         }
-        while let Some(Some(done)) = acks.next().now_or_never() {
+        while !acks.is_empty()
+            && let Some(Some(done)) = acks.next().now_or_never()
+        {
             teller.output(done);
         }
         let ran_all = teller.unfinished().is_none_or(|left| left.is_empty());
@@ -1233,13 +1246,19 @@ fn call<K: Key, M>(
         attempt: meta.attempt,
         redelivered: meta.redelivered,
     };
-    let span = tracing::info_span!(
-        target: "prereq",
-        "handle",
-        key = ?key,
-        message_id = meta.message_id.as_deref(),
-        attempt = meta.attempt
-    );
+    // No subscriber wants it: no span at all (a disabled one still writes `log` records when
+    // it is made, entered, left and dropped, where tracing's `log` feature is on).
+    let span = if tracing::enabled!(target: "prereq", tracing::Level::INFO) {
+        tracing::info_span!(
+            target: "prereq",
+            "handle",
+            key = ?key,
+            message_id = meta.message_id.as_deref(),
+            attempt = meta.attempt
+        )
+    } else {
+        tracing::Span::none()
+    };
     let called = {
         let _entered = span.enter();
         std::panic::catch_unwind(AssertUnwindSafe(|| (cfg.handler)(msg, ctx)))

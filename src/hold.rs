@@ -5,7 +5,7 @@
 //! deadline (one timer serves the whole hold), and by message id (a redelivered copy takes its
 //! stale original's place).
 
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::hash::Hash;
 use std::num::NonZeroU64;
 use std::sync::Arc;
@@ -118,9 +118,12 @@ pub(crate) struct Hold<K, V> {
     entries: FxHashMap<u64, Box<Entry<K, V>>>,
     /// The positions held for each key, ascending: a key's messages leave in this order.
     by_key: HashMap<K, VecDeque<u64>>,
-    /// Every entry by deadline (then position): the next to expire is the first. Deadlines
-    /// are nanoseconds since `epoch` (half the size of an `Instant`).
-    by_deadline: BTreeSet<(u64, u64)>,
+    /// Every entry by deadline (then position), ascending; the first is the next to expire.
+    /// Deadlines are nanoseconds since `epoch` (half the size of an `Instant`). Every hold lasts
+    /// the same `max_time`, so a new deadline goes last: a queue, not a tree. An entry removed
+    /// before it expires stays here until it reaches the front or the queue is compacted (see
+    /// [`Hold::forget_deadline`]); the first is always a live entry's.
+    by_deadline: VecDeque<(u64, u64)>,
     /// Where deadlines are counted from.
     epoch: Instant,
     /// Entries by message id, to recognise a redelivered copy of a held message.
@@ -135,7 +138,7 @@ impl<K: Eq + Hash + Clone, V: Held> Hold<K, V> {
             budget,
             entries: FxHashMap::default(),
             by_key: HashMap::new(),
-            by_deadline: BTreeSet::new(),
+            by_deadline: VecDeque::new(),
             epoch: Instant::now(),
             by_id: HashMap::new(),
             bytes: 0,
@@ -179,7 +182,14 @@ impl<K: Eq + Hash + Clone, V: Held> Hold<K, V> {
         let at = queue.partition_point(|p| *p < pos);
         queue.insert(at, pos);
         let deadline = self.since_epoch(now + self.budget.max_time);
-        self.by_deadline.insert((deadline, pos));
+        let due = (deadline, pos);
+        if self.by_deadline.back().is_none_or(|last| *last < due) {
+            self.by_deadline.push_back(due);
+        } else {
+            // The same instant as a later position (one back from a deferral).
+            let at = self.by_deadline.partition_point(|d| *d < due);
+            self.by_deadline.insert(at, due);
+        }
         self.bytes += value.size();
         self.entries.insert(
             pos,
@@ -232,7 +242,7 @@ impl<K: Eq + Hash + Clone, V: Held> Hold<K, V> {
     /// When the next held message expires.
     pub(crate) fn next_deadline(&self) -> Option<Instant> {
         self.by_deadline
-            .first()
+            .front()
             .map(|(t, _)| self.epoch + Duration::from_nanos(*t))
     }
 
@@ -255,7 +265,7 @@ impl<K: Eq + Hash + Clone, V: Held> Hold<K, V> {
 
     /// Remove and return the next message to expire if it has expired by `now`.
     pub(crate) fn pop_expired(&mut self, now: Instant) -> Option<(K, V)> {
-        let &(deadline, pos) = self.by_deadline.first()?;
+        let &(deadline, pos) = self.by_deadline.front()?;
         if deadline > self.since_epoch(now) {
             return None;
         }
@@ -307,7 +317,7 @@ impl<K: Eq + Hash + Clone, V: Held> Hold<K, V> {
     /// Remove the entry at `pos` from every view but `by_key`.
     fn remove_entry(&mut self, pos: u64) -> Option<Entry<K, V>> {
         let e = *self.entries.remove(&pos)?;
-        self.by_deadline.remove(&(e.deadline, pos));
+        self.forget_deadline();
         self.bytes -= e.value.size();
         if let Some(id) = e.value.id()
             && self.by_id.get(id) == Some(&pos)
@@ -315,6 +325,24 @@ impl<K: Eq + Hash + Clone, V: Held> Hold<K, V> {
             self.by_id.remove(id);
         }
         Some(e)
+    }
+
+    /// An entry was removed: drop the deadlines at the front whose entries are gone, and
+    /// compact the queue once most of it is such (amortised: each compaction follows at least
+    /// as many removals as it keeps).
+    fn forget_deadline(&mut self) {
+        let live = |entries: &FxHashMap<u64, Box<Entry<K, V>>>, (deadline, pos): (u64, u64)| {
+            entries.get(&pos).is_some_and(|e| e.deadline == deadline)
+        };
+        while let Some(&first) = self.by_deadline.front()
+            && !live(&self.entries, first)
+        {
+            self.by_deadline.pop_front();
+        }
+        if self.by_deadline.len() > 2 * self.entries.len() + 64 {
+            let entries = &self.entries;
+            self.by_deadline.retain(|d| live(entries, *d));
+        }
     }
 }
 
@@ -448,5 +476,107 @@ mod tests {
     fn none_budget_holds_nothing() {
         let h: Hold<u8, V> = Hold::new(HoldBudget::NONE);
         assert!(!h.fits(0));
+    }
+
+    #[test]
+    fn released_deadlines_do_not_pile_up() {
+        let now = Instant::now();
+        let mut h = Hold::new(budget(10_000, usize::MAX));
+        for pos in 0..2_000 {
+            let key = if pos % 10 == 0 { "a" } else { "b" };
+            h.insert(key, pos, v(0, 1), now + Duration::from_millis(pos));
+        }
+        // "b" leaves from behind the first deadline, which is "a"'s.
+        assert_eq!(h.take_before(&"b", u64::MAX).len(), 1_800);
+        assert_eq!(h.len(), 200);
+        assert!(
+            h.by_deadline.len() <= 2 * h.len() + 64,
+            "{} deadlines kept for {} entries",
+            h.by_deadline.len(),
+            h.len()
+        );
+        assert_eq!(h.next_deadline(), Some(now + Duration::from_secs(10)));
+    }
+
+    /// What the engine does to a hold, for the property below.
+    #[derive(Debug, Clone)]
+    enum Op {
+        /// Time passes (ms), then a message of key `key` arrives (or comes back from a
+        /// deferral with an earlier position, when `back`).
+        Insert { after_ms: u64, key: u8, back: bool },
+        /// A key becomes known: everything held for it leaves.
+        Release { key: u8 },
+        /// Time passes (ms), then everything due expires.
+        Expire { after_ms: u64 },
+    }
+
+    fn op() -> impl proptest::strategy::Strategy<Value = Op> {
+        use proptest::prelude::*;
+        prop_oneof![
+            4 => (0u64..3, 0u8..6, proptest::bool::weighted(0.1))
+                .prop_map(|(after_ms, key, back)| Op::Insert { after_ms, key, back }),
+            2 => (0u8..6).prop_map(|key| Op::Release { key }),
+            1 => (0u64..40).prop_map(|after_ms| Op::Expire { after_ms }),
+        ]
+    }
+
+    proptest::proptest! {
+        /// Whatever is inserted, released and expired, the hold expires exactly what is due, in
+        /// deadline then position order, never a released message, and its next deadline is
+        /// the earliest of what it holds; its deadline queue stays within a bound of its size.
+        #[test]
+        fn expiry_matches_a_reference(ops in proptest::collection::vec(op(), 1..300)) {
+            const MAX_MS: u64 = 20;
+            let start = Instant::now();
+            let mut h: Hold<u8, V> = Hold::new(
+                HoldBudget::DEFAULT
+                    .max_messages(usize::MAX)
+                    .max_bytes(usize::MAX)
+                    .max_time(Duration::from_millis(MAX_MS)),
+            );
+            // The reference: (deadline ms, position) -> (key, value), and positions in use.
+            let mut model: std::collections::BTreeMap<(u64, u64), (u8, i32)> = Default::default();
+            let (mut now_ms, mut next_pos, mut n) = (0u64, 1_000u64, 0i32);
+            let mut backs = 999u64;
+            for op in ops {
+                match op {
+                    Op::Insert { after_ms, key, back } => {
+                        now_ms += after_ms;
+                        let pos = if back { backs -= 1; backs } else { next_pos += 1; next_pos };
+                        n += 1;
+                        h.insert(key, pos, v(n, 1), start + Duration::from_millis(now_ms));
+                        model.insert((now_ms + MAX_MS, pos), (key, n));
+                    }
+                    Op::Release { key } => {
+                        let mut want: Vec<(u64, i32)> = model
+                            .iter()
+                            .filter(|(_, (k, _))| *k == key)
+                            .map(|((_, pos), (_, n))| (*pos, *n))
+                            .collect();
+                        want.sort_unstable();
+                        model.retain(|_, (k, _)| *k != key);
+                        let want: Vec<i32> = want.into_iter().map(|(_, n)| n).collect();
+                        proptest::prop_assert_eq!(nums(h.take_before(&key, u64::MAX)), want);
+                    }
+                    Op::Expire { after_ms } => {
+                        now_ms += after_ms;
+                        let at = start + Duration::from_millis(now_ms);
+                        let mut got = Vec::new();
+                        while let Some((k, v)) = h.pop_expired(at) {
+                            got.push((k, v.0));
+                        }
+                        let due: Vec<(u64, u64)> =
+                            model.range(..(now_ms + 1, 0)).map(|(d, _)| *d).collect();
+                        let want: Vec<(u8, i32)> =
+                            due.iter().filter_map(|d| model.remove(d)).collect();
+                        proptest::prop_assert_eq!(got, want);
+                    }
+                }
+                let next = model.keys().next().map(|(d, _)| start + Duration::from_millis(*d));
+                proptest::prop_assert_eq!(h.next_deadline(), next);
+                proptest::prop_assert_eq!(h.len(), model.len());
+                proptest::prop_assert!(h.by_deadline.len() <= 2 * h.len() + 64);
+            }
+        }
     }
 }

@@ -24,7 +24,13 @@ pub(crate) struct Lanes<K, V> {
     runnable: VecDeque<K>,
     /// Messages waiting in all queues (not running).
     queued: usize,
+    /// Emptied queues of freed lanes, kept (at most [`SPARE_MAX`]) for the next new lane: a
+    /// key that comes and goes costs no allocation.
+    spare: Vec<VecDeque<(u64, V)>>,
 }
+
+/// Emptied lane queues kept for reuse.
+const SPARE_MAX: usize = 64;
 
 impl<K: Eq + Hash + Clone, V> Lanes<K, V> {
     pub(crate) fn new() -> Self {
@@ -32,6 +38,17 @@ impl<K: Eq + Hash + Clone, V> Lanes<K, V> {
             lanes: HashMap::new(),
             runnable: VecDeque::new(),
             queued: 0,
+            spare: Vec::new(),
+        }
+    }
+
+    /// Free `key`'s lane, keeping its (empty) queue for a new one.
+    fn free(&mut self, key: &K) {
+        if let Some(lane) = self.lanes.remove(key)
+            && self.spare.len() < SPARE_MAX
+            && lane.queue.is_empty()
+        {
+            self.spare.push(lane.queue);
         }
     }
 
@@ -42,8 +59,9 @@ impl<K: Eq + Hash + Clone, V> Lanes<K, V> {
 
     /// Queue `value` for `key` at position `pos` (its place among the key's messages).
     pub(crate) fn push(&mut self, key: K, pos: u64, value: V) {
+        let spare = &mut self.spare;
         let lane = self.lanes.entry(key.clone()).or_insert_with(|| Lane {
-            queue: VecDeque::new(),
+            queue: spare.pop().unwrap_or_default(),
             running: false,
             runnable: false,
         });
@@ -106,7 +124,7 @@ impl<K: Eq + Hash + Clone, V> Lanes<K, V> {
         };
         lane.running = false;
         if lane.queue.is_empty() {
-            self.lanes.remove(key);
+            self.free(key);
         } else if !lane.runnable {
             lane.runnable = true;
             self.runnable.push_back(key.clone());
@@ -121,7 +139,7 @@ impl<K: Eq + Hash + Clone, V> Lanes<K, V> {
         let taken: Vec<(u64, V)> = lane.queue.drain(..).collect();
         self.queued -= taken.len();
         if !lane.running {
-            self.lanes.remove(key);
+            self.free(key);
         }
         taken
     }
@@ -147,7 +165,7 @@ impl<K: Eq + Hash + Clone, V> Lanes<K, V> {
             }
         }
         for key in emptied {
-            self.lanes.remove(&key);
+            self.free(&key);
         }
         out
     }
@@ -190,6 +208,22 @@ mod tests {
         l.push("a", 7, 15);
         assert_eq!(batch(&mut l, 2), Some(("a", vec![12, 14])), "at most max");
         assert_eq!(l.queued(), 1);
+    }
+
+    #[test]
+    fn freed_lanes_leave_their_queues_for_new_keys_up_to_a_bound() {
+        let mut l = Lanes::new();
+        for key in 0..100u32 {
+            l.push(key, u64::from(key), ());
+        }
+        while let Some((key, ())) = l.start_next() {
+            l.finish(&key);
+        }
+        assert_eq!(l.spare.len(), SPARE_MAX, "kept, but no more than the bound");
+        assert!(l.spare.iter().all(|q| q.is_empty() && q.capacity() > 0));
+        l.push(7, 200, ());
+        assert_eq!(l.spare.len(), SPARE_MAX - 1, "a new lane takes one");
+        assert_eq!(l.start_next(), Some((7, ())));
     }
 
     #[test]
