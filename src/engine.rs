@@ -1147,7 +1147,6 @@ fn run_job<'a, K: Key, M: Send + 'static, T: Transport>(
     async move {
         // What is not run yet stays with the teller: if the job is cancelled, the loop gets it
         // back.
-        // Acknowledgements not done at their first poll.
         let mut acks = FuturesUnordered::new();
         while let Some(p) = teller.unfinished().and_then(VecDeque::pop_front) {
             while !acks.is_empty()
@@ -1169,15 +1168,7 @@ fn run_job<'a, K: Key, M: Send + 'static, T: Transport>(
                 Err(e) => Err(e),
             };
             match outcome {
-                Ok(()) => {
-                    // Most transports acknowledge at once (or queue the acknowledgement and
-                    // answer): told without the set's bookkeeping.
-                    let mut ack = Box::pin(acked(transport, key.clone(), meta));
-                    match ack.as_mut().now_or_never() {
-                        Some(done) => teller.output(done),
-                        None => acks.push(ack),
-                    }
-                }
+                Ok(()) => acks.push(acked(transport, key.clone(), meta)),
                 Err(e) => {
                     let retry = !e.is_permanent();
                     teller.output(Handled {
