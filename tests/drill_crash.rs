@@ -113,25 +113,8 @@ async fn sigkill_mid_run_loses_nothing_and_never_handles_before_the_client() {
         // Work after each payment's effect: the window in which a crash makes a duplicate.
         ("DRILL_WORK_MS", "5".to_owned()),
     ];
-    let ready = |n: usize| {
-        let log = log.clone();
-        async move || {
-            let got = drill::count(&log, |l| *l == Line::Ready);
-            if got >= n {
-                Ok(())
-            } else {
-                Err(format!("{got} READY lines"))
-            }
-        }
-    };
-
     let mut first = DrillChild::spawn(&log, &env);
-    drill::wait_until(
-        "the first consumer to start",
-        Duration::from_secs(60),
-        ready(1),
-    )
-    .await;
+    first.wait_ready(1, Duration::from_secs(60)).await;
 
     // The producer: the race, published at about 1 400 messages a second (a load shape, not a
     // synchronisation: nothing below depends on its timing). It records when it started
@@ -210,12 +193,7 @@ async fn sigkill_mid_run_loses_nothing_and_never_handles_before_the_client() {
     assert!(!status.success(), "SIGKILL'd process reported success");
 
     let mut second = DrillChild::spawn(&log, &env);
-    drill::wait_until(
-        "the second consumer to start",
-        Duration::from_secs(60),
-        ready(2),
-    )
-    .await;
+    second.wait_ready(2, Duration::from_secs(60)).await;
     let restart = killed_at.elapsed();
     producer.await.expect("the producer");
 

@@ -280,13 +280,13 @@ async fn a_partitioned_group_keeps_key_order_through_a_kill_and_a_join() {
         logs.push(log);
         child
     };
-    let ready = async |log: &PathBuf| drill::wait_ready(log, 1, Duration::from_secs(90)).await;
+    const READY_WITHIN: Duration = Duration::from_secs(90);
     let mut children: Vec<Option<DrillChild>> = Vec::new();
     for _ in 0..3 {
         children.push(Some(spawn(&mut logs)));
     }
-    for log in logs.clone() {
-        ready(&log).await;
+    for child in children.iter_mut().flatten() {
+        child.wait_ready(1, READY_WITHIN).await;
     }
     let queue_prefix = format!("{group}.");
     let pids = |children: &[Option<DrillChild>]| -> Vec<u32> {
@@ -359,8 +359,9 @@ async fn a_partitioned_group_keeps_key_order_through_a_kill_and_a_join() {
     let after_kill = balanced(&queue_prefix, &pids(&children), "after the kill").await;
 
     // A fourth instance joins.
-    children.push(Some(spawn(&mut logs)));
-    ready(logs.last().expect("the fourth log")).await;
+    let mut fourth = spawn(&mut logs);
+    fourth.wait_ready(1, READY_WITHIN).await;
+    children.push(Some(fourth));
     let after_join = balanced(&queue_prefix, &pids(&children), "after the join").await;
     producer.await.expect("the producer");
 

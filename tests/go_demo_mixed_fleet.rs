@@ -69,8 +69,8 @@ impl Fleet {
             ("PREREQ_DB", db.display().to_string()),
         ];
         env.extend(extra_env.iter().cloned());
-        let child = DrillChild::spawn(&log, &env);
-        drill::wait_ready(&log, 1, PATIENCE).await;
+        let mut child = DrillChild::spawn(&log, &env);
+        child.wait_ready(1, PATIENCE).await;
         Self {
             child,
             names: GoNames::with_prefix(&prefix),

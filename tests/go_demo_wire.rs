@@ -65,8 +65,7 @@ impl Run {
         ];
         env.extend(extra_env.iter().cloned());
         let mut child = DrillChild::spawn(&log, &env);
-        drill::wait_ready(&log, 1, PATIENCE).await;
-        child.assert_running();
+        child.wait_ready(1, PATIENCE).await;
         Self {
             child,
             names: GoNames::with_prefix(&prefix),

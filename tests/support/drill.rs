@@ -34,19 +34,6 @@ pub async fn wait_until(
     }
 }
 
-/// Wait until the journal at `log` holds `n` READY lines (its consumer started `n` times).
-pub async fn wait_ready(log: &Path, n: usize, timeout: Duration) {
-    wait_until("the drill consumer to start", timeout, async || {
-        let got = count(log, |l| *l == Line::Ready);
-        if got >= n {
-            Ok(())
-        } else {
-            Err(format!("{got} of {n} READY lines"))
-        }
-    })
-    .await;
-}
-
 /// The drill consumer example's executable, built on first use with this test's features and
 /// profile (`cargo test --test x` does not build examples; a stale one must not be used).
 pub fn consumer_binary() -> &'static Path {
@@ -155,6 +142,26 @@ impl DrillChild {
             assert!(
                 Instant::now() < deadline,
                 "the drill consumer did not exit within {timeout:?}; stderr:\n{}",
+                self.stderr()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Wait until its journal holds `n` READY lines (a consumer started `n` times on it). Panics
+    /// at once, with its stderr, if the process exits meanwhile, and after `timeout`.
+    pub async fn wait_ready(&mut self, n: usize, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let got = count(&self.log, |l| *l == Line::Ready);
+            if got >= n {
+                return;
+            }
+            self.assert_running();
+            assert!(
+                Instant::now() < deadline,
+                "timed out after {timeout:?} waiting for the drill consumer to start: \
+                 {got} of {n} READY lines; stderr:\n{}",
                 self.stderr()
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
