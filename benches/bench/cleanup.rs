@@ -30,6 +30,11 @@ impl Cleanup {
         lock(&self.queues).push(name.into());
     }
 
+    /// An exchange to delete.
+    pub fn exchange(&self, name: impl Into<String>) {
+        lock(&self.exchanges).push(name.into());
+    }
+
     /// Every queue and exchange `route` declares (its delay queues are made on demand: register
     /// them with [`Cleanup::queue`] from `AmqpTransport::delay_queues`).
     pub fn route(&self, route: &Route) {

@@ -9,7 +9,7 @@ use std::path::Path;
 /// and its process can be read).
 #[derive(Clone, Copy)]
 pub struct Cpu {
-    own_ns: u64,
+    own: Sched,
     broker_ns: Option<u64>,
     broker: Option<u32>,
 }
@@ -18,15 +18,31 @@ pub struct Cpu {
 pub struct PerMsg {
     pub own_us: f64,
     pub broker_us: Option<f64>,
+    /// Times this process's threads were put on a core (woken or resumed), per message.
+    pub own_slices: f64,
+    /// Time this process's threads waited, runnable, for a core, per message, in microseconds.
+    pub own_wait_us: f64,
+}
+
+/// A thread group's `schedstat`, summed over its threads.
+#[derive(Clone, Copy, Default)]
+struct Sched {
+    /// On a core, ns.
+    run_ns: u64,
+    /// Runnable, waiting for a core, ns.
+    wait_ns: u64,
+    /// Times put on a core.
+    slices: u64,
 }
 
 impl Cpu {
     /// Read the counters now; `broker` is the broker's process ([`listener_pid`]), if known.
     pub fn now(broker: Option<u32>) -> Self {
         Self {
-            own_ns: threads_ns(Path::new("/proc/self/task")).unwrap_or(0),
+            own: threads(Path::new("/proc/self/task")).unwrap_or_default(),
             broker_ns: broker
-                .and_then(|pid| threads_ns(&Path::new("/proc").join(pid.to_string()).join("task"))),
+                .and_then(|pid| threads(&Path::new("/proc").join(pid.to_string()).join("task")))
+                .map(|s| s.run_ns),
             broker,
         }
     }
@@ -36,7 +52,9 @@ impl Cpu {
         let later = Self::now(self.broker);
         let n = n.max(1) as f64;
         PerMsg {
-            own_us: later.own_ns.saturating_sub(self.own_ns) as f64 / 1e3 / n,
+            own_us: later.own.run_ns.saturating_sub(self.own.run_ns) as f64 / 1e3 / n,
+            own_slices: later.own.slices.saturating_sub(self.own.slices) as f64 / n,
+            own_wait_us: later.own.wait_ns.saturating_sub(self.own.wait_ns) as f64 / 1e3 / n,
             broker_us: match (self.broker_ns, later.broker_ns) {
                 (Some(a), Some(b)) => Some(b.saturating_sub(a) as f64 / 1e3 / n),
                 _ => None,
@@ -45,21 +63,22 @@ impl Cpu {
     }
 }
 
-/// The run time of every thread under `tasks` (a `/proc/<pid>/task` directory), in ns: the
-/// first field of each thread's `schedstat`. Threads that ended meanwhile are not counted (the
-/// bench's threads live for the whole run).
-fn threads_ns(tasks: &Path) -> Option<u64> {
-    let mut total = 0u64;
+/// The `schedstat` of every thread under `tasks` (a `/proc/<pid>/task` directory), summed: run
+/// time, wait for a core (ns) and times put on a core. Threads that ended meanwhile are not
+/// counted (the bench's threads live for the whole run).
+fn threads(tasks: &Path) -> Option<Sched> {
+    let mut total = Sched::default();
     for entry in std::fs::read_dir(tasks).ok()? {
         let Ok(entry) = entry else { continue };
         let Ok(stat) = std::fs::read_to_string(entry.path().join("schedstat")) else {
             continue;
         };
-        total += stat
+        let mut f = stat
             .split_whitespace()
-            .next()
-            .and_then(|v| v.parse::<u64>().ok())
-            .unwrap_or(0);
+            .map(|v| v.parse::<u64>().unwrap_or(0));
+        total.run_ns += f.next().unwrap_or(0);
+        total.wait_ns += f.next().unwrap_or(0);
+        total.slices += f.next().unwrap_or(0);
     }
     Some(total)
 }

@@ -47,6 +47,7 @@ mod raw;
 mod router;
 mod rss;
 mod scenarios;
+mod shadow;
 mod shared;
 mod sizes;
 mod steady;

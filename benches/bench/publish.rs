@@ -61,8 +61,9 @@ pub async fn publish_all(
     check_confirms(join_all(window).await)
 }
 
-/// Publish every client's registration to `queue` at `t0 + data.reg_at[client]`, in time order,
-/// and wait for the confirms; returns when each was sent, by client.
+/// Publish every client's registration to `exchange` (`""`: the default exchange) with routing
+/// key `queue` at `t0 + data.reg_at[client]`, in time order, and wait for the confirms; returns
+/// when each was sent, by client.
 ///
 /// From a thread and a runtime of its own, as another service would publish: on the runtime
 /// of the consumer under test, a publish waits behind the consumer's own tasks, and that wait
@@ -70,23 +71,25 @@ pub async fn publish_all(
 /// prereq's runtime, 2.2–2.9 ms without, in runs one after the other).
 pub async fn register_on_schedule(
     ch: &Channel,
+    exchange: &str,
     queue: &str,
     data: &RaceData,
     t0: Instant,
 ) -> Res<Vec<Instant>> {
-    let (ch, queue) = (ch.clone(), queue.to_owned());
+    let (ch, exchange, queue) = (ch.clone(), exchange.to_owned(), queue.to_owned());
     let reg_at = data.reg_at.clone();
     tokio::task::spawn_blocking(move || {
         tokio::runtime::Builder::new_current_thread()
             .enable_time()
             .build()?
-            .block_on(publish_on_schedule(&ch, &queue, &reg_at, t0))
+            .block_on(publish_on_schedule(&ch, &exchange, &queue, &reg_at, t0))
     })
     .await?
 }
 
 async fn publish_on_schedule(
     ch: &Channel,
+    exchange: &str,
     queue: &str,
     reg_at: &[std::time::Duration],
     t0: Instant,
@@ -100,7 +103,7 @@ async fn publish_on_schedule(
         sent_at[c as usize] = Instant::now();
         confirms.push(
             ch.basic_publish(
-                "".into(),
+                exchange.into(),
                 queue.into(),
                 BasicPublishOptions::default(),
                 &client_body(c),

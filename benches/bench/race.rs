@@ -11,11 +11,13 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use crate::cleanup::lock;
+use crate::cpu::{Cpu, PerMsg};
 use crate::data::{Client, Payment, RaceData, payment_body};
 use crate::env::{Env, clients_queue, payments_queue};
 use crate::heap;
 use crate::publish::{confirm_channel, publish_all, register_on_schedule};
 use crate::rss::{peak_rss_mb, reset_peak_rss, rss_mb};
+use crate::shadow::Shadow;
 use crate::shared::Running;
 use crate::{Res, STUCK, timeout};
 
@@ -36,9 +38,17 @@ pub struct Race {
     /// The key path hop by hop ([`HOPS`]), each sorted, per registration; empty unless the
     /// probe is compiled in (`--cfg prereq_probe`).
     pub hops_ms: Vec<Vec<f64>>,
+    /// Bare lapin beside the consumer ([`Shadow`], when asked for): the same registrations'
+    /// publish → delivery, in ms, sorted; empty without it.
+    pub shadow_ms: Vec<f64>,
+    /// Per registration, prereq's key path minus the shadow's delivery of the same
+    /// registration, in ms (negative where prereq was first), sorted; empty without it.
+    pub over_shadow_ms: Vec<f64>,
     /// Handler runs before the registration was even published (must be 0).
     pub early: u64,
     pub drain: Duration,
+    /// CPU from the first registration's publish to the last handler run, per payment.
+    pub release_cpu: PerMsg,
     pub deferred: u64,
     pub report: Report,
     pub peak_rss_mb: f64,
@@ -60,13 +70,15 @@ struct RaceCounters {
     handled: AtomicU64,
 }
 
-/// One race of `scenario` with this hold budget and payment bodies of `body_bytes`.
+/// One race of `scenario` with this hold budget and payment bodies of `body_bytes`; with
+/// `shadow`, bare lapin receives the same registrations beside the consumer.
 pub async fn race(
     env: &Env,
     scenario: &str,
     data: &RaceData,
     budget: HoldBudget,
     body_bytes: usize,
+    shadow: bool,
 ) -> Res<Race> {
     let n = data.client_of.len();
     let prefix = env.prefix(scenario);
@@ -155,6 +167,10 @@ pub async fn race(
     let rss_before_mb = rss_mb();
     reset_peak_rss();
     let transport = env.transport(&prefix, route).await?;
+    let shadow = match shadow {
+        true => Some(Shadow::start(env, scenario, &clients_q, data.reg_at.len()).await?),
+        false => None,
+    };
     let running = Running::start(consumer, &transport.transport);
 
     let outcome = async {
@@ -175,21 +191,34 @@ pub async fn race(
         let held_at_intake = counters.held.load(Ordering::Relaxed);
         drop(window);
         let t0 = Instant::now();
+        let cpu = Cpu::now(env.broker_pid);
         #[cfg(prereq_probe)]
         prereq::probe::record(true);
-        let registered_at = register_on_schedule(&ch, &clients_q, data, t0).await?;
+        let exchange = shadow.as_ref().map_or("", Shadow::exchange);
+        let registered_at = register_on_schedule(&ch, exchange, &clients_q, data, t0).await?;
         timeout(&format!("{scenario}: draining"), STUCK, all_done.notified()).await?;
+        let release_cpu = cpu.per_msg(n);
         #[cfg(prereq_probe)]
         prereq::probe::record(false);
         let _ = ch.close(200, "done".into()).await;
-        Res::Ok((t0, registered_at, intake_heap_bytes, held_at_intake))
+        Res::Ok((
+            t0,
+            registered_at,
+            release_cpu,
+            intake_heap_bytes,
+            held_at_intake,
+        ))
     }
     .await;
     let report = running.stop().await;
     transport.close().await;
     let report = report?;
     let peak_rss_mb = peak_rss_mb();
-    let (t0, registered_at, intake_heap_bytes, held_at_intake) = outcome?;
+    let (t0, registered_at, release_cpu, intake_heap_bytes, held_at_intake) = outcome?;
+    let shadow_at = match shadow {
+        Some(shadow) => shadow.finish().await?,
+        None => Vec::new(),
+    };
 
     let ms = |d: Duration| d.as_secs_f64() * 1e3;
     let mut latencies_ms = Vec::with_capacity(n);
@@ -222,11 +251,27 @@ pub async fn race(
         .filter_map(|(k, r)| k.map(|(k, _)| ms(k.saturating_duration_since(*r))))
         .collect();
     let hops_ms = hops(&known, &registered_at);
+    let mut shadow_ms: Vec<f64> = shadow_at
+        .iter()
+        .zip(&registered_at)
+        .filter_map(|(s, r)| s.map(|s| ms(s.saturating_duration_since(*r))))
+        .collect();
+    let mut over_shadow_ms: Vec<f64> = known
+        .iter()
+        .zip(&shadow_at)
+        .filter_map(|(k, s)| match (k, s) {
+            (Some((k, _)), Some(s)) if *k >= *s => Some(ms(*k - *s)),
+            (Some((k, _)), Some(s)) => Some(-ms(*s - *k)),
+            _ => None,
+        })
+        .collect();
     for v in [
         &mut latencies_ms,
         &mut first_of_key_ms,
         &mut lane_ms,
         &mut key_path_ms,
+        &mut shadow_ms,
+        &mut over_shadow_ms,
     ] {
         v.sort_by(f64::total_cmp);
     }
@@ -236,8 +281,11 @@ pub async fn race(
         key_path_ms,
         lane_ms,
         hops_ms,
+        shadow_ms,
+        over_shadow_ms,
         early,
         drain: last - t0,
+        release_cpu,
         deferred: counters.deferred.load(Ordering::Relaxed),
         report,
         peak_rss_mb,

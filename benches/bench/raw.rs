@@ -138,6 +138,18 @@ pub async fn consume(ch: &Channel, queue: &str) -> Res<Consumer> {
         .await?)
 }
 
+/// A registrations consumer on a channel of its own of `conn`, with prereq's registrations
+/// prefetch.
+pub async fn consume_registrations(conn: &Connection, queue: &str) -> Res<Consumer> {
+    let ch = conn.create_channel().await?;
+    ch.basic_qos(
+        prereq::amqp::DEFAULT_REGISTRATION_PREFETCH,
+        BasicQosOptions::default(),
+    )
+    .await?;
+    consume(&ch, queue).await
+}
+
 /// What [`raw_latency`] receives meanwhile.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub enum Meanwhile {
@@ -150,26 +162,30 @@ pub enum Meanwhile {
     Releasing,
 }
 
+/// What [`raw_latency`] measured.
+pub struct Latencies {
+    /// Publish → delivery per registration, in ms, sorted.
+    pub ms: Vec<f64>,
+    /// CPU from the first registration's publish to the last settlement, per payment of the
+    /// race (what releasing them cost, with [`Meanwhile::Releasing`]).
+    pub cpu: PerMsg,
+}
+
 /// Registrations published on the race's schedule into a queue that bare lapin consumes (on its
-/// own connection, as prereq's transport does), latency from publish to delivery, in ms, sorted.
-pub async fn raw_latency(env: &Env, data: &RaceData, meanwhile: Meanwhile) -> Res<Vec<f64>> {
+/// own connection, as prereq's transport does): latency from publish to delivery.
+pub async fn raw_latency(env: &Env, data: &RaceData, meanwhile: Meanwhile) -> Res<Latencies> {
     let releasing = meanwhile == Meanwhile::Releasing;
     let (queue, ch) = scratch_queue(env, if releasing { "rawlatl" } else { "rawlat" }).await?;
     let k = data.reg_at.len();
     let consumer_conn =
         Connection::connect(env.broker.addr().expose(), ConnectionProperties::default()).await?;
-    let mut held = if releasing {
-        hold_payments(env, &consumer_conn, data).await?
+    let (mut held, payments) = if releasing {
+        let h = hold_payments(env, &consumer_conn, data).await?;
+        (h.ackers, Some((h.queue, h.channel, h.consumer)))
     } else {
-        Vec::new()
+        (Vec::new(), None)
     };
-    let cch = consumer_conn.create_channel().await?;
-    cch.basic_qos(
-        prereq::amqp::DEFAULT_REGISTRATION_PREFETCH,
-        BasicQosOptions::default(),
-    )
-    .await?;
-    let mut consumer = consume(&cch, &queue).await?;
+    let mut consumer = consume_registrations(&consumer_conn, &queue).await?;
     let receiver = tokio::spawn(async move {
         let mut got = vec![None; k];
         let mut acks = tokio::task::JoinSet::new();
@@ -198,8 +214,33 @@ pub async fn raw_latency(env: &Env, data: &RaceData, meanwhile: Meanwhile) -> Re
         Res::Ok(got)
     });
     let t0 = Instant::now() + Duration::from_millis(50);
-    let sent_at = register_on_schedule(&ch, &queue, data, t0).await?;
+    let cpu = Cpu::now(env.broker_pid);
+    let sent_at = register_on_schedule(&ch, "", &queue, data, t0).await?;
     let got = timeout("raw latency", STUCK, receiver).await???;
+    let cpu = cpu.per_msg(data.client_of.len());
+    if let Some((queue, channel, consumer)) = payments {
+        // Every payment was acknowledged: none goes back to the queue when its channel closes.
+        // (The channel once closed as soon as the payments were taken in, the handles being
+        // dropped, and the acknowledgements went nowhere without an error: this baseline then
+        // carried no release at all.)
+        let _ = channel.close(200, "done".into()).await;
+        drop(consumer);
+        let ch = consumer_conn.create_channel().await?;
+        let left = ch
+            .queue_declare(
+                queue.as_str().into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..QueueDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await?
+            .message_count();
+        if left > 0 {
+            return Err(format!("raw latency: {left} held payments were not acknowledged").into());
+        }
+    }
     let _ = consumer_conn.close(200, "done".into()).await;
     let _ = ch.close(200, "done".into()).await;
     let mut v: Vec<f64> = got
@@ -208,12 +249,22 @@ pub async fn raw_latency(env: &Env, data: &RaceData, meanwhile: Meanwhile) -> Re
         .filter_map(|(g, s)| g.map(|g| g.saturating_duration_since(*s).as_secs_f64() * 1e3))
         .collect();
     v.sort_by(f64::total_cmp);
-    Ok(v)
+    Ok(Latencies { ms: v, cpu })
 }
 
 /// The race's payments published to a queue of their own and delivered to a channel of `conn`
 /// (prereq's default prefetch), held unacknowledged: their ackers by client.
-async fn hold_payments(env: &Env, conn: &Connection, data: &RaceData) -> Res<Vec<Vec<Acker>>> {
+/// The race's payments held by bare lapin: their acknowledgers by client, and what must stay open
+/// until they are used (dropping the channel or the consumer closes the channel, and the broker
+/// takes the payments back).
+struct HeldPayments {
+    ackers: Vec<Vec<Acker>>,
+    queue: String,
+    channel: Channel,
+    consumer: Consumer,
+}
+
+async fn hold_payments(env: &Env, conn: &Connection, data: &RaceData) -> Res<HeldPayments> {
     let (queue, ch) = scratch_queue(env, "rawlatp").await?;
     let bodies: Vec<Vec<u8>> = data
         .client_of
@@ -239,5 +290,10 @@ async fn hold_payments(env: &Env, conn: &Connection, data: &RaceData) -> Res<Vec
         Res::Ok(())
     })
     .await??;
-    Ok(held)
+    Ok(HeldPayments {
+        ackers: held,
+        queue,
+        channel: pch,
+        consumer,
+    })
 }

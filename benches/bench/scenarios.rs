@@ -39,6 +39,9 @@ pub async fn broker_scenarios(env: &Env, s: &Sizes, f: &mut Figures, t: &mut Tab
     if s.mode == "big" {
         return big_figures(env, s, f, t).await;
     }
+    if s.mode == "race" {
+        return race_alone(env, s, f, t).await;
+    }
     raw_and_steady(env, s, f, t).await?;
     if s.mode == "steady" {
         return Ok(crate::rss::peak_rss_mb());
@@ -46,7 +49,7 @@ pub async fn broker_scenarios(env: &Env, s: &Sizes, f: &mut Figures, t: &mut Tab
 
     let data = RaceData::new(s.race_n, s.race_k, s.race_t, 0x5EED_5EED);
     let n = s.race_n as f64;
-    let floor = raw_latency(env, &data, Meanwhile::Nothing).await?;
+    let floor = raw_latency(env, &data, Meanwhile::Nothing).await?.ms;
     let (f50, f99, fmax) = (
         percentile(&floor, 50.0),
         percentile(&floor, 99.0),
@@ -60,6 +63,8 @@ pub async fn broker_scenarios(env: &Env, s: &Sizes, f: &mut Figures, t: &mut Tab
     f.num("raw_latency_p99_ms", f99, 3);
     f.num("raw_latency_max_ms", fmax, 3);
     let loaded = raw_latency(env, &data, Meanwhile::Releasing).await?;
+    let loaded_cpu = loaded.cpu;
+    let loaded = loaded.ms;
     let (l50, l99) = (percentile(&loaded, 50.0), percentile(&loaded, 99.0));
     t.row(
         "raw lapin publish -> delivery, releasing payments meanwhile",
@@ -80,7 +85,8 @@ pub async fn broker_scenarios(env: &Env, s: &Sizes, f: &mut Figures, t: &mut Tab
         ),
         ("race1k", HoldBudget::DEFAULT, BIG_BODY_BYTES),
     ] {
-        let r = race(env, name, &data, budget, body).await?;
+        // Bare lapin beside the default race: its baseline at the same instants.
+        let r = race(env, name, &data, budget, body, name == "race").await?;
         if r.early > 0 {
             return Err(
                 format!("{name}: {} handlers ran before their key arrived", r.early).into(),
@@ -189,6 +195,50 @@ pub async fn broker_scenarios(env: &Env, s: &Sizes, f: &mut Figures, t: &mut Tab
         f.num(&format!("probe_hop{}_p50_ms", i + 1), p50, 3);
         f.num(&format!("probe_hop{}_p99_ms", i + 1), p99, 3);
     }
+    if !race.shadow_ms.is_empty() {
+        let (s50, s99) = (
+            percentile(&race.shadow_ms, 50.0),
+            percentile(&race.shadow_ms, 99.0),
+        );
+        let (o50, o99) = (
+            percentile(&race.over_shadow_ms, 50.0),
+            percentile(&race.over_shadow_ms, 99.0),
+        );
+        t.row(
+            "race, bare lapin beside prereq (same registrations)",
+            format!(
+                "publish -> delivery p50/p99 {s50:.2} / {s99:.2} ms; prereq's key path minus \
+                 it, per registration, p50/p99 {o50:.3} / {o99:.3} ms"
+            ),
+        );
+        f.num("race_shadow_p50_ms", s50, 3);
+        f.num("race_shadow_p99_ms", s99, 3);
+        f.num("key_path_minus_shadow_p50_ms", o50, 3);
+        f.num("key_path_minus_shadow_p99_ms", o99, 3);
+        f.num("key_path_over_shadow_p99", key_p99 / s99, 3);
+        f.num(
+            "release_over_shadow_p99",
+            percentile(&race.latencies_ms, 99.0) / s99,
+            3,
+        );
+    }
+    let cpu = &race.release_cpu;
+    t.row(
+        "race, CPU per payment while releasing: prereq / bare lapin",
+        format!(
+            "this process {} / {} us, broker {} / {} us",
+            opt_us(Some(cpu.own_us)),
+            opt_us(Some(loaded_cpu.own_us)),
+            opt_us(cpu.broker_us),
+            opt_us(loaded_cpu.broker_us)
+        ),
+    );
+    f.num("race_release_cpu_us_per_msg", cpu.own_us, 2);
+    f.num("loaded_release_cpu_us_per_msg", loaded_cpu.own_us, 2);
+    if let (Some(a), Some(b)) = (cpu.broker_us, loaded_cpu.broker_us) {
+        f.num("race_release_broker_cpu_us_per_msg", a, 2);
+        f.num("loaded_release_broker_cpu_us_per_msg", b, 2);
+    }
     f.num("key_path_over_raw_p99", key_p99 / f99, 3);
     f.num("key_path_over_loaded_p99", key_p99 / l99, 3);
     let (rel_p99, big) = (percentile(&race.latencies_ms, 99.0), run("race1k")?);
@@ -273,11 +323,7 @@ const HELD_BEHIND: usize = 10_000;
 /// 1 for instruction counts): the broker's own speed drifts between rounds and sometimes
 /// doubles, so each figure is the median of the rounds, and the ratios are taken round by round.
 async fn raw_and_steady(env: &Env, s: &Sizes, f: &mut Figures, t: &mut Table) -> Res<()> {
-    let rounds: usize = std::env::var("PREREQ_BENCH_ROUNDS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .filter(|n| *n > 0)
-        .unwrap_or(3);
+    let rounds = rounds();
     let mut all = Vec::with_capacity(rounds);
     for round in 1..=rounds {
         let r = raw(env, s).await?;
@@ -435,4 +481,78 @@ async fn big_figures(env: &Env, s: &Sizes, f: &mut Figures, t: &mut Table) -> Re
         .peak_rss_mb
         .max(b.raw.peak_rss_mb)
         .max(b.raw_by_key.as_ref().map_or(0.0, |d| d.peak_rss_mb)))
+}
+
+/// `PREREQ_BENCH_ROUNDS`, 3 unless set.
+fn rounds() -> usize {
+    std::env::var("PREREQ_BENCH_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|n| *n > 0)
+        .unwrap_or(3)
+}
+
+/// The race alone (`PREREQ_BENCH=race`): bare lapin releasing the race's payments, then prereq's
+/// race with bare lapin beside it, in turn, [`rounds`] times; per round the key path against
+/// the shadow, and the CPU per payment of each release, this process's and the broker's.
+async fn race_alone(env: &Env, s: &Sizes, f: &mut Figures, t: &mut Table) -> Res<f64> {
+    let data = RaceData::new(s.race_n, s.race_k, s.race_t, 0x5EED_5EED);
+    let mut peak = peak_rss_mb();
+    for round in 1..=rounds() {
+        let loaded = raw_latency(env, &data, Meanwhile::Releasing).await?;
+        let r = race(env, "race", &data, HoldBudget::DEFAULT, BODY_BYTES, true).await?;
+        peak = peak.max(r.peak_rss_mb);
+        let p99 = |v: &[f64]| percentile(v, 99.0);
+        let (cpu, lcpu) = (&r.release_cpu, &loaded.cpu);
+        t.row(
+            &format!("round {round}: p99 loaded / shadow / key path / release"),
+            format!(
+                "{:.2} / {:.2} / {:.2} / {:.2} ms; key path minus shadow p50/p99 {:.3} / {:.3} ms; \
+                 CPU per payment prereq / bare lapin: this process {} / {} us ({:.1} / {:.1} \
+                 times on a core, {:.1} / {:.1} us waiting for one), broker {} / {} us",
+                p99(&loaded.ms),
+                p99(&r.shadow_ms),
+                p99(&r.key_path_ms),
+                p99(&r.latencies_ms),
+                percentile(&r.over_shadow_ms, 50.0),
+                p99(&r.over_shadow_ms),
+                opt_us(Some(cpu.own_us)),
+                opt_us(Some(lcpu.own_us)),
+                cpu.own_slices,
+                lcpu.own_slices,
+                cpu.own_wait_us,
+                lcpu.own_wait_us,
+                opt_us(cpu.broker_us),
+                opt_us(lcpu.broker_us),
+            ),
+        );
+        f.num(
+            &format!("round{round}_key_path_over_shadow_p99"),
+            p99(&r.key_path_ms) / p99(&r.shadow_ms),
+            3,
+        );
+        f.num(
+            &format!("round{round}_race_release_cpu_us_per_msg"),
+            cpu.own_us,
+            2,
+        );
+        f.num(
+            &format!("round{round}_loaded_release_cpu_us_per_msg"),
+            lcpu.own_us,
+            2,
+        );
+        if let (Some(a), Some(b)) = (cpu.broker_us, lcpu.broker_us) {
+            f.num(
+                &format!("round{round}_race_release_broker_cpu_us_per_msg"),
+                a,
+                2,
+            );
+            f.num(
+                &format!("round{round}_loaded_release_broker_cpu_us_per_msg"),
+                b,
+                2,
+            );
+        }
+    }
+    Ok(peak)
 }

@@ -87,6 +87,13 @@ impl Sizes {
                 big_k: 1_000,
                 ..Self::quick()
             },
+            // The race alone (prereq's, with bare lapin beside it) and bare lapin releasing
+            // the same payments, in turn, `PREREQ_BENCH_ROUNDS` times (3 unless set): where the
+            // key path's time and the release's CPU go.
+            Ok("race") => Self {
+                mode: "race",
+                ..Self::quick()
+            },
             _ => Self::quick(),
         }
     }
@@ -100,7 +107,7 @@ impl Sizes {
     pub fn engine_known(&self) -> bool {
         !matches!(
             self.mode,
-            "engine-held" | "engine-unique" | "big" | "steady"
+            "engine-held" | "engine-unique" | "big" | "steady" | "race"
         )
     }
 
@@ -108,7 +115,7 @@ impl Sizes {
     pub fn engine_held(&self) -> bool {
         !matches!(
             self.mode,
-            "engine-known" | "engine-unique" | "big" | "steady"
+            "engine-known" | "engine-unique" | "big" | "steady" | "race"
         )
     }
 
