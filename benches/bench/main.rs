@@ -7,7 +7,8 @@
 //! once (for profiling), and `PREREQ_BENCH=engine-known` / `engine-held` / `engine-unique` (known
 //! keys, every message its own) one path of it with `PREREQ_BENCH_N` messages (for instruction
 //! counts); `PREREQ_BENCH=big` the big hold alone
-//! (`PREREQ_BENCH_N` payments, 100 000 unless set). The broker is `AMQP_ADDR`, else
+//! (`PREREQ_BENCH_N` payments, 100 000 unless set); `PREREQ_BENCH=race` the race alone, bare
+//! lapin releasing the same payments and prereq in turn (`PREREQ_BENCH_ROUNDS` times). The broker is `AMQP_ADDR`, else
 //! `amqp://guest:guest@127.0.0.1:5672/%2f`; when it is unreachable only the in-memory engine
 //! scenario runs.
 //!
@@ -19,11 +20,13 @@
 //! - *race*: N payments over K clients whose registrations arrive at random times in 0..T after
 //!   the payments (fixed seed), run with prereq's defaults (hold) and with the seed-style
 //!   strategy on the same data; *bounded*: the same race with a hold budget of N/4; *race1k*:
-//!   prereq's race with 1 KiB bodies (held memory per message);
+//!   prereq's race with 1 KiB bodies (held memory per message); in prereq's race bare lapin
+//!   receives the same registrations beside it (a fanout), the broker's latency at the same
+//!   instants;
 //! - *router*: a partitioned group's ingress router (`route_by_key`) against keyed publishes
 //!   straight to the group's exchange: the extra hop's latency and throughput;
-//! - *big* (full mode): 100 000 payments held as far as one prefetch goes, then released at
-//!   once, against bare lapin draining the same;
+//! - *big* (full mode): 100 000 payments held, then released at once, against bare lapin
+//!   draining the same;
 //! - *engine*: the engine's cost per message on the in-memory transport.
 //!
 //! Every queue and exchange has a unique name (`prereq-bench.<pid>.<nanos>.…`) and is deleted
