@@ -6,9 +6,9 @@
 //! runs larger N; `PREREQ_BENCH=engine cargo bench` runs the in-memory engine scenario only,
 //! once (for profiling), and `PREREQ_BENCH=engine-known` / `engine-held` / `engine-unique` (known
 //! keys, every message its own) one path of it with `PREREQ_BENCH_N` messages (for instruction
-//! counts); `PREREQ_BENCH=big` the big hold alone
-//! (`PREREQ_BENCH_N` payments, 100 000 unless set); `PREREQ_BENCH=race` the race alone, bare
-//! lapin releasing the same payments and prereq in turn (`PREREQ_BENCH_ROUNDS` times). The broker is `AMQP_ADDR`, else
+//! counts); `PREREQ_BENCH=big` the big hold alone (`PREREQ_BENCH_N` payments, 100 000 unless
+//! set); `PREREQ_BENCH=race` the race alone, bare lapin releasing the same payments and prereq
+//! in turn (`PREREQ_BENCH_ROUNDS` times). The broker is `AMQP_ADDR`, else
 //! `amqp://guest:guest@127.0.0.1:5672/%2f`; when it is unreachable only the in-memory engine
 //! scenario runs.
 //!

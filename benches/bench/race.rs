@@ -167,9 +167,10 @@ pub async fn race(
     let rss_before_mb = rss_mb();
     reset_peak_rss();
     let transport = env.transport(&prefix, route).await?;
-    let shadow = match shadow {
-        true => Some(Shadow::start(env, scenario, &clients_q, data.reg_at.len()).await?),
-        false => None,
+    let shadow = if shadow {
+        Some(Shadow::start(env, scenario, &clients_q, data.reg_at.len()).await?)
+    } else {
+        None
     };
     let running = Running::start(consumer, &transport.transport);
 
@@ -251,18 +252,20 @@ pub async fn race(
         .filter_map(|(k, r)| k.map(|(k, _)| ms(k.saturating_duration_since(*r))))
         .collect();
     let hops_ms = hops(&known, &registered_at);
+    // Both after the same publish: prereq's key path minus the shadow's is their difference.
+    let since_publish =
+        |at: &Option<Instant>, r: &Instant| at.map(|at| ms(at.saturating_duration_since(*r)));
     let mut shadow_ms: Vec<f64> = shadow_at
         .iter()
         .zip(&registered_at)
-        .filter_map(|(s, r)| s.map(|s| ms(s.saturating_duration_since(*r))))
+        .filter_map(|(s, r)| since_publish(s, r))
         .collect();
     let mut over_shadow_ms: Vec<f64> = known
         .iter()
         .zip(&shadow_at)
-        .filter_map(|(k, s)| match (k, s) {
-            (Some((k, _)), Some(s)) if *k >= *s => Some(ms(*k - *s)),
-            (Some((k, _)), Some(s)) => Some(-ms(*s - *k)),
-            _ => None,
+        .zip(&registered_at)
+        .filter_map(|((k, s), r)| {
+            Some(since_publish(&k.map(|(k, _)| k), r)? - since_publish(s, r)?)
         })
         .collect();
     for v in [

@@ -179,12 +179,15 @@ pub async fn raw_latency(env: &Env, data: &RaceData, meanwhile: Meanwhile) -> Re
     let k = data.reg_at.len();
     let consumer_conn =
         Connection::connect(env.broker.addr().expose(), ConnectionProperties::default()).await?;
-    let (mut held, payments) = if releasing {
-        let h = hold_payments(env, &consumer_conn, data).await?;
-        (h.ackers, Some((h.queue, h.channel, h.consumer)))
+    let mut payments = if releasing {
+        Some(hold_payments(env, &consumer_conn, data).await?)
     } else {
-        (Vec::new(), None)
+        None
     };
+    let mut held = payments
+        .as_mut()
+        .map(|p| std::mem::take(&mut p.ackers))
+        .unwrap_or_default();
     let mut consumer = consume_registrations(&consumer_conn, &queue).await?;
     let receiver = tokio::spawn(async move {
         let mut got = vec![None; k];
@@ -218,28 +221,8 @@ pub async fn raw_latency(env: &Env, data: &RaceData, meanwhile: Meanwhile) -> Re
     let sent_at = register_on_schedule(&ch, "", &queue, data, t0).await?;
     let got = timeout("raw latency", STUCK, receiver).await???;
     let cpu = cpu.per_msg(data.client_of.len());
-    if let Some((queue, channel, consumer)) = payments {
-        // Every payment was acknowledged: none goes back to the queue when its channel closes.
-        // (The channel once closed as soon as the payments were taken in, the handles being
-        // dropped, and the acknowledgements went nowhere without an error: this baseline then
-        // carried no release at all.)
-        let _ = channel.close(200, "done".into()).await;
-        drop(consumer);
-        let ch = consumer_conn.create_channel().await?;
-        let left = ch
-            .queue_declare(
-                queue.as_str().into(),
-                QueueDeclareOptions {
-                    passive: true,
-                    ..QueueDeclareOptions::default()
-                },
-                FieldTable::default(),
-            )
-            .await?
-            .message_count();
-        if left > 0 {
-            return Err(format!("raw latency: {left} held payments were not acknowledged").into());
-        }
+    if let Some(payments) = payments {
+        payments.all_acknowledged(&consumer_conn).await?;
     }
     let _ = consumer_conn.close(200, "done".into()).await;
     let _ = ch.close(200, "done".into()).await;
@@ -252,11 +235,9 @@ pub async fn raw_latency(env: &Env, data: &RaceData, meanwhile: Meanwhile) -> Re
     Ok(Latencies { ms: v, cpu })
 }
 
-/// The race's payments published to a queue of their own and delivered to a channel of `conn`
-/// (prereq's default prefetch), held unacknowledged: their ackers by client.
 /// The race's payments held by bare lapin: their acknowledgers by client, and what must stay open
-/// until they are used (dropping the channel or the consumer closes the channel, and the broker
-/// takes the payments back).
+/// until they are used (dropping the channel or the consumer closes the channel, the broker takes
+/// the payments back, and their acknowledgements then go nowhere, without an error).
 struct HeldPayments {
     ackers: Vec<Vec<Acker>>,
     queue: String,
@@ -264,6 +245,31 @@ struct HeldPayments {
     consumer: Consumer,
 }
 
+impl HeldPayments {
+    /// Close the payments' channel and check that the broker took none back: each was
+    /// acknowledged.
+    async fn all_acknowledged(self, conn: &Connection) -> Res<()> {
+        let _ = self.channel.close(200, "done".into()).await;
+        drop(self.consumer);
+        let ch = conn.create_channel().await?;
+        let passive = QueueDeclareOptions {
+            passive: true,
+            ..QueueDeclareOptions::default()
+        };
+        let left = ch
+            .queue_declare(self.queue.as_str().into(), passive, FieldTable::default())
+            .await?
+            .message_count();
+        let _ = ch.close(200, "done".into()).await;
+        match left {
+            0 => Ok(()),
+            left => Err(format!("raw latency: {left} held payments were not acknowledged").into()),
+        }
+    }
+}
+
+/// The race's payments published to a queue of their own and delivered to a channel of `conn`
+/// (prereq's default prefetch), held unacknowledged.
 async fn hold_payments(env: &Env, conn: &Connection, data: &RaceData) -> Res<HeldPayments> {
     let (queue, ch) = scratch_queue(env, "rawlatp").await?;
     let bodies: Vec<Vec<u8>> = data

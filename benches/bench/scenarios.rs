@@ -7,6 +7,7 @@ use prereq::HoldBudget;
 
 use crate::Res;
 use crate::big::big_hold;
+use crate::cpu::PerMsg;
 use crate::data::{BIG_BODY_BYTES, BODY_BYTES, RaceData};
 use crate::env::Env;
 use crate::figures::{Figures, percentile};
@@ -225,13 +226,7 @@ pub async fn broker_scenarios(env: &Env, s: &Sizes, f: &mut Figures, t: &mut Tab
     let cpu = &race.release_cpu;
     t.row(
         "race, CPU per payment while releasing: prereq / bare lapin",
-        format!(
-            "this process {} / {} us, broker {} / {} us",
-            opt_us(Some(cpu.own_us)),
-            opt_us(Some(loaded_cpu.own_us)),
-            opt_us(cpu.broker_us),
-            opt_us(loaded_cpu.broker_us)
-        ),
+        release_cpu(cpu, &loaded_cpu),
     );
     f.num("race_release_cpu_us_per_msg", cpu.own_us, 2);
     f.num("loaded_release_cpu_us_per_msg", loaded_cpu.own_us, 2);
@@ -483,6 +478,23 @@ async fn big_figures(env: &Env, s: &Sizes, f: &mut Figures, t: &mut Table) -> Re
         .max(b.raw_by_key.as_ref().map_or(0.0, |d| d.peak_rss_mb)))
 }
 
+/// CPU per released payment, prereq's race against bare lapin releasing the same payments
+/// (prereq's side includes the bare lapin beside it, when it ran).
+fn release_cpu(prereq: &PerMsg, bare: &PerMsg) -> String {
+    format!(
+        "this process {} / {} us ({:.1} / {:.1} times on a core, {:.1} / {:.1} us waiting for \
+         one), broker {} / {} us",
+        opt_us(Some(prereq.own_us)),
+        opt_us(Some(bare.own_us)),
+        prereq.own_slices,
+        bare.own_slices,
+        prereq.own_wait_us,
+        bare.own_wait_us,
+        opt_us(prereq.broker_us),
+        opt_us(bare.broker_us),
+    )
+}
+
 /// `PREREQ_BENCH_ROUNDS`, 3 unless set.
 fn rounds() -> usize {
     std::env::var("PREREQ_BENCH_ROUNDS")
@@ -508,22 +520,14 @@ async fn race_alone(env: &Env, s: &Sizes, f: &mut Figures, t: &mut Table) -> Res
             &format!("round {round}: p99 loaded / shadow / key path / release"),
             format!(
                 "{:.2} / {:.2} / {:.2} / {:.2} ms; key path minus shadow p50/p99 {:.3} / {:.3} ms; \
-                 CPU per payment prereq / bare lapin: this process {} / {} us ({:.1} / {:.1} \
-                 times on a core, {:.1} / {:.1} us waiting for one), broker {} / {} us",
+                 CPU per payment prereq / bare lapin: {}",
                 p99(&loaded.ms),
                 p99(&r.shadow_ms),
                 p99(&r.key_path_ms),
                 p99(&r.latencies_ms),
                 percentile(&r.over_shadow_ms, 50.0),
                 p99(&r.over_shadow_ms),
-                opt_us(Some(cpu.own_us)),
-                opt_us(Some(lcpu.own_us)),
-                cpu.own_slices,
-                lcpu.own_slices,
-                cpu.own_wait_us,
-                lcpu.own_wait_us,
-                opt_us(cpu.broker_us),
-                opt_us(lcpu.broker_us),
+                release_cpu(cpu, lcpu),
             ),
         );
         f.num(
