@@ -191,21 +191,25 @@ impl Drop for Cleanup {
                 };
                 for q in &queues {
                     // A fresh channel each time: a failed delete closes its channel.
-                    if let Ok(ch) = conn.create_channel().await
-                        && let Err(e) = ch
+                    if let Ok(ch) = conn.create_channel().await {
+                        match ch
                             .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
                             .await
-                    {
-                        eprintln!("cleanup: queue {q}: {e}");
+                        {
+                            Ok(_) => close_channel(&ch).await,
+                            Err(e) => eprintln!("cleanup: queue {q}: {e}"),
+                        }
                     }
                 }
                 for x in &exchanges {
-                    if let Ok(ch) = conn.create_channel().await
-                        && let Err(e) = ch
+                    if let Ok(ch) = conn.create_channel().await {
+                        match ch
                             .exchange_delete(x.as_str().into(), ExchangeDeleteOptions::default())
                             .await
-                    {
-                        eprintln!("cleanup: exchange {x}: {e}");
+                        {
+                            Ok(()) => close_channel(&ch).await,
+                            Err(e) => eprintln!("cleanup: exchange {x}: {e}"),
+                        }
                     }
                 }
                 let _ = conn.close(200, "cleanup".into()).await;
@@ -213,6 +217,12 @@ impl Drop for Cleanup {
         });
         let _ = worker.join();
     }
+}
+
+/// Close a channel and wait for the broker's answer. A channel only dropped is closed by lapin
+/// in the background, and a connection closed meanwhile makes lapin log a connection error.
+async fn close_channel(ch: &Channel) {
+    let _ = ch.close(200, "cleanup".into()).await;
 }
 
 /// A header as text (short or long string).
