@@ -783,7 +783,7 @@ impl<K: Key, M: Send + 'static, T: Transport> Engine<K, M, T> {
             if w.expired {
                 // It was held until the re-check found its key.
                 let waited = self.hold.waited(w.p.meta.held_at, now);
-                self.emit(released(&w.p.meta, &key, waited));
+                self.emit(released(&w.p.meta, &key, waited, now));
             }
             self.enqueue_known(key.clone(), w.p);
         }
@@ -797,11 +797,12 @@ impl<K: Key, M: Send + 'static, T: Transport> Engine<K, M, T> {
         }
         let limit = self.away.first(key).unwrap_or(u64::MAX);
         let now = Instant::now();
-        for p in self.hold.take_before(key, limit) {
+        let taken = self.hold.take_before(key, limit);
+        for (_, p) in &taken {
             let waited = self.hold.waited(p.meta.held_at, now);
-            self.emit(released(&p.meta, key, waited));
-            self.lanes.push(key.clone(), p.meta.pos, p);
+            self.emit(released(&p.meta, key, waited, now));
         }
+        self.lanes.extend(key, taken);
     }
 
     /// Hold `p`, or defer it for `cause` if the hold has no room.
@@ -813,7 +814,7 @@ impl<K: Key, M: Send + 'static, T: Transport> Engine<K, M, T> {
         if p.meta.held_at.is_none() {
             p.meta.held_at = Some(self.hold.stamp(now));
         }
-        let event = self.event_of(&p.meta, Some(key.clone()), Decision::Held);
+        let event = event_at(&p.meta, Some(key.clone()), Decision::Held, now);
         let pos = p.meta.pos;
         self.hold.insert(key, pos, p, now);
         self.report.peak_held = self.report.peak_held.max(self.hold.len());
@@ -1032,8 +1033,13 @@ impl<K: Key, M: Send + 'static, T: Transport> Engine<K, M, T> {
 }
 
 fn event_of<K>(meta: &Meta, key: Option<K>, decision: Decision) -> Event<K> {
+    event_at(meta, key, decision, Instant::now())
+}
+
+/// The event of a decision taken at `at` (a time the caller read already).
+fn event_at<K>(meta: &Meta, key: Option<K>, decision: Decision, at: Instant) -> Event<K> {
     Event {
-        at: Instant::now(),
+        at,
         delivery: meta.id,
         message_id: meta.message_id.as_deref().map(str::to_owned),
         key,
@@ -1042,9 +1048,9 @@ fn event_of<K>(meta: &Meta, key: Option<K>, decision: Decision) -> Event<K> {
     }
 }
 
-/// The event of a held message released after it `waited`.
-fn released<K: Clone>(meta: &Meta, key: &K, waited: Duration) -> Event<K> {
-    event_of(meta, Some(key.clone()), Decision::Released { waited })
+/// The event of a held message released at `at` after it `waited`.
+fn released<K: Clone>(meta: &Meta, key: &K, waited: Duration, at: Instant) -> Event<K> {
+    event_at(meta, Some(key.clone()), Decision::Released { waited }, at)
 }
 
 /// The event, if the settlement failed.

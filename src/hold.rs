@@ -201,8 +201,9 @@ impl<K: Eq + Hash + Clone, V: Held> Hold<K, V> {
         );
     }
 
-    /// Remove and return what is held for `key` at positions before `limit`, in order.
-    pub(crate) fn take_before(&mut self, key: &K, limit: u64) -> Vec<V> {
+    /// Remove and return what is held for `key` at positions before `limit`, in order, each
+    /// with its position.
+    pub(crate) fn take_before(&mut self, key: &K, limit: u64) -> Vec<(u64, V)> {
         let Some(queue) = self.by_key.get_mut(key) else {
             return Vec::new();
         };
@@ -211,11 +212,14 @@ impl<K: Eq + Hash + Clone, V: Held> Hold<K, V> {
         if queue.is_empty() {
             self.by_key.remove(key);
         }
-        taken
-            .into_iter()
-            .filter_map(|pos| self.remove_entry(pos))
-            .map(|e| e.value)
-            .collect()
+        // Sized once: a collect through `filter_map` would grow the vector step by step.
+        let mut values = Vec::with_capacity(taken.len());
+        for pos in taken {
+            if let Some(e) = self.remove_entry(pos) {
+                values.push((pos, e.value));
+            }
+        }
+        values
     }
 
     /// Put `value` in the place of the value held under its message id, keeping that one's
@@ -369,8 +373,9 @@ mod tests {
         V(n, None, size)
     }
 
-    fn nums(vs: Vec<V>) -> Vec<i32> {
-        vs.into_iter().map(|v| v.0).collect()
+    /// The values taken, without their positions.
+    fn nums(vs: Vec<(u64, V)>) -> Vec<i32> {
+        vs.into_iter().map(|(_, v)| v.0).collect()
     }
 
     fn keyed(vs: Vec<(&'static str, V)>) -> Vec<(&'static str, i32)> {
@@ -397,7 +402,12 @@ mod tests {
             vec![3],
             "only positions before 5"
         );
-        assert_eq!(nums(h.take_before(&"a", u64::MAX)), vec![1]);
+        let rest = h.take_before(&"a", u64::MAX);
+        assert_eq!(
+            rest.iter().map(|(pos, v)| (*pos, v.0)).collect::<Vec<_>>(),
+            vec![(5, 1)],
+            "each with its position"
+        );
         assert!(!h.holds(&"a"));
         assert_eq!((h.len(), h.bytes()), (1, 10));
         assert!(h.fits(90));

@@ -78,6 +78,35 @@ impl<K: Eq + Hash + Clone, V> Lanes<K, V> {
         }
     }
 
+    /// Queue `values` for `key`, each at its position (ascending, as the hold gives them): one
+    /// lookup and at most one allocation for all of them.
+    pub(crate) fn extend(&mut self, key: &K, values: Vec<(u64, V)>) {
+        let Some(&(first, _)) = values.first() else {
+            return;
+        };
+        let spare = &mut self.spare;
+        let lane = self.lanes.entry(key.clone()).or_insert_with(|| Lane {
+            queue: spare.pop().unwrap_or_default(),
+            running: false,
+            runnable: false,
+        });
+        self.queued += values.len();
+        if lane.queue.back().is_none_or(|(p, _)| *p < first) {
+            lane.queue.extend(values);
+        } else {
+            // Later messages of the key are queued already: each goes to its place.
+            lane.queue.reserve(values.len());
+            for (pos, value) in values {
+                let at = lane.queue.partition_point(|(p, _)| *p < pos);
+                lane.queue.insert(at, (pos, value));
+            }
+        }
+        if !lane.running && !lane.runnable {
+            lane.runnable = true;
+            self.runnable.push_back(key.clone());
+        }
+    }
+
     /// The next message that may start, its key's lane now running.
     pub(crate) fn start_next(&mut self) -> Option<(K, V)> {
         while let Some(key) = self.runnable.pop_front() {
@@ -103,8 +132,11 @@ impl<K: Eq + Hash + Clone, V> Lanes<K, V> {
         same: impl Fn(&V, &V) -> bool,
     ) -> Option<(K, VecDeque<V>)> {
         let (key, first) = self.start_next()?;
-        let mut batch = VecDeque::from([first]);
-        if let Some(lane) = self.lanes.get_mut(&key) {
+        let lane = self.lanes.get_mut(&key);
+        let more = lane.as_ref().map_or(0, |l| l.queue.len());
+        let mut batch = VecDeque::with_capacity(max.min(1 + more));
+        batch.push_back(first);
+        if let Some(lane) = lane {
             while batch.len() < max
                 && lane.queue.front().is_some_and(|(_, v)| same(&batch[0], v))
                 && let Some((_, v)) = lane.queue.pop_front()
@@ -208,6 +240,64 @@ mod tests {
         l.push("a", 7, 15);
         assert_eq!(batch(&mut l, 2), Some(("a", vec![12, 14])), "at most max");
         assert_eq!(l.queued(), 1);
+    }
+
+    /// Everything a lane would give out, in order, one message at a time.
+    fn run_out(l: &mut Lanes<u8, u64>) -> Vec<(u8, u64)> {
+        let mut out = Vec::new();
+        while let Some((key, v)) = l.start_next() {
+            out.push((key, v));
+            l.finish(&key);
+        }
+        out
+    }
+
+    proptest::proptest! {
+        /// Queuing a released batch at once gives the lanes exactly the state that queuing its
+        /// messages one by one gives: the same order per key, count and runnable keys, also when
+        /// later messages of the key are queued already or its handler runs.
+        #[test]
+        fn a_batch_queues_as_its_messages_one_by_one(
+            before in proptest::collection::btree_map(0u64..200, 0u8..3, 0..20),
+            batch in proptest::collection::btree_set(0u64..200, 0..20),
+            later in proptest::bool::ANY,
+            running in proptest::bool::ANY,
+        ) {
+            let (mut one, mut all) = (Lanes::new(), Lanes::new());
+            for l in [&mut one, &mut all] {
+                for (&pos, &key) in &before {
+                    l.push(key, pos, pos);
+                }
+                if later {
+                    l.push(0, 1000, 1000);
+                }
+                if running {
+                    // Key 0's handler runs (the lanes hand out keys in the order they became
+                    // runnable, so start until key 0 comes).
+                    let mut started = Vec::new();
+                    while let Some((key, v)) = l.start_next() {
+                        started.push((key, v));
+                        if key == 0 {
+                            break;
+                        }
+                    }
+                    for (key, _) in started.into_iter().filter(|(k, _)| *k != 0) {
+                        l.finish(&key);
+                    }
+                }
+            }
+            let batch: Vec<u64> = batch.into_iter().filter(|p| !before.contains_key(p)).collect();
+            for &pos in &batch {
+                one.push(0, pos, pos);
+            }
+            all.extend(&0, batch.iter().map(|&p| (p, p)).collect());
+            proptest::prop_assert_eq!(one.queued(), all.queued());
+            if running {
+                one.finish(&0);
+                all.finish(&0);
+            }
+            proptest::prop_assert_eq!(run_out(&mut one), run_out(&mut all));
+        }
     }
 
     #[test]
