@@ -8,7 +8,8 @@
 //! keys, every message its own) one path of it with `PREREQ_BENCH_N` messages (for instruction
 //! counts); `PREREQ_BENCH=big` the big hold alone (`PREREQ_BENCH_N` payments, 100 000 unless
 //! set); `PREREQ_BENCH=race` the race alone, bare lapin releasing the same payments and prereq
-//! in turn (`PREREQ_BENCH_ROUNDS` times). The broker is `AMQP_ADDR`, else
+//! in turn (`PREREQ_BENCH_ROUNDS` times). Every mode runs on a multi-threaded tokio runtime with
+//! 2 workers, `PREREQ_BENCH_WORKERS` unless set. The broker is `AMQP_ADDR`, else
 //! `amqp://guest:guest@127.0.0.1:5672/%2f`; when it is unreachable only the in-memory engine
 //! scenario runs.
 //!
@@ -88,10 +89,19 @@ pub async fn timeout<T>(what: &str, d: Duration, f: impl Future<Output = T>) -> 
         .map_err(|_| format!("{what}: no progress within {d:?}").into())
 }
 
+/// The runtime's worker threads: `PREREQ_BENCH_WORKERS`, 2 unless set (or not a positive number).
+fn workers() -> usize {
+    std::env::var("PREREQ_BENCH_WORKERS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .filter(|&n| n > 0)
+        .unwrap_or(2)
+}
+
 fn main() {
     let sizes = Sizes::from_env();
     let rt = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+        .worker_threads(workers())
         .enable_all()
         .build()
     {
