@@ -65,12 +65,13 @@ impl<K: Eq + Hash + Clone, V> Lanes<K, V> {
             running: false,
             runnable: false,
         });
-        let at = if lane.queue.back().is_none_or(|(p, _)| *p < pos) {
-            lane.queue.len()
+        if lane.queue.back().is_none_or(|(p, _)| *p < pos) {
+            // Usually the last.
+            lane.queue.push_back((pos, value));
         } else {
-            lane.queue.partition_point(|(p, _)| *p < pos)
-        };
-        lane.queue.insert(at, (pos, value));
+            let at = lane.queue.partition_point(|(p, _)| *p < pos);
+            lane.queue.insert(at, (pos, value));
+        }
         self.queued += 1;
         if !lane.running && !lane.runnable {
             lane.runnable = true;
