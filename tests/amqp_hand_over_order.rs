@@ -3,10 +3,11 @@
 //!
 //! Instance A owns every partition. Each client's payment 1 fails once and is deferred (15 s,
 //! through the delay queues); payment 2 of the client arrives and waits behind it on A. Then
-//! instance B joins: the group moves about half the partitions to B, A gives their payments 2
-//! back, and B runs them at once, while the payments 1 are still in their delay. Today payment 2
-//! runs first for every client on a moved partition; the test fails with their list. The
-//! engine-level twin is `tests/engine_partitions.rs` →
+//! instance B joins, and the group gives about half the partitions to B. Today A gives their
+//! payments 2 back at once, and B runs them while the payments 1 are still in their delay: the
+//! test fails for every client on a moved partition. What it expects: A keeps each such
+//! partition until its deferred copies are back and settled, then B takes it (checked: B runs
+//! later payments). The engine-level twin is `tests/engine_partitions.rs` →
 //! `a_key_s_later_message_waits_for_its_deferred_copy_across_a_hand_over`.
 #![cfg(feature = "amqp")]
 
@@ -186,6 +187,33 @@ async fn a_key_s_later_payment_waits_for_its_deferred_copy_when_the_partition_mo
         s.handled.len() == 3 * CLIENTS as usize
     })
     .await;
+    // Then B takes its partitions: one more payment a client, round after round, until B has
+    // run some.
+    let started = tokio::time::Instant::now();
+    for seq in 3.. {
+        publish(&publisher, &partitions, seq).await;
+        until(
+            &seen,
+            "the next round handled",
+            Duration::from_secs(30),
+            |s| s.handled.len() == (seq as usize + 1) * CLIENTS as usize,
+        )
+        .await;
+        if seen
+            .lock()
+            .unwrap()
+            .handled
+            .iter()
+            .any(|(_, _, who)| who.ends_with('b'))
+        {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "no partition moved to B within 60 s"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     let _ = a_stop.send(());
     let _ = b_stop.send(());
     a_run.await.expect("instance a");
@@ -201,16 +229,10 @@ async fn a_key_s_later_payment_waits_for_its_deferred_copy_when_the_partition_mo
     }
     let moved_out_of_order: Vec<_> = order
         .iter()
-        .filter(|(_, runs)| runs.iter().map(|(seq, _)| *seq).collect::<Vec<_>>() != [0, 1, 2])
+        .filter(|(_, runs)| !runs.iter().map(|(seq, _)| *seq).is_sorted())
         .collect();
-    let b_ran = seen
-        .handled
-        .iter()
-        .filter(|(_, _, who)| who.ends_with('b'))
-        .count();
-    assert!(b_ran > 0, "B ran nothing: no partition moved ({order:?})");
     assert!(
         moved_out_of_order.is_empty(),
-        "clients whose payment 2 ran before payment 1: {moved_out_of_order:?}"
+        "clients whose payments ran out of order: {moved_out_of_order:?}"
     );
 }
