@@ -284,14 +284,6 @@ async fn forward(
         && c.partition.is_none()
         && !c.queue.single_active
         && c.queue.kind != QueueKind::Stream;
-    // This consumer handed its partition over since the group's view last changed. Made active
-    // again meanwhile (the instance it stepped aside for stepped aside too, or is gone), it keeps
-    // the partition until the view changes: handing it over again at once made two instances
-    // whose views disagreed for a moment bounce it between them thousands of times a second,
-    // and every bounce returned what they held, unseen messages in flight included, one
-    // delivery count nearer the queue's limit. The broker's single active consumer keeps the
-    // partition on one instance either way.
-    let mut stepped_aside = false;
     loop {
         let owned = |c: &Consumption| {
             c.partition
@@ -313,14 +305,12 @@ async fn forward(
         let next = tokio::select! {
             next = consumer.next() => next,
             changed = ownership_changed => {
-                stepped_aside = false;
                 if changed && !owned(c) {
                     match hand_over(shared, c, &channel, &acks, consumer, vias, Vec::new()).await {
                         Ok((ch, standby)) => {
                             shared.track(&name, &ch, standby.tag());
                             acks = Acks::new(ch.clone());
                             (channel, consumer) = (ch, standby);
-                            stepped_aside = true;
                         }
                         Err(e) => return Ended::Failed(e),
                     }
@@ -339,14 +329,13 @@ async fn forward(
             open = acks.opened(d);
         }
         match next {
-            Some(Ok(d)) if !owned(c) && !stepped_aside => {
+            Some(Ok(d)) if !owned(c) => {
                 // Active on a partition another instance owns: give it up, this delivery too.
                 match hand_over(shared, c, &channel, &acks, consumer, vias, vec![d]).await {
                     Ok((ch, standby)) => {
                         shared.track(&name, &ch, standby.tag());
                         acks = Acks::new(ch.clone());
                         (channel, consumer) = (ch, standby);
-                        stepped_aside = true;
                     }
                     Err(e) => return Ended::Failed(e),
                 }
