@@ -43,6 +43,8 @@ struct Seen {
     failed: Vec<u64>,
     /// Deferrals.
     deferred: usize,
+    /// Holds (a payment waiting behind its key's deferred one).
+    held: usize,
 }
 
 /// An instance of the group, running until `stop` is used.
@@ -85,8 +87,11 @@ async fn start(
     // Payment 2 waits behind payment 1 in the hold for as long as the test runs.
     .budget(HoldBudget::DEFAULT.max_time(Duration::from_secs(300)))
     .on_event(move |e| {
-        if matches!(e.decision, Decision::Deferred { .. }) {
-            event_seen.lock().unwrap().deferred += 1;
+        let mut seen = event_seen.lock().unwrap();
+        match e.decision {
+            Decision::Deferred { .. } => seen.deferred += 1,
+            Decision::Held => seen.held += 1,
+            _ => {}
         }
     })
     .build();
@@ -174,7 +179,10 @@ async fn a_key_s_later_payment_waits_for_its_deferred_copy_when_the_partition_mo
     })
     .await;
     publish(&publisher, &partitions, 2).await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    until(&seen, "payments 2 held", Duration::from_secs(30), |s| {
+        s.held == CLIENTS as usize
+    })
+    .await;
     assert_eq!(
         seen.lock().unwrap().handled.len(),
         CLIENTS as usize,
