@@ -8,7 +8,14 @@ mod support;
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use prereq::amqp::{Broker, BrokerOptions, DelayMode, Membership};
+use futures::StreamExt as _;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, ExchangeDeclareOptions, QueueBindOptions,
+    QueueDeclareOptions,
+};
+use lapin::types::FieldTable;
+use prereq::amqp::{Broker, BrokerOptions, DelayMode, Membership, Partitions, Route};
+use prereq::{DependentConsumer, MemoryKeys};
 use tokio::sync::watch;
 
 /// A broker connection of its own, named `name` (as `rabbitmqctl list_connections` shows).
@@ -199,4 +206,115 @@ async fn a_member_comes_back_after_its_connection_is_cut() {
         m.leave().await;
         let _ = broker.close().await;
     }
+}
+
+/// A partitioned consumer that stops gracefully has told its group it left by the time its
+/// `run` returns, so a service may close its connection right after. Told only in the
+/// background, the leave raced that close and was mostly lost: the others then counted the
+/// instance in until it expired (3 beats), and each of them handed the instance's partitions,
+/// whenever the broker made it their active consumer, over to it in vain (2 500 hand-overs
+/// in a few seconds in `amqp_group_balance`, two runs in three).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partitioned_consumer_has_left_its_group_when_its_run_returns() {
+    #[derive(serde::Deserialize)]
+    struct Payment {
+        #[serde(rename = "clientId")]
+        client_id: u64,
+    }
+    #[derive(serde::Deserialize)]
+    struct Beat {
+        member: String,
+        leaving: bool,
+    }
+    let Some(conn) = support::broker().await else {
+        return;
+    };
+    support::init_tracing();
+    let cleanup = support::Cleanup::new();
+    let name = support::unique("members-run-leave");
+    let partitions = Partitions::new(&name, 2);
+    let route = Route::partitioned(partitions.clone());
+    let exchange = partitions.members_exchange();
+    let heard = format!("{name}heard");
+    cleanup
+        .route(&route)
+        .exchange(exchange.as_str())
+        .queue(heard.as_str());
+    // Every heartbeat on the group's exchange, read beside the group (not a member of it).
+    let channel = conn.create_channel().await.expect("channel");
+    channel
+        .exchange_declare(
+            exchange.as_str().into(),
+            lapin::ExchangeKind::Fanout,
+            ExchangeDeclareOptions {
+                durable: true,
+                ..ExchangeDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .expect("declare the members exchange");
+    channel
+        .queue_declare(
+            heard.as_str().into(),
+            QueueDeclareOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("declare");
+    channel
+        .queue_bind(
+            heard.as_str().into(),
+            exchange.as_str().into(),
+            "".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("bind");
+    let mut beats = channel
+        .basic_consume(
+            heard.as_str().into(),
+            "".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("consume");
+    let mut next_beat = async || -> Beat {
+        let d = tokio::time::timeout(Duration::from_secs(10), beats.next())
+            .await
+            .expect("a heartbeat within 10 s (after the stop: the instance never said it left)")
+            .expect("the heartbeats' consumer ended")
+            .expect("a heartbeat");
+        d.ack(BasicAckOptions::default()).await.expect("ack");
+        serde_json::from_slice(&d.data).expect("a heartbeat's body")
+    };
+
+    let broker = connect(support::addr(), &format!("{name}instance")).await;
+    let transport = broker.transport(route.clone()).await.expect("transport");
+    let consumer = DependentConsumer::builder(
+        |p: &Payment| p.client_id,
+        |_: Payment| async { Ok::<(), prereq::HandlerError>(()) },
+    )
+    .keys(MemoryKeys::new())
+    .build();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let run = tokio::spawn(consumer.run(transport, async {
+        let _ = stopped.await;
+    }));
+    let member = next_beat().await;
+    assert!(!member.leaving, "a first heartbeat");
+
+    let _ = stop.send(());
+    run.await.expect("run").expect("a graceful stop");
+    // Right after, as a service's main does.
+    let _ = broker.close().await;
+    loop {
+        let beat = next_beat().await;
+        if beat.member == member.member && beat.leaving {
+            break;
+        }
+    }
+    let _ = channel.close(200, "done".into()).await;
 }

@@ -12,7 +12,7 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use tokio::sync::watch;
+use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
@@ -28,6 +28,8 @@ pub(crate) const HEARTBEAT: Duration = Duration::from_secs(1);
 const SETTLE_EVERY: Duration = Duration::from_secs(2);
 /// …for this long.
 const SETTLE_FOR: Duration = Duration::from_secs(20);
+/// How long [`Group::leave`] waits for the leave to be announced.
+const LEAVE_WITHIN: Duration = Duration::from_secs(6);
 
 /// The partitions this instance owns, and a round number: every new round asks each partition
 /// consumer to check again that it does not hold a partition it does not own.
@@ -48,8 +50,12 @@ impl Assignment {
 
 /// This instance's membership of a group, and the task that keeps its assignment.
 pub(crate) struct Group {
+    /// This instance's partitions, as the task recomputes them.
     assignment: watch::Receiver<Assignment>,
+    /// Keeps the membership and the assignment; aborted when the group is dropped.
     task: JoinHandle<()>,
+    /// Tells the task to leave the group and end ([`Group::leave`]).
+    leave: Option<oneshot::Sender<()>>,
 }
 
 impl Drop for Group {
@@ -73,8 +79,25 @@ impl Group {
         )
         .await?;
         let (tx, assignment) = watch::channel(Assignment::default());
-        let task = tokio::spawn(keep(membership, partitions.count, member, tx));
-        Ok(Self { assignment, task })
+        let (leave, leaving) = oneshot::channel();
+        let task = tokio::spawn(keep(membership, partitions.count, member, tx, leaving));
+        Ok(Self {
+            assignment,
+            task,
+            leave: Some(leave),
+        })
+    }
+
+    /// Leave the group and wait until the others were told (at most [`LEAVE_WITHIN`]), so that
+    /// they own this instance's partitions by the time its consumers let go of them. Dropped
+    /// instead, the group is left in the background: an instance that closes its connection
+    /// right after leaves its partitions to members that still count it in for a few beats,
+    /// and each of them hands the partitions it is made active on over to it, in vain.
+    pub(crate) async fn leave(mut self) {
+        if let Some(leave) = self.leave.take() {
+            let _ = leave.send(());
+        }
+        let _ = tokio::time::timeout(LEAVE_WITHIN, &mut self.task).await;
     }
 
     /// The assignment, as it changes.
@@ -90,6 +113,7 @@ async fn keep(
     partitions: u32,
     member: String,
     tx: watch::Sender<Assignment>,
+    mut leaving: oneshot::Receiver<()>,
 ) {
     let mut members = membership.members();
     let mut round = 0u64;
@@ -122,6 +146,10 @@ async fn keep(
                     }
                 }
                 () = tx.closed() => {
+                    membership.leave().await;
+                    return;
+                }
+                _ = &mut leaving => {
                     membership.leave().await;
                     return;
                 }

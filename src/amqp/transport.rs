@@ -260,10 +260,21 @@ impl Transport for AmqpTransport {
         Ok(())
     }
 
-    /// Cancel every consumer of the route (`basic.cancel`, confirmed by the broker), so that
-    /// what the consumer gives back at its stop stays in the queue instead of coming straight
-    /// back to this transport (and going back a second time when its channel closes).
+    /// Leave the group, if the route is partitioned (the others then own this instance's
+    /// partitions by the time its channels close), and cancel every other consumer of the route
+    /// (`basic.cancel`, confirmed by the broker), so that what the consumer gives back at its
+    /// stop stays in the queue instead of coming straight back to this transport (and going
+    /// back a second time when its channel closes). A partition's consumer is not cancelled:
+    /// the next instance would receive later messages before the held ones come back.
     async fn stop_receiving(&self) {
+        let group = self
+            .group
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        if let Some(group) = group {
+            group.leave().await;
+        }
         self.shared.cancel_consumers().await;
     }
 
