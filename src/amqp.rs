@@ -49,6 +49,7 @@
 mod acks;
 mod addr;
 mod assign;
+mod away;
 mod broker;
 mod connect;
 mod consume;

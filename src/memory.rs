@@ -12,7 +12,9 @@
 //! - messages may belong to a partition ([`Stored::with_partition`]); [`MemoryBroker::revoke`]
 //!   takes a partition away from every current transport (its consumer gives back what it holds
 //!   of it, and the transport stops delivering it), as a partitioned consumer group hands a
-//!   partition over to another instance.
+//!   partition over to another instance; once the partition's deferred copies are back and
+//!   settled, as the AMQP transport hands a partition over (a key's later messages must not
+//!   reach the next instance before its deferred copy).
 //!
 //! ```
 //! use prereq::memory::MemoryBroker;
@@ -147,6 +149,9 @@ struct State {
     /// Partitions revoked and not released yet: nobody receives them meanwhile (as no other
     /// consumer of a single-active-consumer queue becomes active before the owner lets go).
     handover: std::collections::HashSet<u32>,
+    /// Partitions to revoke once their deferred copies are back and settled, with the
+    /// transports that keep receiving them (alone) until then.
+    leaving: BTreeMap<u32, std::collections::HashSet<u64>>,
     /// The partitions consumers released, in order.
     released: Vec<u32>,
     stats: Stats,
@@ -181,19 +186,62 @@ impl State {
     }
 
     /// The next message `transport` may receive: given-back ones first, in delivery order, then
-    /// the ready ones; none of a partition revoked from it.
+    /// the ready ones; none of a partition revoked from it, or kept by others until its copies
+    /// are back.
     fn next_for(&mut self, transport: u64) -> Option<Stored> {
         let revoked = self.revoked.get(&transport);
-        let handover = &self.handover;
+        let (handover, leaving) = (&self.handover, &self.leaving);
         let ours = |m: &Stored| {
-            m.partition
-                .is_none_or(|p| !handover.contains(&p) && revoked.is_none_or(|r| !r.contains(&p)))
+            m.partition.is_none_or(|p| {
+                !handover.contains(&p)
+                    && revoked.is_none_or(|r| !r.contains(&p))
+                    && leaving.get(&p).is_none_or(|t| t.contains(&transport))
+            })
         };
         if let Some(tag) = self.requeued.iter().find(|(_, m)| ours(m)).map(|(t, _)| *t) {
             return self.requeued.remove(&tag);
         }
         let at = self.ready.iter().position(ours)?;
         self.ready.remove(at)
+    }
+
+    /// Is a deferred copy of a message of `partition` (a later attempt) delayed, waiting or
+    /// delivered and not settled?
+    fn copies_out(&self, partition: u32) -> bool {
+        let copy = |m: &Stored| m.partition == Some(partition) && m.attempt > 0;
+        self.delayed.values().any(copy)
+            || self.ready.iter().any(copy)
+            || self.requeued.values().any(copy)
+            || self.unacked.values().any(|(_, m)| copy(m))
+    }
+
+    /// Take `partition` away from `transports` now.
+    fn revoke_now(&mut self, partition: u32, transports: impl IntoIterator<Item = u64>) {
+        self.handover.insert(partition);
+        for id in transports {
+            self.revoked.entry(id).or_default().insert(partition);
+            if let Some(tx) = self.revocations.get(&id) {
+                let _ = tx.send(partition);
+            }
+        }
+    }
+
+    /// Revoke the leaving partitions whose copies are all back and settled (or whose
+    /// transports are all gone).
+    fn revoke_when_back(&mut self) {
+        let done: Vec<u32> = self
+            .leaving
+            .iter()
+            .filter(|(p, kept_by)| kept_by.is_empty() || !self.copies_out(**p))
+            .map(|(p, _)| *p)
+            .collect();
+        for p in done {
+            if let Some(kept_by) = self.leaving.remove(&p)
+                && !kept_by.is_empty()
+            {
+                self.revoke_now(p, kept_by);
+            }
+        }
     }
 
     /// Hand `m` to `transport` as delivery `tag`, unsettled.
@@ -320,15 +368,17 @@ impl MemoryBroker {
     /// messages, and its consumer gives back what it holds of it (see [`Transport::revoked`]).
     /// Nobody receives the partition until a consumer released it; then transports made after
     /// the revocation do.
+    ///
+    /// While a deferred copy of a message of the partition (a later attempt) is delayed,
+    /// waiting, or delivered and not settled, the revocation waits: the transports made so far
+    /// go on receiving the partition (they alone), until the last such copy is settled.
     pub fn revoke(&self, partition: u32) {
         let mut s = self.lock();
-        s.handover.insert(partition);
         let ids: Vec<u64> = s.revocations.keys().copied().collect();
-        for id in ids {
-            s.revoked.entry(id).or_default().insert(partition);
-            if let Some(tx) = s.revocations.get(&id) {
-                let _ = tx.send(partition);
-            }
+        if s.copies_out(partition) {
+            s.leaving.insert(partition, ids.into_iter().collect());
+        } else {
+            s.revoke_now(partition, ids);
         }
         drop(s);
         self.shared.changed.notify_waiters();
@@ -412,6 +462,10 @@ impl Drop for MemoryTransport {
             }
         }
         s.unacked_per_transport.remove(&self.id);
+        for kept_by in s.leaving.values_mut() {
+            kept_by.remove(&self.id);
+        }
+        s.revoke_when_back();
         drop(s);
         self.broker.shared.changed.notify_waiters();
     }
@@ -530,6 +584,9 @@ impl Transport for MemoryTransport {
                 });
             }
             Settle::Requeue => s.requeue(id.0, m),
+        }
+        if !s.leaving.is_empty() {
+            s.revoke_when_back();
         }
         drop(s);
         if wake {

@@ -1,13 +1,14 @@
-//! Known defect (docs/guarantees.md, "What is NOT guaranteed"), on a real RabbitMQ: a key's
-//! order across a partition's hand-over while a copy of the key is in a delay.
+//! A key's order across a partition's hand-over while a copy of the key is in a delay, on a
+//! real RabbitMQ.
 //!
 //! Instance A owns every partition. Each client's payment 1 fails once and is deferred (15 s,
 //! through the delay queues); payment 2 of the client arrives and waits behind it on A. Then
-//! instance B joins, and the group gives about half the partitions to B. Today A gives their
-//! payments 2 back at once, and B runs them while the payments 1 are still in their delay: the
-//! test fails for every client on a moved partition. What it expects: A keeps each such
-//! partition until its deferred copies are back and settled, then B takes it (checked: B runs
-//! later payments). The engine-level twin is `tests/engine_partitions.rs` →
+//! instance B joins, and the group gives about half the partitions to B. A keeps each such
+//! partition until its deferred copies are back and settled (payment 1 then payment 2 run on
+//! A), then B takes it (checked: B runs later payments). Before the transport kept partitions
+//! for their copies, A gave the payments 2 back at once and B ran them while the payments 1
+//! were still in their delay, for every client on a moved partition. The engine-level twin is
+//! `tests/engine_partitions.rs` →
 //! `a_key_s_later_message_waits_for_its_deferred_copy_across_a_hand_over`.
 #![cfg(feature = "amqp")]
 
@@ -139,7 +140,6 @@ async fn publish(publisher: &prereq::amqp::Publisher, partitions: &Partitions, s
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "known defect: the partition moves while a copy of the key is in a delay"]
 async fn a_key_s_later_payment_waits_for_its_deferred_copy_when_the_partition_moves() {
     let Some(_conn) = support::broker().await else {
         return;

@@ -265,7 +265,7 @@ async fn resubscribe(
 
 /// Move deliveries from one lapin consumer to the transport, riding out connection recoveries,
 /// until the consumer ends. A partition's consumer hands the partition over whenever this
-/// instance does not own it.
+/// instance does not own it, once the copies it deferred from it are back and settled.
 async fn forward(
     shared: &Arc<Shared>,
     c: &mut Consumption,
@@ -284,6 +284,10 @@ async fn forward(
         && c.partition.is_none()
         && !c.queue.single_active
         && c.queue.kind != QueueKind::Stream;
+    // This instance no longer owns its partition but keeps it until the copies it deferred
+    // from it are back and settled (see `super::away`).
+    let mut leaving = false;
+    let partition = c.partition.as_ref().map(|(i, _)| *i);
     loop {
         let owned = |c: &Consumption| {
             c.partition
@@ -302,16 +306,30 @@ async fn forward(
                 None => std::future::pending().await,
             }
         };
+        let back = async {
+            match partition {
+                Some(p) => copies_back(shared, p).await,
+                None => std::future::pending().await,
+            }
+        };
         let next = tokio::select! {
             next = consumer.next() => next,
             changed = ownership_changed => {
-                if changed && !owned(c) {
+                if !changed || owned(c) {
+                    leaving = false;
+                } else if !keeps(shared, partition, &mut leaving, &name) {
                     match hand_over(shared, c, &channel, &acks, consumer, vias, Vec::new()).await {
-                        Ok((ch, standby)) => {
-                            shared.track(&name, &ch, standby.tag());
-                            acks = Acks::new(ch.clone());
-                            (channel, consumer) = (ch, standby);
-                        }
+                        Ok(handed) => (channel, consumer, acks) = handed,
+                        Err(e) => return Ended::Failed(e),
+                    }
+                }
+                continue;
+            }
+            () = back, if leaving => {
+                leaving = false;
+                if !owned(c) {
+                    match hand_over(shared, c, &channel, &acks, consumer, vias, Vec::new()).await {
+                        Ok(handed) => (channel, consumer, acks) = handed,
                         Err(e) => return Ended::Failed(e),
                     }
                 }
@@ -329,14 +347,10 @@ async fn forward(
             open = acks.opened(d);
         }
         match next {
-            Some(Ok(d)) if !owned(c) => {
+            Some(Ok(d)) if !owned(c) && !keeps(shared, partition, &mut leaving, &name) => {
                 // Active on a partition another instance owns: give it up, this delivery too.
                 match hand_over(shared, c, &channel, &acks, consumer, vias, vec![d]).await {
-                    Ok((ch, standby)) => {
-                        shared.track(&name, &ch, standby.tag());
-                        acks = Acks::new(ch.clone());
-                        (channel, consumer) = (ch, standby);
-                    }
+                    Ok(handed) => (channel, consumer, acks) = handed,
                     Err(e) => return Ended::Failed(e),
                 }
             }
@@ -374,6 +388,37 @@ async fn forward(
                 info!(target: "prereq", queue = %name, "consumer recovered");
             }
             None => return Ended::Cancelled,
+        }
+    }
+}
+
+/// Does this consumer keep `partition`, which this instance no longer owns, because copies it
+/// deferred from it are still away? Logs when it starts keeping it.
+fn keeps(shared: &Shared, partition: Option<u32>, leaving: &mut bool, queue: &str) -> bool {
+    let until = partition.and_then(|p| shared.copies_out_until(p));
+    if let Some(until) = until
+        && !*leaving
+    {
+        info!(target: "prereq", queue = %queue,
+            within = ?until.saturating_duration_since(tokio::time::Instant::now()),
+            "partition kept until the copies deferred from it are back");
+    }
+    *leaving = until.is_some();
+    *leaving
+}
+
+/// Until the deferred copies of `partition` are back and settled, or past their time.
+async fn copies_back(shared: &Shared, partition: u32) {
+    loop {
+        let changed = shared.changed.notified();
+        tokio::pin!(changed);
+        changed.as_mut().enable();
+        let Some(until) = shared.copies_out_until(partition) else {
+            return;
+        };
+        tokio::select! {
+            () = changed => {}
+            () = tokio::time::sleep_until(until) => {}
         }
     }
 }
@@ -501,9 +546,9 @@ async fn hand_over(
     mut consumer: Consumer,
     vias: &mut Vias,
     mut parked: Vec<LapinDelivery>,
-) -> Result<(Channel, Consumer), AmqpError> {
+) -> Result<(Channel, Consumer, Arc<Acks>), AmqpError> {
     let Some((partition, _)) = &c.partition else {
-        return Ok((channel.clone(), consumer));
+        return Ok((channel.clone(), consumer, Arc::clone(acks)));
     };
     let partition = *partition;
     let addr = shared.broker.addr();
@@ -550,7 +595,10 @@ async fn hand_over(
     drop(consumer);
     shared.unrevoke(partition);
     info!(target: "prereq", queue = %name, given_back, "partition handed over; standing by");
-    subscribe(shared, c).await
+    let (channel, standby) = subscribe(shared, c).await?;
+    shared.track(name, &channel, standby.tag());
+    let acks = Acks::new(channel.clone());
+    Ok((channel, standby, acks))
 }
 
 /// Of the deliveries kept aside during a hand-over, copy those one return away from their

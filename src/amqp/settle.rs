@@ -164,7 +164,8 @@ impl Shared {
                 (bucket, Some(queue))
             }
         };
-        let mut h = headers::defer_headers(original, &origin, attempt, delay, &new_copy_id());
+        let copy_id = new_copy_id();
+        let mut h = headers::defer_headers(original, &origin, attempt, delay, &copy_id);
         let copy = match &to {
             None => Copy {
                 what: "defer",
@@ -196,7 +197,11 @@ impl Shared {
             }
         };
         let props = copy_properties(&props, h);
-        publish_confirmed(&self.publisher, self.broker.addr(), copy, &p.body, props).await
+        publish_confirmed(&self.publisher, self.broker.addr(), copy, &p.body, props).await?;
+        if let Some(partition) = p.partition() {
+            self.copy_away(copy_id, partition, delay);
+        }
+        Ok(())
     }
 
     async fn ensure_delay_queue(&self, delay: std::time::Duration) -> Result<String, AmqpError> {

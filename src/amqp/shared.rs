@@ -13,6 +13,7 @@ use lapin::types::ShortString;
 use tokio::sync::{Notify, mpsc};
 
 use super::acks::Acks;
+use super::away::Away;
 use super::broker::Broker;
 use super::copies::{Arrival, Copies};
 use super::headers;
@@ -99,6 +100,9 @@ pub(crate) struct Shared {
     stopping: AtomicBool,
     /// Deferred copies in hand and settled, to drop the ones the broker delivers twice.
     copies: Mutex<Copies>,
+    /// Deferred copies of partitions' messages not back and settled yet: a partition is kept
+    /// until its copies are back (see [`super::away`]).
+    away: Mutex<Away>,
 }
 
 impl Shared {
@@ -117,6 +121,7 @@ impl Shared {
             consumers: Mutex::default(),
             stopping: AtomicBool::new(false),
             copies: Mutex::default(),
+            away: Mutex::default(),
             broker,
             route,
             publisher,
@@ -194,7 +199,21 @@ impl Shared {
     pub(crate) fn copy_settled(&self, copy: Option<&str>, id: DeliveryId, done: bool) {
         if let Some(copy) = copy {
             lock(&self.copies).settled(copy, id.0, done);
+            if lock(&self.away).settled(copy) {
+                self.changed.notify_waiters();
+            }
         }
+    }
+
+    /// A deferred copy of a message of `partition` was published, to come back after `delay`.
+    pub(crate) fn copy_away(&self, copy: String, partition: u32, delay: Duration) {
+        lock(&self.away).sent(copy, partition, delay, tokio::time::Instant::now());
+    }
+
+    /// Until when the deferred copies of `partition` still away may be waited for; `None` when
+    /// none is.
+    pub(crate) fn copies_out_until(&self, partition: u32) -> Option<tokio::time::Instant> {
+        lock(&self.away).out_until(partition, tokio::time::Instant::now())
     }
 
     /// Take the delivery `id` out of the pending set, to settle it.
