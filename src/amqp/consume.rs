@@ -30,6 +30,12 @@ const RESUBSCRIBE_FIRST: Duration = Duration::from_millis(100);
 /// …up to this.
 const RESUBSCRIBE_MAX: Duration = Duration::from_secs(5);
 
+/// The pause before handing a partition over a second time without a change of the group's
+/// view; pauses double…
+const BOUNCE_PAUSE: Duration = Duration::from_millis(100);
+/// …up to this.
+const BOUNCE_PAUSE_MAX: Duration = Duration::from_secs(1);
+
 /// Past this many deliveries open on a consumer's channel, the consumer moves on to a fresh
 /// channel ([`move_on`]). RabbitMQ finds the delivery an acknowledgement names by walking the
 /// channel's unacknowledged deliveries from the oldest, so every acknowledgement behind `n`
@@ -288,6 +294,9 @@ async fn forward(
     // from it are back and settled (see `super::away`).
     let mut leaving = false;
     let partition = c.partition.as_ref().map(|(i, _)| *i);
+    // Hand-overs since the group's assignment last changed: the broker made this consumer
+    // active again after each (see `bounce_pause`).
+    let mut bounces = 0u32;
     loop {
         let owned = |c: &Consumption| {
             c.partition
@@ -315,6 +324,7 @@ async fn forward(
         let next = tokio::select! {
             next = consumer.next() => next,
             changed = ownership_changed => {
+                bounces = 0;
                 if !changed || owned(c) {
                     leaving = false;
                 } else if !keeps(shared, partition, &mut leaving, &name) {
@@ -322,6 +332,7 @@ async fn forward(
                         Ok(handed) => (channel, consumer, acks) = handed,
                         Err(e) => return Ended::Failed(e),
                     }
+                    bounces = 1;
                 }
                 continue;
             }
@@ -346,13 +357,28 @@ async fn forward(
             }
             open = acks.opened(d);
         }
+        let mut hand = matches!(next, Some(Ok(_)))
+            && !owned(c)
+            && !keeps(shared, partition, &mut leaving, &name);
+        if hand && let Some(pause) = bounce_pause(bounces) {
+            // Made active again on a partition this instance does not own, with no change of
+            // the group's view: its owner is not subscribed (it crashed and has not expired yet,
+            // or its consumer failed). Each hand-over returns what the consumer was given, one
+            // more toward the queue's delivery limit: wait before the next one.
+            tokio::select! {
+                () = tokio::time::sleep(pause) => {}
+                () = tx.closed() => return Ended::Cancelled,
+            }
+            hand = !owned(c) && !keeps(shared, partition, &mut leaving, &name);
+        }
         match next {
-            Some(Ok(d)) if !owned(c) && !keeps(shared, partition, &mut leaving, &name) => {
+            Some(Ok(d)) if hand => {
                 // Active on a partition another instance owns: give it up, this delivery too.
                 match hand_over(shared, c, &channel, &acks, consumer, vias, vec![d]).await {
                     Ok(handed) => (channel, consumer, acks) = handed,
                     Err(e) => return Ended::Failed(e),
                 }
+                bounces = bounces.saturating_add(1);
             }
             Some(Ok(d)) => {
                 if let Err(ended) = take(shared, c, vias, &acks, d, tx).await {
@@ -405,6 +431,16 @@ fn keeps(shared: &Shared, partition: Option<u32>, leaving: &mut bool, queue: &st
     }
     *leaving = until.is_some();
     *leaving
+}
+
+/// How long to wait before handing a partition over again, after `bounces` hand-overs since the
+/// group's assignment last changed: none before the first, then [`BOUNCE_PAUSE`] doubling up to
+/// [`BOUNCE_PAUSE_MAX`].
+/// A partition whose owner does not consume it then bounces between the other instances a few
+/// times a second rather than thousands of times (`tests/amqp_hand_over_bounces.rs`).
+fn bounce_pause(bounces: u32) -> Option<Duration> {
+    let first = bounces.checked_sub(1)?;
+    Some((BOUNCE_PAUSE * 2u32.saturating_pow(first.min(4))).min(BOUNCE_PAUSE_MAX))
 }
 
 /// Until the deferred copies of `partition` are back and settled, or past their time.
@@ -678,4 +714,29 @@ fn near_limit(
                 "could not refresh a message near its queue's delivery limit");
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_partition_is_handed_over_at_once_then_after_longer_and_longer_pauses() {
+        let pauses: Vec<_> = (0..8).map(bounce_pause).collect();
+        let ms = |n| Some(Duration::from_millis(n));
+        assert_eq!(
+            pauses,
+            vec![
+                None,
+                ms(100),
+                ms(200),
+                ms(400),
+                ms(800),
+                ms(1000),
+                ms(1000),
+                ms(1000)
+            ]
+        );
+        assert_eq!(bounce_pause(u32::MAX), ms(1000));
+    }
 }

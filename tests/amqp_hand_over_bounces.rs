@@ -1,0 +1,171 @@
+//! A partition owned (in the group's view) by a member that does not consume it, on a real
+//! RabbitMQ: a member that crashed and has not expired yet (3 to 4 beats), or one whose
+//! consumers failed. The instance the broker makes active on it hands it over, is made active
+//! again at once (nobody else is subscribed), and so on. Every hand-over returns what it was
+//! given, one more toward the queue's delivery limit. The consumer waits longer before each
+//! hand-over that follows another without a change of the group's view (up to a second), so
+//! such a partition bounces a few times a second, not thousands of times.
+#![cfg(feature = "amqp")]
+
+mod support;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use futures::StreamExt as _;
+use lapin::options::{BasicAckOptions, BasicCancelOptions, BasicConsumeOptions};
+use lapin::types::FieldTable;
+use prereq::amqp::{Broker, BrokerOptions, DelayMode, Membership, Message, Partitions, Route};
+use prereq::{DependentConsumer, MemoryKeys};
+
+/// Partitions in the group: the ghost owns some of them.
+const P: u32 = 4;
+/// Clients paying, one payment each.
+const CLIENTS: u64 = 40;
+/// How long the instance runs beside the ghost.
+const WINDOW: Duration = Duration::from_secs(6);
+/// The ghost's heartbeat.
+const GHOST_BEAT: Duration = Duration::from_millis(100);
+/// Returns a payment may have taken in the window: a few a second, not thousands.
+const MAX_RETURNS: i64 = 40;
+
+#[derive(serde::Deserialize)]
+struct Payment {
+    #[serde(rename = "clientId")]
+    client_id: u64,
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partition_whose_owner_does_not_consume_bounces_a_few_times_a_second() {
+    let Some(conn) = support::broker().await else {
+        return;
+    };
+    support::init_tracing();
+    let p = support::unique("bounces");
+    let partitions = Partitions::new(format!("{p}pay"), P);
+    let route = Route::partitioned(partitions.clone());
+    let exchange = partitions.members_exchange();
+    let cleanup = support::Cleanup::new();
+    cleanup
+        .route(&route)
+        .exchange(exchange.as_str())
+        .queue(format!("{exchange}.ghost"));
+
+    // The ghost beats and consumes nothing.
+    let ghost_broker =
+        Broker::connect(BrokerOptions::new(support::addr()).connection_name(format!("{p}ghost")))
+            .await
+            .expect("connect the ghost");
+    // It beats often, so the instance hears it soon after joining.
+    let ghost = Membership::join(&ghost_broker, &exchange, "ghost".into(), GHOST_BEAT)
+        .await
+        .expect("the ghost joins");
+
+    let broker = Broker::connect(
+        BrokerOptions::new(support::addr())
+            .delay_mode(DelayMode::DelayQueues)
+            .connection_name(format!("{p}instance")),
+    )
+    .await
+    .expect("connect");
+    let transport = broker.transport(route.clone()).await.expect("transport");
+    let keys = MemoryKeys::new();
+    for client in 0..CLIENTS {
+        keys.insert(client);
+    }
+    let handled = Arc::new(AtomicU64::new(0));
+    let counter = Arc::clone(&handled);
+    let consumer = DependentConsumer::builder(
+        |p: &Payment| p.client_id,
+        move |_: Payment| {
+            counter.fetch_add(1, Ordering::SeqCst);
+            async { Ok::<(), prereq::HandlerError>(()) }
+        },
+    )
+    .keys(keys)
+    .build();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let run = tokio::spawn(consumer.run(transport, async {
+        let _ = stopped.await;
+    }));
+
+    // The instance joined (the ghost heard it); it hears the ghost's next beat.
+    let mut members = ghost.members();
+    tokio::time::timeout(Duration::from_secs(10), members.wait_for(|m| m.len() == 2))
+        .await
+        .expect("the ghost hears the instance within 10 s")
+        .expect("the ghost's membership");
+    tokio::time::sleep(GHOST_BEAT * 5).await;
+    let publisher = broker.publisher().await.expect("publisher");
+    for client in 0..CLIENTS {
+        let body = format!(r#"{{"clientId":{client}}}"#);
+        publisher
+            .publish_keyed(
+                &partitions,
+                &client.to_string(),
+                body.as_bytes(),
+                &Message::new(),
+            )
+            .await
+            .expect("publish");
+    }
+    // The window measured: the instance beside the ghost.
+    tokio::time::sleep(WINDOW).await;
+    let _ = stop.send(());
+    run.await.expect("run").expect("a graceful stop");
+    let _ = broker.close().await;
+    ghost.leave().await;
+    let _ = ghost_broker.close().await;
+
+    // What is left is the ghost's: every payment is either handled or still there, and none
+    // came back more than a few times a second.
+    let channel = conn.create_channel().await.expect("channel");
+    let (mut left, mut most) = (0u64, 0i64);
+    for i in 0..P {
+        let queue = partitions.queue_name(i);
+        // (`basic.get` is refused on a single-active-consumer quorum queue.) Everything the
+        // queue has, until it stays quiet for a second: the instance's returns may still be
+        // on their way into the queue.
+        let mut consumer = channel
+            .basic_consume(
+                queue.as_str().into(),
+                "".into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .expect("consume");
+        while let Ok(next) = tokio::time::timeout(Duration::from_secs(1), consumer.next()).await {
+            let m = next.expect("the consumer ended").expect("a message");
+            m.ack(BasicAckOptions::default()).await.expect("ack");
+            left += 1;
+            let returns = m
+                .properties
+                .headers()
+                .as_ref()
+                .and_then(|h| h.inner().get("x-delivery-count").cloned())
+                .and_then(|v| v.as_long_long_int().or(v.as_long_int().map(i64::from)))
+                .unwrap_or(0);
+            most = most.max(returns);
+        }
+        channel
+            .basic_cancel(consumer.tag(), BasicCancelOptions::default())
+            .await
+            .expect("cancel");
+    }
+    let _ = channel.close(200, "done".into()).await;
+    let handled = handled.load(Ordering::SeqCst);
+    eprintln!(
+        "{handled} handled, {left} left on the ghost's partitions, at most {most} returns each"
+    );
+    assert_eq!(handled + left, CLIENTS, "a payment lost");
+    assert!(
+        left > 0,
+        "the ghost owned no partition with payments: nothing measured"
+    );
+    assert!(
+        most <= MAX_RETURNS,
+        "a payment came back {most} times in {WINDOW:?}: the partition bounced"
+    );
+}
