@@ -11,6 +11,8 @@
 //! in two on a loaded machine while the stop cancelled partition consumers first.
 #![cfg(feature = "amqp")]
 
+#[path = "support/group.rs"]
+mod group;
 mod support;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
@@ -19,6 +21,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use group::Instance;
 use prereq::amqp::{Broker, BrokerOptions, DelayMode, Message, Partitions, Route};
 use prereq::{Backoff, Decision, DependentConsumer, HoldBudget, MemoryKeys};
 use tokio::task::JoinHandle;
@@ -51,14 +54,7 @@ struct Seen {
 /// Clients known so far (marked before the key source learns them).
 type Known = Arc<Mutex<HashSet<u64>>>;
 
-/// One running instance of the group: its connection and its consumer.
-struct Instance {
-    name: String,
-    broker: Broker,
-    stop: tokio::sync::oneshot::Sender<()>,
-    run: JoinHandle<()>,
-}
-
+/// An instance of the group whose handler records what it ran in `seen`.
 async fn start(
     name: &str,
     route: &Route,
@@ -66,14 +62,6 @@ async fn start(
     known: &Known,
     seen: &Arc<Mutex<Seen>>,
 ) -> Instance {
-    let broker = Broker::connect(
-        BrokerOptions::new(support::addr())
-            .delay_mode(DelayMode::DelayQueues)
-            .connection_name(name),
-    )
-    .await
-    .expect("connect");
-    let transport = broker.transport(route.clone()).await.expect("transport");
     let seen_events = seen.clone();
     let (seen, known, me) = (seen.clone(), known.clone(), name.to_owned());
     let consumer = DependentConsumer::builder(
@@ -106,33 +94,7 @@ async fn start(
         }
     })
     .build();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let who = name.to_owned();
-    let run = tokio::spawn(async move {
-        let report = consumer
-            .run(transport, async {
-                let _ = stopped.await;
-            })
-            .await;
-        if let Err(e) = report {
-            panic!("instance {who} failed: {e}");
-        }
-    });
-    Instance {
-        name: name.to_owned(),
-        broker,
-        stop,
-        run,
-    }
-}
-
-impl Instance {
-    /// Stop the consumer (it gives back what it holds and leaves the group), then close.
-    async fn stop(self) {
-        let _ = self.stop.send(());
-        self.run.await.expect("instance ran");
-        let _ = self.broker.close().await;
-    }
+    Instance::start(name, route, consumer).await
 }
 
 /// `rabbitmqctl … --formatter json` as JSON rows, or why not.

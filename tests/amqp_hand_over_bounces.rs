@@ -7,6 +7,8 @@
 //! such a partition bounces a few times a second, not thousands of times.
 #![cfg(feature = "amqp")]
 
+#[path = "support/group.rs"]
+mod group;
 mod support;
 
 use std::sync::Arc;
@@ -14,9 +16,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use futures::StreamExt as _;
+use group::Instance;
 use lapin::options::{BasicAckOptions, BasicCancelOptions, BasicConsumeOptions};
 use lapin::types::FieldTable;
-use prereq::amqp::{Broker, BrokerOptions, DelayMode, Membership, Message, Partitions, Route};
+use prereq::amqp::{Broker, BrokerOptions, Membership, Message, Partitions, Route};
 use prereq::{DependentConsumer, MemoryKeys};
 
 /// Partitions in the group: the ghost owns some of them.
@@ -62,14 +65,6 @@ async fn a_partition_whose_owner_does_not_consume_bounces_a_few_times_a_second()
         .await
         .expect("the ghost joins");
 
-    let broker = Broker::connect(
-        BrokerOptions::new(support::addr())
-            .delay_mode(DelayMode::DelayQueues)
-            .connection_name(format!("{p}instance")),
-    )
-    .await
-    .expect("connect");
-    let transport = broker.transport(route.clone()).await.expect("transport");
     let keys = MemoryKeys::new();
     for client in 0..CLIENTS {
         keys.insert(client);
@@ -85,10 +80,7 @@ async fn a_partition_whose_owner_does_not_consume_bounces_a_few_times_a_second()
     )
     .keys(keys)
     .build();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let run = tokio::spawn(consumer.run(transport, async {
-        let _ = stopped.await;
-    }));
+    let instance = Instance::start(&format!("{p}instance"), &route, consumer).await;
 
     // The instance joined (the ghost heard it); it hears the ghost's next beat.
     let mut members = ghost.members();
@@ -97,7 +89,7 @@ async fn a_partition_whose_owner_does_not_consume_bounces_a_few_times_a_second()
         .expect("the ghost hears the instance within 10 s")
         .expect("the ghost's membership");
     tokio::time::sleep(GHOST_BEAT * 5).await;
-    let publisher = broker.publisher().await.expect("publisher");
+    let publisher = instance.broker.publisher().await.expect("publisher");
     for client in 0..CLIENTS {
         let body = format!(r#"{{"clientId":{client}}}"#);
         publisher
@@ -112,9 +104,8 @@ async fn a_partition_whose_owner_does_not_consume_bounces_a_few_times_a_second()
     }
     // The window measured: the instance beside the ghost.
     tokio::time::sleep(WINDOW).await;
-    let _ = stop.send(());
-    run.await.expect("run").expect("a graceful stop");
-    let _ = broker.close().await;
+    let name = instance.name.clone();
+    instance.stop().await;
     ghost.leave().await;
     let _ = ghost_broker.close().await;
 
@@ -157,7 +148,8 @@ async fn a_partition_whose_owner_does_not_consume_bounces_a_few_times_a_second()
     let _ = channel.close(200, "done".into()).await;
     let handled = handled.load(Ordering::SeqCst);
     eprintln!(
-        "{handled} handled, {left} left on the ghost's partitions, at most {most} returns each"
+        "{handled} handled by {name}, {left} left on the ghost's partitions, at most {most} \
+         returns each"
     );
     assert_eq!(handled + left, CLIENTS, "a payment lost");
     assert!(

@@ -12,13 +12,16 @@
 //! `a_key_s_later_message_waits_for_its_deferred_copy_across_a_hand_over`.
 #![cfg(feature = "amqp")]
 
+#[path = "support/group.rs"]
+mod group;
 mod support;
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use prereq::amqp::{Broker, BrokerOptions, DelayMode, Message, Partitions, Route};
+use group::Instance;
+use prereq::amqp::{Broker, BrokerOptions, Message, Partitions, Route};
 use prereq::{Backoff, Decision, DependentConsumer, HandlerError, HoldBudget, MemoryKeys};
 
 /// Partitions in the group.
@@ -48,25 +51,13 @@ struct Seen {
     held: usize,
 }
 
-/// An instance of the group, running until `stop` is used.
+/// An instance of the group whose handler fails each payment 1 once and records the rest.
 async fn start(
     name: &str,
     route: &Route,
     keys: &MemoryKeys<u64>,
     seen: &Arc<Mutex<Seen>>,
-) -> (
-    Broker,
-    tokio::sync::oneshot::Sender<()>,
-    tokio::task::JoinHandle<()>,
-) {
-    let broker = Broker::connect(
-        BrokerOptions::new(support::addr())
-            .delay_mode(DelayMode::DelayQueues)
-            .connection_name(name),
-    )
-    .await
-    .expect("connect");
-    let transport = broker.transport(route.clone()).await.expect("transport");
+) -> Instance {
     let (handler_seen, event_seen, me) = (seen.clone(), seen.clone(), name.to_owned());
     let consumer = DependentConsumer::builder(
         |p: &Payment| p.client_id,
@@ -96,19 +87,7 @@ async fn start(
         }
     })
     .build();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let who = name.to_owned();
-    let run = tokio::spawn(async move {
-        if let Err(e) = consumer
-            .run(transport, async {
-                let _ = stopped.await;
-            })
-            .await
-        {
-            panic!("instance {who} failed: {e}");
-        }
-    });
-    (broker, stop, run)
+    Instance::start(name, route, consumer).await
 }
 
 /// Poll `cond` on what was seen until it holds; panics with `what` after `limit`.
@@ -157,7 +136,7 @@ async fn a_key_s_later_payment_waits_for_its_deferred_copy_when_the_partition_mo
         keys.insert(client);
     }
     let seen: Arc<Mutex<Seen>> = Arc::default();
-    let (a_broker, a_stop, a_run) = start(&format!("{p}a"), &route, &keys, &seen).await;
+    let a = start(&format!("{p}a"), &route, &keys, &seen).await;
 
     let producer = Broker::connect(
         BrokerOptions::new(support::addr()).connection_name(format!("{p}producer")),
@@ -190,7 +169,7 @@ async fn a_key_s_later_payment_waits_for_its_deferred_copy_when_the_partition_mo
     );
 
     // B joins while the payments 1 are in their delay.
-    let (b_broker, b_stop, b_run) = start(&format!("{p}b"), &route, &keys, &seen).await;
+    let b = start(&format!("{p}b"), &route, &keys, &seen).await;
     until(&seen, "every payment handled", DELAY * 3, |s| {
         s.handled.len() == 3 * CLIENTS as usize
     })
@@ -212,7 +191,7 @@ async fn a_key_s_later_payment_waits_for_its_deferred_copy_when_the_partition_mo
             .unwrap()
             .handled
             .iter()
-            .any(|(_, _, who)| who.ends_with('b'))
+            .any(|(_, _, who)| *who == b.name)
         {
             break;
         }
@@ -222,12 +201,8 @@ async fn a_key_s_later_payment_waits_for_its_deferred_copy_when_the_partition_mo
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let _ = a_stop.send(());
-    let _ = b_stop.send(());
-    a_run.await.expect("instance a");
-    b_run.await.expect("instance b");
-    let _ = a_broker.close().await;
-    let _ = b_broker.close().await;
+    a.stop().await;
+    b.stop().await;
     let _ = producer.close().await;
 
     let seen = seen.lock().unwrap();
