@@ -371,7 +371,10 @@ impl MemoryBroker {
     ///
     /// While a deferred copy of a message of the partition (a later attempt) is delayed,
     /// waiting, or delivered and not settled, the revocation waits: the transports made so far
-    /// go on receiving the partition (they alone), until the last such copy is settled.
+    /// go on receiving the partition (they alone), until the last such copy is settled. Unlike
+    /// the AMQP transport, which waits at most for the copies away when the wait began (plus a
+    /// grace), this wait has no bound: a test that goes on deferring the partition's messages
+    /// keeps it where it is.
     pub fn revoke(&self, partition: u32) {
         let mut s = self.lock();
         let ids: Vec<u64> = s.revocations.keys().copied().collect();

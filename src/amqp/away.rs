@@ -7,7 +7,9 @@
 //! back. So the consumer of a partition it no longer owns keeps it until every copy it deferred
 //! from it came back and was settled here (a copy is settled after the messages held behind
 //! it were queued behind it), or until the copy's delay plus [`COPY_GRACE`] passed (a copy
-//! taken by another instance, or lost with a broker): a partition is never kept for good.
+//! taken by another instance, or lost with a broker). Copies deferred while the consumer waits
+//! do not make the wait longer ([`Leave`]): a partition is never kept for good, even one that
+//! goes on deferring messages.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -50,9 +52,73 @@ impl Away {
     }
 }
 
+/// A consumer's wait for the copies of a partition its instance no longer owns.
+///
+/// The wait ends when no copy is away any more, and at the latest when the copies that were
+/// away as it began are past their time: a partition that goes on deferring messages meanwhile
+/// (copies made after the wait began) still moves on.
+#[derive(Debug, Default)]
+pub(crate) struct Leave {
+    /// When the wait ends at the latest; `None` while not waiting.
+    by: Option<Instant>,
+}
+
+impl Leave {
+    /// Keep the partition (start or go on waiting)? `out_until` is [`Away::out_until`] now.
+    pub(crate) fn keeps(&mut self, out_until: Option<Instant>, now: Instant) -> bool {
+        self.by = match (self.by, out_until) {
+            (_, None) => None,
+            (Some(by), Some(_)) if now >= by => None,
+            (Some(by), Some(_)) => Some(by),
+            (None, Some(until)) => Some(until),
+        };
+        self.by.is_some()
+    }
+
+    /// Is the consumer waiting?
+    pub(crate) fn waiting(&self) -> bool {
+        self.by.is_some()
+    }
+
+    /// When the wait ends at the latest.
+    pub(crate) fn by(&self) -> Option<Instant> {
+        self.by
+    }
+
+    /// The partition is this instance's again, or was handed over: no more waiting.
+    pub(crate) fn end(&mut self) {
+        self.by = None;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_wait_ends_when_the_copies_are_back_or_past_the_time_they_had_as_it_began() {
+        let now = Instant::now();
+        let s = Duration::from_secs;
+        let mut leave = Leave::default();
+        assert!(!leave.keeps(None, now), "nothing away: hand over");
+        assert!(leave.keeps(Some(now + s(40)), now));
+        assert_eq!(leave.by(), Some(now + s(40)));
+        assert!(
+            leave.keeps(Some(now + s(90)), now + s(10)),
+            "a later copy does not extend the wait"
+        );
+        assert_eq!(leave.by(), Some(now + s(40)));
+        assert!(
+            !leave.keeps(Some(now + s(90)), now + s(40)),
+            "past its time"
+        );
+        assert!(!leave.waiting());
+        assert!(leave.keeps(Some(now + s(90)), now + s(41)), "a new wait");
+        assert!(!leave.keeps(None, now + s(42)), "every copy back");
+        assert!(leave.keeps(Some(now + s(90)), now + s(43)));
+        leave.end();
+        assert!(!leave.waiting());
+    }
 
     #[test]
     fn a_partition_waits_for_its_own_copies_until_settled_or_past_their_time() {

@@ -11,9 +11,11 @@ use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::{Channel, Consumer};
 use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
 use super::acks::Acks;
+use super::away::Leave;
 use super::declare::{declare_queue, short};
 use super::error::AmqpError;
 use super::group::Assignment;
@@ -290,9 +292,9 @@ async fn forward(
         && c.partition.is_none()
         && !c.queue.single_active
         && c.queue.kind != QueueKind::Stream;
-    // This instance no longer owns its partition but keeps it until the copies it deferred
-    // from it are back and settled (see `super::away`).
-    let mut leaving = false;
+    // Set while this instance no longer owns its partition but keeps it until the copies it
+    // deferred from it are back and settled (see `super::away`).
+    let mut leave = Leave::default();
     let partition = c.partition.as_ref().map(|(i, _)| *i);
     // Hand-overs since the group's assignment last changed: the broker made this consumer
     // active again after each (see `bounce_pause`).
@@ -317,7 +319,7 @@ async fn forward(
         };
         let back = async {
             match partition {
-                Some(p) => copies_back(shared, p).await,
+                Some(p) => copies_back(shared, p, leave.by()).await,
                 None => std::future::pending().await,
             }
         };
@@ -326,8 +328,8 @@ async fn forward(
             changed = ownership_changed => {
                 bounces = 0;
                 if !changed || owned(c) {
-                    leaving = false;
-                } else if !keeps(shared, partition, &mut leaving, &name) {
+                    leave.end();
+                } else if !keeps(shared, partition, &mut leave, &name) {
                     match hand_over(shared, c, &channel, &acks, consumer, vias, Vec::new()).await {
                         Ok(handed) => (channel, consumer, acks) = handed,
                         Err(e) => return Ended::Failed(e),
@@ -336,8 +338,8 @@ async fn forward(
                 }
                 continue;
             }
-            () = back, if leaving => {
-                leaving = false;
+            () = back, if leave.waiting() => {
+                leave.end();
                 if !owned(c) {
                     match hand_over(shared, c, &channel, &acks, consumer, vias, Vec::new()).await {
                         Ok(handed) => (channel, consumer, acks) = handed,
@@ -359,7 +361,7 @@ async fn forward(
         }
         let mut hand = matches!(next, Some(Ok(_)))
             && !owned(c)
-            && !keeps(shared, partition, &mut leaving, &name);
+            && !keeps(shared, partition, &mut leave, &name);
         if hand && let Some(pause) = bounce_pause(bounces) {
             // Made active again on a partition this instance does not own, with no change of
             // the group's view: its owner is not subscribed (it crashed and has not expired yet,
@@ -369,7 +371,7 @@ async fn forward(
                 () = tokio::time::sleep(pause) => {}
                 () = tx.closed() => return Ended::Cancelled,
             }
-            hand = !owned(c) && !keeps(shared, partition, &mut leaving, &name);
+            hand = !owned(c) && !keeps(shared, partition, &mut leave, &name);
         }
         match next {
             Some(Ok(d)) if hand => {
@@ -419,18 +421,20 @@ async fn forward(
 }
 
 /// Does this consumer keep `partition`, which this instance no longer owns, because copies it
-/// deferred from it are still away? Logs when it starts keeping it.
-fn keeps(shared: &Shared, partition: Option<u32>, leaving: &mut bool, queue: &str) -> bool {
-    let until = partition.and_then(|p| shared.copies_out_until(p));
-    if let Some(until) = until
-        && !*leaving
-    {
+/// deferred from it are still away (and not past the time they had when the wait began)? Logs
+/// when it starts keeping it.
+fn keeps(shared: &Shared, partition: Option<u32>, leave: &mut Leave, queue: &str) -> bool {
+    let Some(p) = partition else {
+        return false;
+    };
+    let (was, now) = (leave.waiting(), Instant::now());
+    let keeps = leave.keeps(shared.copies_out_until(p), now);
+    if keeps && !was {
         info!(target: "prereq", queue = %queue,
-            within = ?until.saturating_duration_since(tokio::time::Instant::now()),
+            within = ?leave.by().map(|by| by.saturating_duration_since(now)),
             "partition kept until the copies deferred from it are back");
     }
-    *leaving = until.is_some();
-    *leaving
+    keeps
 }
 
 /// How long to wait before handing a partition over again, after `bounces` hand-overs since the
@@ -443,18 +447,18 @@ fn bounce_pause(bounces: u32) -> Option<Duration> {
     Some((BOUNCE_PAUSE * 2u32.saturating_pow(first.min(4))).min(BOUNCE_PAUSE_MAX))
 }
 
-/// Until the deferred copies of `partition` are back and settled, or past their time.
-async fn copies_back(shared: &Shared, partition: u32) {
+/// Until the deferred copies of `partition` are back and settled, or `by` passed.
+async fn copies_back(shared: &Shared, partition: u32, by: Option<Instant>) {
     loop {
         let changed = shared.changed.notified();
         tokio::pin!(changed);
         changed.as_mut().enable();
-        let Some(until) = shared.copies_out_until(partition) else {
+        let (Some(_), Some(by)) = (shared.copies_out_until(partition), by) else {
             return;
         };
         tokio::select! {
             () = changed => {}
-            () = tokio::time::sleep_until(until) => {}
+            () = tokio::time::sleep_until(by) => return,
         }
     }
 }
