@@ -10,6 +10,9 @@
 //! were still in their delay, for every client on a moved partition. The engine-level twin is
 //! `tests/engine_partitions.rs` →
 //! `a_key_s_later_message_waits_for_its_deferred_copy_across_a_hand_over`.
+//!
+//! And the wait's bound: copies that never come back hold the partition for their delay plus
+//! 30 s, no longer (about 40 s).
 #![cfg(feature = "amqp")]
 
 #[path = "support/group.rs"]
@@ -49,6 +52,8 @@ struct Seen {
     deferred: usize,
     /// Holds (a payment waiting behind its key's deferred one).
     held: usize,
+    /// When each instance first handled a payment.
+    first: BTreeMap<String, tokio::time::Instant>,
 }
 
 /// An instance of the group whose handler fails each payment 1 once and records the rest.
@@ -57,6 +62,7 @@ async fn start(
     route: &Route,
     keys: &MemoryKeys<u64>,
     seen: &Arc<Mutex<Seen>>,
+    delay: Duration,
 ) -> Instance {
     let (handler_seen, event_seen, me) = (seen.clone(), seen.clone(), name.to_owned());
     let consumer = DependentConsumer::builder(
@@ -69,13 +75,16 @@ async fn start(
                     seen.failed.push(p.client_id);
                     return Err(HandlerError::retry("payment 1 fails once"));
                 }
+                seen.first
+                    .entry(me.clone())
+                    .or_insert_with(tokio::time::Instant::now);
                 seen.handled.push((p.client_id, p.seq, me));
                 Ok(())
             }
         },
     )
     .keys(keys.clone())
-    .policy(Backoff::constant(DELAY))
+    .policy(Backoff::constant(delay))
     // Payment 2 waits behind payment 1 in the hold for as long as the test runs.
     .budget(HoldBudget::DEFAULT.max_time(Duration::from_secs(300)))
     .on_event(move |e| {
@@ -136,7 +145,7 @@ async fn a_key_s_later_payment_waits_for_its_deferred_copy_when_the_partition_mo
         keys.insert(client);
     }
     let seen: Arc<Mutex<Seen>> = Arc::default();
-    let a = start(&format!("{p}a"), &route, &keys, &seen).await;
+    let a = start(&format!("{p}a"), &route, &keys, &seen, DELAY).await;
 
     let producer = Broker::connect(
         BrokerOptions::new(support::addr()).connection_name(format!("{p}producer")),
@@ -169,7 +178,7 @@ async fn a_key_s_later_payment_waits_for_its_deferred_copy_when_the_partition_mo
     );
 
     // B joins while the payments 1 are in their delay.
-    let b = start(&format!("{p}b"), &route, &keys, &seen).await;
+    let b = start(&format!("{p}b"), &route, &keys, &seen, DELAY).await;
     until(&seen, "every payment handled", DELAY * 3, |s| {
         s.handled.len() == 3 * CLIENTS as usize
     })
@@ -217,5 +226,90 @@ async fn a_key_s_later_payment_waits_for_its_deferred_copy_when_the_partition_mo
     assert!(
         moved_out_of_order.is_empty(),
         "clients whose payments ran out of order: {moved_out_of_order:?}"
+    );
+}
+
+/// The wait for the copies is bounded: a copy that never comes back (here purged from its delay
+/// queue, as if lost with a broker) holds its partition for its delay plus 30 s, then the
+/// partition moves all the same. About 40 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partition_moves_without_a_copy_that_never_comes_back_after_its_delay_and_a_grace() {
+    /// The copies' delay.
+    const LOST_DELAY: Duration = Duration::from_secs(3);
+    /// The grace after it (the transport's `COPY_GRACE`).
+    const GRACE: Duration = Duration::from_secs(30);
+    let Some(conn) = support::broker().await else {
+        return;
+    };
+    let p = support::unique("handover-lost");
+    let partitions = Partitions::new(format!("{p}pay"), P);
+    let route = Route::partitioned(partitions.clone());
+    let policy = Backoff::constant(LOST_DELAY);
+    let cleanup = support::Cleanup::new();
+    cleanup.route(&route);
+    cleanup.exchange(partitions.members_exchange());
+    cleanup.delay_queues(&route, &policy);
+
+    let keys = MemoryKeys::new();
+    for client in 0..CLIENTS {
+        keys.insert(client);
+    }
+    let seen: Arc<Mutex<Seen>> = Arc::default();
+    let a = start(&format!("{p}a"), &route, &keys, &seen, LOST_DELAY).await;
+    let producer = Broker::connect(
+        BrokerOptions::new(support::addr()).connection_name(format!("{p}producer")),
+    )
+    .await
+    .expect("producer connection");
+    producer.declare(&route).await.expect("declare");
+    let publisher = producer.publisher().await.expect("publisher");
+    publish(&publisher, &partitions, 0).await;
+    until(&seen, "payments 0 handled", Duration::from_secs(30), |s| {
+        s.handled.len() == CLIENTS as usize
+    })
+    .await;
+    // Every payment 1 fails once and is deferred; its copy is lost in the delay queue.
+    publish(&publisher, &partitions, 1).await;
+    until(&seen, "payments 1 deferred", Duration::from_secs(30), |s| {
+        s.deferred == CLIENTS as usize
+    })
+    .await;
+    let lost_at = tokio::time::Instant::now();
+    let channel = conn.create_channel().await.expect("channel");
+    let delay_queue = format!("{}.{}ms", route.delay_prefix(), LOST_DELAY.as_millis());
+    let purged = channel
+        .queue_purge(delay_queue.as_str().into(), Default::default())
+        .await
+        .expect("purge the delay queue");
+    assert_eq!(
+        purged, CLIENTS as u32,
+        "purged before their delay (3 s) was up: the copies are lost"
+    );
+    let _ = channel.close(200, "done".into()).await;
+
+    // B joins: A keeps its partitions for the lost copies, until their delay and the grace.
+    // A round of payments every second until B runs one.
+    let b = start(&format!("{p}b"), &route, &keys, &seen, LOST_DELAY).await;
+    let mut seq = 2;
+    let b_first = loop {
+        if let Some(at) = seen.lock().unwrap().first.get(&b.name) {
+            break *at;
+        }
+        assert!(
+            lost_at.elapsed() < LOST_DELAY + GRACE + Duration::from_secs(25),
+            "no partition moved to B within the copies' delay, the grace and 25 s"
+        );
+        publish(&publisher, &partitions, seq).await;
+        seq += 1;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    };
+    let moved_after = b_first - lost_at;
+    a.stop().await;
+    b.stop().await;
+    let _ = producer.close().await;
+    eprintln!("a partition moved to B {moved_after:?} after the copies were lost");
+    assert!(
+        moved_after >= LOST_DELAY + GRACE - Duration::from_secs(2),
+        "B ran payments {moved_after:?} after the copies were lost: A did not wait for them"
     );
 }
