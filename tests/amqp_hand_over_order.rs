@@ -127,26 +127,36 @@ async fn publish(publisher: &prereq::amqp::Publisher, partitions: &Partitions, s
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_key_s_later_payment_waits_for_its_deferred_copy_when_the_partition_moves() {
-    let Some(_conn) = support::broker().await else {
-        return;
-    };
-    let p = support::unique("handover");
+/// The scene both tests start from: instance A alone in the group; payment 0 of every client
+/// handled; every payment 1 failed once and deferred (its copy in a `delay`).
+struct Scene {
+    /// The run's unique name prefix.
+    p: String,
+    partitions: Partitions,
+    route: Route,
+    keys: MemoryKeys<u64>,
+    seen: Arc<Mutex<Seen>>,
+    /// Deletes the group's queues and exchanges at the end.
+    _cleanup: support::Cleanup,
+    a: Instance,
+    producer: Broker,
+    publisher: prereq::amqp::Publisher,
+}
+
+async fn a_alone_with_payments_1_deferred(tag: &str, delay: Duration) -> Scene {
+    let p = support::unique(tag);
     let partitions = Partitions::new(format!("{p}pay"), P);
     let route = Route::partitioned(partitions.clone());
     let cleanup = support::Cleanup::new();
     cleanup.route(&route);
     cleanup.exchange(partitions.members_exchange());
-    cleanup.delay_queues(&route, &Backoff::constant(DELAY));
-
+    cleanup.delay_queues(&route, &Backoff::constant(delay));
     let keys = MemoryKeys::new();
     for client in 0..CLIENTS {
         keys.insert(client);
     }
     let seen: Arc<Mutex<Seen>> = Arc::default();
-    let a = start(&format!("{p}a"), &route, &keys, &seen, DELAY).await;
-
+    let a = start(&format!("{p}a"), &route, &keys, &seen, delay).await;
     let producer = Broker::connect(
         BrokerOptions::new(support::addr()).connection_name(format!("{p}producer")),
     )
@@ -154,8 +164,6 @@ async fn a_key_s_later_payment_waits_for_its_deferred_copy_when_the_partition_mo
     .expect("producer connection");
     producer.declare(&route).await.expect("declare");
     let publisher = producer.publisher().await.expect("publisher");
-    // A alone: payment 0 of every client runs, then every payment 1 fails once and is deferred,
-    // and every payment 2 waits behind it.
     publish(&publisher, &partitions, 0).await;
     until(&seen, "payments 0 handled", Duration::from_secs(30), |s| {
         s.handled.len() == CLIENTS as usize
@@ -166,6 +174,37 @@ async fn a_key_s_later_payment_waits_for_its_deferred_copy_when_the_partition_mo
         s.deferred == CLIENTS as usize
     })
     .await;
+    Scene {
+        p,
+        partitions,
+        route,
+        keys,
+        seen,
+        _cleanup: cleanup,
+        a,
+        producer,
+        publisher,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_s_later_payment_waits_for_its_deferred_copy_when_the_partition_moves() {
+    let Some(_conn) = support::broker().await else {
+        return;
+    };
+    // A alone: payment 0 of every client ran, every payment 1 failed once and was deferred;
+    // every payment 2 waits behind it.
+    let Scene {
+        p,
+        partitions,
+        route,
+        keys,
+        seen,
+        _cleanup,
+        a,
+        producer,
+        publisher,
+    } = a_alone_with_payments_1_deferred("handover", DELAY).await;
     publish(&publisher, &partitions, 2).await;
     until(&seen, "payments 2 held", Duration::from_secs(30), |s| {
         s.held == CLIENTS as usize
@@ -241,39 +280,18 @@ async fn a_partition_moves_without_a_copy_that_never_comes_back_after_its_delay_
     let Some(conn) = support::broker().await else {
         return;
     };
-    let p = support::unique("handover-lost");
-    let partitions = Partitions::new(format!("{p}pay"), P);
-    let route = Route::partitioned(partitions.clone());
-    let policy = Backoff::constant(LOST_DELAY);
-    let cleanup = support::Cleanup::new();
-    cleanup.route(&route);
-    cleanup.exchange(partitions.members_exchange());
-    cleanup.delay_queues(&route, &policy);
-
-    let keys = MemoryKeys::new();
-    for client in 0..CLIENTS {
-        keys.insert(client);
-    }
-    let seen: Arc<Mutex<Seen>> = Arc::default();
-    let a = start(&format!("{p}a"), &route, &keys, &seen, LOST_DELAY).await;
-    let producer = Broker::connect(
-        BrokerOptions::new(support::addr()).connection_name(format!("{p}producer")),
-    )
-    .await
-    .expect("producer connection");
-    producer.declare(&route).await.expect("declare");
-    let publisher = producer.publisher().await.expect("publisher");
-    publish(&publisher, &partitions, 0).await;
-    until(&seen, "payments 0 handled", Duration::from_secs(30), |s| {
-        s.handled.len() == CLIENTS as usize
-    })
-    .await;
-    // Every payment 1 fails once and is deferred; its copy is lost in the delay queue.
-    publish(&publisher, &partitions, 1).await;
-    until(&seen, "payments 1 deferred", Duration::from_secs(30), |s| {
-        s.deferred == CLIENTS as usize
-    })
-    .await;
+    // Every payment 1 failed once and was deferred; its copy is then lost in the delay queue.
+    let Scene {
+        p,
+        partitions,
+        route,
+        keys,
+        seen,
+        _cleanup,
+        a,
+        producer,
+        publisher,
+    } = a_alone_with_payments_1_deferred("handover-lost", LOST_DELAY).await;
     let lost_at = tokio::time::Instant::now();
     let channel = conn.create_channel().await.expect("channel");
     let delay_queue = format!("{}.{}ms", route.delay_prefix(), LOST_DELAY.as_millis());
