@@ -585,7 +585,7 @@ async fn hand_over(
     acks: &Arc<Acks>,
     mut consumer: Consumer,
     vias: &mut Vias,
-    mut parked: Vec<LapinDelivery>,
+    parked: Vec<LapinDelivery>,
 ) -> Result<(Channel, Consumer, Arc<Acks>), AmqpError> {
     let Some((partition, _)) = &c.partition else {
         return Ok((channel.clone(), consumer, Arc::clone(acks)));
@@ -593,7 +593,22 @@ async fn hand_over(
     let partition = *partition;
     let addr = shared.broker.addr();
     let name = &c.queue.name;
+    // Settles what the channel's current life delivers: a recovery during the wait starts a
+    // new one. Each delivery kept aside is kept with the settler of its life.
+    let mut life = Arc::clone(acks);
+    let mut parked: Vec<(LapinDelivery, Arc<Acks>)> =
+        parked.into_iter().map(|d| (d, Arc::clone(&life))).collect();
+    let mut park = |d: LapinDelivery, life: &mut Arc<Acks>| {
+        if life.is_void() && !d.acker.poisoned() {
+            // The channel failed and recovered in place: a new life, with new delivery tags.
+            *life = Acks::new(channel.clone());
+        }
+        life.opened(&d);
+        parked.push((d, Arc::clone(life)));
+    };
     shared.revoke(partition);
+    // Until the broker ends the consumer (then nothing more comes).
+    let mut consuming = true;
     loop {
         let changed = shared.changed.notified();
         tokio::pin!(changed);
@@ -603,31 +618,27 @@ async fn hand_over(
         }
         tokio::select! {
             () = changed => {}
-            next = consumer.next() => match next {
-                Some(Ok(d)) => {
-                    acks.opened(&d);
-                    parked.push(d);
-                }
+            next = consumer.next(), if consuming => match next {
+                Some(Ok(d)) => park(d, &mut life),
                 Some(Err(e)) => {
                     channel
                         .wait_for_recovery(e)
                         .await
                         .map_err(|e| addr.broker_error(format!("consume {name}"), &e))?;
+                    info!(target: "prereq", queue = %name, "consumer recovered during a hand-over");
                 }
-                // Cancelled by the broker meanwhile: nothing more will come.
-                None => {}
+                None => consuming = false,
             },
         }
     }
     // What lapin has received already: the close would return it unseen.
     while let Some(Some(next)) = consumer.next().now_or_never() {
         if let Ok(d) = next {
-            acks.opened(&d);
-            parked.push(d);
+            park(d, &mut life);
         }
     }
     let given_back = parked.len();
-    refresh_near_limit(shared, acks, vias, &mut parked).await;
+    refresh_near_limit(shared, vias, &mut parked).await;
     let _ = channel
         .close(200, "prereq: partition handed over".into())
         .await;
@@ -644,26 +655,32 @@ async fn hand_over(
 /// Of the deliveries kept aside during a hand-over, copy those one return away from their
 /// queue's delivery limit to the back of the queue (a new count) and acknowledge them: the
 /// channel's close would bring them to the limit, and the broker would drop them. A copy that
-/// fails leaves its original to the close.
+/// fails leaves its original to the close. Each is settled through the settler of the channel's
+/// life it came in; those of a life that failed are the broker's again, and left alone.
 async fn refresh_near_limit(
     shared: &Shared,
-    acks: &Arc<Acks>,
     vias: &mut Vias,
-    parked: &mut Vec<LapinDelivery>,
+    parked: &mut Vec<(LapinDelivery, Arc<Acks>)>,
 ) {
     let mut kept = Vec::with_capacity(parked.len());
-    for d in parked.drain(..) {
+    for (d, acks) in parked.drain(..) {
+        if acks.is_void() {
+            // From a life of the channel that failed: the broker has it back already, and a
+            // copy would make it come twice.
+            kept.push((d, acks));
+            continue;
+        }
         let returns = headers::read_incoming(d.properties.headers().as_ref())
             .delivery_count
             .unwrap_or(0);
         let via = vias.get(d.exchange.as_str(), d.routing_key.as_str());
         if !via.near_limit(returns) {
-            kept.push(d);
+            kept.push((d, acks));
             continue;
         }
         let p = Unsettled {
             via,
-            acks: Arc::clone(acks),
+            acks,
             tag: d.delivery_tag,
             properties: Packed::pack(d.properties),
             body: d.data,
