@@ -15,11 +15,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use futures::StreamExt as _;
-use group::Instance;
-use lapin::options::{BasicAckOptions, BasicCancelOptions, BasicConsumeOptions};
-use lapin::types::FieldTable;
-use prereq::amqp::{Broker, BrokerOptions, Membership, Message, Partitions, Route};
+use group::{Ghost, Instance, drain};
+use prereq::amqp::{Message, Partitions, Route};
 use prereq::{DependentConsumer, MemoryKeys};
 
 /// Partitions in the group: the ghost owns some of them.
@@ -44,7 +41,7 @@ async fn a_partition_whose_owner_does_not_consume_bounces_a_few_times_a_second()
     let Some(conn) = support::broker().await else {
         return;
     };
-    support::init_tracing();
+    let logs = support::captured_logs();
     let p = support::unique("bounces");
     let partitions = Partitions::new(format!("{p}pay"), P);
     let route = Route::partitioned(partitions.clone());
@@ -55,15 +52,9 @@ async fn a_partition_whose_owner_does_not_consume_bounces_a_few_times_a_second()
         .exchange(exchange.as_str())
         .queue(format!("{exchange}.ghost"));
 
-    // The ghost beats and consumes nothing.
-    let ghost_broker =
-        Broker::connect(BrokerOptions::new(support::addr()).connection_name(format!("{p}ghost")))
-            .await
-            .expect("connect the ghost");
-    // It beats often, so the instance hears it soon after joining.
-    let ghost = Membership::join(&ghost_broker, &exchange, "ghost".into(), GHOST_BEAT)
-        .await
-        .expect("the ghost joins");
+    // The ghost beats (often, so the instance hears it soon after joining) and consumes
+    // nothing.
+    let ghost = Ghost::join(&p, &partitions, GHOST_BEAT).await;
 
     let keys = MemoryKeys::new();
     for client in 0..CLIENTS {
@@ -82,13 +73,17 @@ async fn a_partition_whose_owner_does_not_consume_bounces_a_few_times_a_second()
     .build();
     let instance = Instance::start(&format!("{p}instance"), &route, consumer).await;
 
-    // The instance joined (the ghost heard it); it hears the ghost's next beat.
-    let mut members = ghost.members();
-    tokio::time::timeout(Duration::from_secs(10), members.wait_for(|m| m.len() == 2))
-        .await
-        .expect("the ghost hears the instance within 10 s")
-        .expect("the ghost's membership");
-    tokio::time::sleep(GHOST_BEAT * 5).await;
+    // The instance heard the ghost: it handed the ghost's partitions over.
+    support::eventually(
+        "the instance hands the ghost's partitions over",
+        Duration::from_secs(10),
+        || {
+            logs.lines_with("partition handed over")
+                .iter()
+                .any(|l| l.contains(&p))
+        },
+    )
+    .await;
     let publisher = instance.broker.publisher().await.expect("publisher");
     for client in 0..CLIENTS {
         let body = format!(r#"{{"clientId":{client}}}"#);
@@ -107,45 +102,16 @@ async fn a_partition_whose_owner_does_not_consume_bounces_a_few_times_a_second()
     let name = instance.name.clone();
     instance.stop().await;
     ghost.leave().await;
-    let _ = ghost_broker.close().await;
 
     // What is left is the ghost's: every payment is either handled or still there, and none
     // came back more than a few times a second.
-    let channel = conn.create_channel().await.expect("channel");
-    let (mut left, mut most) = (0u64, 0i64);
-    for i in 0..P {
-        let queue = partitions.queue_name(i);
-        // (`basic.get` is refused on a single-active-consumer quorum queue.) Everything the
-        // queue has, until it stays quiet for a second: the instance's returns may still be
-        // on their way into the queue.
-        let mut consumer = channel
-            .basic_consume(
-                queue.as_str().into(),
-                "".into(),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-            .expect("consume");
-        while let Ok(next) = tokio::time::timeout(Duration::from_secs(1), consumer.next()).await {
-            let m = next.expect("the consumer ended").expect("a message");
-            m.ack(BasicAckOptions::default()).await.expect("ack");
-            left += 1;
-            let returns = m
-                .properties
-                .headers()
-                .as_ref()
-                .and_then(|h| h.inner().get("x-delivery-count").cloned())
-                .and_then(|v| v.as_long_long_int().or(v.as_long_int().map(i64::from)))
-                .unwrap_or(0);
-            most = most.max(returns);
-        }
-        channel
-            .basic_cancel(consumer.tag(), BasicCancelOptions::default())
-            .await
-            .expect("cancel");
-    }
-    let _ = channel.close(200, "done".into()).await;
+    let left = drain(&conn, &partitions).await;
+    let most = left
+        .iter()
+        .filter_map(|m| support::header_int(m.properties.headers().as_ref(), "x-delivery-count"))
+        .max()
+        .unwrap_or(0);
+    let left = left.len() as u64;
     let handled = handled.load(Ordering::SeqCst);
     eprintln!(
         "{handled} handled by {name}, {left} left on the ghost's partitions, at most {most} \

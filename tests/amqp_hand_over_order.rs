@@ -99,16 +99,9 @@ async fn start(
     Instance::start(name, route, consumer).await
 }
 
-/// Poll `cond` on what was seen until it holds; panics with `what` after `limit`.
+/// [`support::eventually`] over what was seen.
 async fn until(seen: &Arc<Mutex<Seen>>, what: &str, limit: Duration, cond: impl Fn(&Seen) -> bool) {
-    let deadline = tokio::time::Instant::now() + limit;
-    while !cond(&seen.lock().unwrap()) {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{what}: not within {limit:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    support::eventually(what, limit, || cond(&seen.lock().unwrap())).await;
 }
 
 /// Payment `seq` of every client, keyed by client.

@@ -11,18 +11,18 @@
 //! own life's settler. The default limit (1 000) leaves room for both returns.
 #![cfg(feature = "amqp")]
 
+#[path = "support/group.rs"]
+mod group;
 mod support;
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use futures::StreamExt as _;
-use lapin::options::{
-    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, QueueDeclareOptions,
-};
+use group::{Ghost, drain};
+use lapin::options::QueueDeclareOptions;
 use lapin::types::FieldTable;
-use prereq::amqp::{Broker, BrokerOptions, DelayMode, Membership, Message, Partitions, Route};
+use prereq::amqp::{Broker, BrokerOptions, DelayMode, Message, Partitions, Route};
 use prereq::{DependentConsumer, MemoryKeys};
 use tokio::sync::Semaphore;
 
@@ -122,18 +122,7 @@ async fn messages_kept_aside_after_a_recovery_during_a_hand_over_are_copied_back
 
     // A ghost joins (it beats, and never consumes): A hands the ghost's partitions over, and
     // waits for their payments 0.
-    let ghost_broker =
-        Broker::connect(BrokerOptions::new(addr.clone()).connection_name(format!("{p}ghost")))
-            .await
-            .expect("connect the ghost");
-    let ghost = Membership::join(
-        &ghost_broker,
-        &exchange,
-        "ghost".into(),
-        Duration::from_millis(100),
-    )
-    .await
-    .expect("the ghost joins");
+    let ghost = Ghost::join(&p, &partitions, Duration::from_millis(100)).await;
     support::eventually("a partition given up", Duration::from_secs(30), || {
         !logs.lines_with("giving a partition up").is_empty()
     })
@@ -181,7 +170,6 @@ async fn messages_kept_aside_after_a_recovery_during_a_hand_over_are_copied_back
     run.await.expect("run").expect("a graceful stop");
     let _ = broker.close().await;
     ghost.leave().await;
-    let _ = ghost_broker.close().await;
 
     // Every payment 1 ran once or is still in a queue once (payments 0 ran before the cut and
     // may come again: at least once).
@@ -191,28 +179,11 @@ async fn messages_kept_aside_after_a_recovery_during_a_hand_over_are_copied_back
             *count.entry(*client).or_default() += 1;
         }
     }
-    for i in 0..P {
-        let mut left = channel
-            .basic_consume(
-                partitions.queue_name(i).as_str().into(),
-                "".into(),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-            .expect("consume");
-        while let Ok(next) = tokio::time::timeout(Duration::from_secs(1), left.next()).await {
-            let m = next.expect("the consumer ended").expect("a message");
-            m.ack(BasicAckOptions::default()).await.expect("ack");
-            let p: Payment = serde_json::from_slice(&m.data).expect("a payment");
-            if p.seq == 1 {
-                *count.entry(p.client_id).or_default() += 1;
-            }
+    for m in drain(&conn, &partitions).await {
+        let p: Payment = serde_json::from_slice(&m.data).expect("a payment");
+        if p.seq == 1 {
+            *count.entry(p.client_id).or_default() += 1;
         }
-        channel
-            .basic_cancel(left.tag(), BasicCancelOptions::default())
-            .await
-            .expect("cancel");
     }
     let _ = channel.close(200, "done".into()).await;
     eprintln!("payments 1, ran or left, by client: {count:?}");

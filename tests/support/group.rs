@@ -1,9 +1,16 @@
 //! One instance of a partitioned group in a broker test: a connection of its own, named so that
 //! the broker's consumer list maps consumers to instances, and a consumer running on the group's
-//! route until stopped. Include with `#[path = "support/group.rs"] mod group;` beside
-//! `mod support;`.
+//! route until stopped; a ghost member; and a drain of the group's queues. Include with
+//! `#[path = "support/group.rs"] mod group;` beside `mod support;`.
+#![allow(dead_code)]
 
-use prereq::amqp::{Broker, BrokerOptions, DelayMode, Route};
+use std::time::Duration;
+
+use futures::StreamExt as _;
+use lapin::message::Delivery;
+use lapin::options::{BasicAckOptions, BasicCancelOptions, BasicConsumeOptions};
+use lapin::types::FieldTable;
+use prereq::amqp::{Broker, BrokerOptions, DelayMode, Membership, Partitions, Route};
 use prereq::{DependentConsumer, Key};
 use tokio::task::JoinHandle;
 
@@ -62,4 +69,70 @@ impl Instance {
         self.run.await.expect("instance ran");
         let _ = self.broker.close().await;
     }
+}
+
+/// A member of a partitioned group that beats and never consumes: the group gives it partitions
+/// nobody but the other instances is subscribed to, as to a member that crashed and has not
+/// expired yet. Its member queue is `<members exchange>.ghost` (for cleanup).
+pub struct Ghost {
+    /// Its own connection.
+    broker: Broker,
+    /// Its heartbeats.
+    pub membership: Membership,
+}
+
+impl Ghost {
+    /// Join the group of `partitions` (connection named `<p>ghost`), beating every `beat`.
+    pub async fn join(p: &str, partitions: &Partitions, beat: Duration) -> Self {
+        let broker = Broker::connect(
+            BrokerOptions::new(crate::support::addr()).connection_name(format!("{p}ghost")),
+        )
+        .await
+        .expect("connect the ghost");
+        let membership = Membership::join(
+            &broker,
+            &partitions.members_exchange(),
+            "ghost".into(),
+            beat,
+        )
+        .await
+        .expect("the ghost joins");
+        Self { broker, membership }
+    }
+
+    /// Leave the group and close the connection.
+    pub async fn leave(self) {
+        self.membership.leave().await;
+        let _ = self.broker.close().await;
+    }
+}
+
+/// Take (and acknowledge) everything left in the group's partition queues, each read until it
+/// stays quiet for a second. (`basic.get` is refused on a single-active-consumer quorum queue;
+/// a consumer is made active once the group's own are gone.)
+pub async fn drain(conn: &lapin::Connection, partitions: &Partitions) -> Vec<Delivery> {
+    let channel = conn.create_channel().await.expect("channel");
+    let mut left = Vec::new();
+    for i in 0..partitions.count() {
+        let mut consumer = channel
+            .basic_consume(
+                partitions.queue_name(i).as_str().into(),
+                "".into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .expect("consume a partition");
+        while let Ok(next) = tokio::time::timeout(Duration::from_secs(1), consumer.next()).await {
+            let m = next.expect("the consumer ended").expect("a message");
+            m.ack(BasicAckOptions::default()).await.expect("ack");
+            left.push(m);
+        }
+        channel
+            .basic_cancel(consumer.tag(), BasicCancelOptions::default())
+            .await
+            .expect("cancel");
+    }
+    let _ = channel.close(200, "drained".into()).await;
+    left
 }
