@@ -1,16 +1,19 @@
 //! [`Membership`]: a group of instances, from heartbeats on the group's members exchange.
 //!
-//! Every member publishes a small heartbeat (`{"member": name, "leaving": false}`) to the
-//! group's fanout exchange every `beat`, and hears everyone's through a queue of its own bound
-//! to it. The live set is this member and every member heard from within the last
-//! [`EXPIRY_BEATS`] beats; a member that leaves says so (`"leaving": true`) and is gone from
-//! the others' sets at once.
+//! Every member publishes a small heartbeat (`{"member": name, "leaving": false, "beat_ms": b}`)
+//! to the group's fanout exchange every `beat`, and hears everyone's through a queue of its own
+//! bound to it. The live set is this member and every member heard from within the last
+//! [`EXPIRY_BEATS`] of its beats; a member that leaves says so (`"leaving": true`) and is gone
+//! from the others' sets at once.
 //!
 //! Timing, for a beat `b` (the group uses 1 s):
 //! * a join is seen by the others with the newcomer's first heartbeat: at once;
 //! * a leave ([`Membership::leave`], or dropping the membership) is seen at once;
-//! * a member that crashes (`kill -9`, a lost network) is gone after 3 beats without a
-//!   heartbeat, at most 4 (expiry is checked once a beat);
+//! * a member that crashes (`kill -9`, a lost network) is gone after 3 of its beats without a
+//!   heartbeat, plus at most one of the hearer's (expiry is checked once a beat). Each member
+//!   is expired by the beat its heartbeats carry, so members with different beats (a change of
+//!   beat rolled out one instance at a time) keep each other; a heartbeat without one (an older
+//!   version) is expired by the hearer's own beat;
 //! * so a group rebalances within a few beats of a change, plus the partitions' hand-over.
 //!
 //! While this member's connection is down it keeps its last set (it cannot hear anybody, and
@@ -57,7 +60,14 @@ struct Heartbeat {
     member: String,
     #[serde(default)]
     leaving: bool,
+    /// The sender's beat, in milliseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    beat_ms: Option<u64>,
 }
+
+/// The shortest and the longest beat a heartbeat may claim (a hostile or broken one is
+/// clamped: a member never stays for good on one heartbeat).
+const BEAT_CLAIMED: (Duration, Duration) = (Duration::from_millis(10), Duration::from_secs(600));
 
 /// This instance's view of a group of instances: who is live, from heartbeats on the group's
 /// members exchange (see the timing above). A partitioned transport joins its group by itself
@@ -237,6 +247,7 @@ impl Group {
         let body = serde_json::to_vec(&Heartbeat {
             member: self.member.clone(),
             leaving,
+            beat_ms: Some(u64::try_from(self.beat.as_millis()).unwrap_or(u64::MAX)),
         })
         .map_err(|e| AmqpError::Config(format!("encode a heartbeat: {e}")))?;
         let ttl = (self.beat * EXPIRY_BEATS).as_millis().to_string();
@@ -277,7 +288,8 @@ impl Group {
 /// Who was heard from, and when.
 struct Live {
     me: String,
-    heard: HashMap<String, Instant>,
+    /// Each member heard: when last, and how long it may stay silent (3 of its beats).
+    heard: HashMap<String, (Instant, Duration)>,
     /// Members that left, and when: a heartbeat of theirs still on its way says nothing.
     left: HashMap<String, Instant>,
     expiry: Duration,
@@ -310,22 +322,25 @@ impl Live {
             self.heard.remove(&beat.member);
             self.left.insert(beat.member, now);
         } else if !self.left.contains_key(&beat.member) {
-            self.heard.insert(beat.member, now);
+            let expiry = beat.beat_ms.map_or(self.expiry, |ms| {
+                Duration::from_millis(ms).clamp(BEAT_CLAIMED.0, BEAT_CLAIMED.1) * EXPIRY_BEATS
+            });
+            self.heard.insert(beat.member, (now, expiry));
         }
     }
 
     /// Forget members silent for too long.
     fn expire(&mut self, now: Instant) {
-        let expiry = self.expiry;
         self.heard
-            .retain(|_, at| now.saturating_duration_since(*at) < expiry);
+            .retain(|_, (at, expiry)| now.saturating_duration_since(*at) < *expiry);
+        let expiry = self.expiry;
         self.left
             .retain(|_, at| now.saturating_duration_since(*at) < expiry * 10);
     }
 
     /// Back after a disconnection: everyone known gets a full expiry to be heard again.
     fn refresh(&mut self, now: Instant) {
-        for at in self.heard.values_mut() {
+        for (at, _) in self.heard.values_mut() {
             *at = now;
         }
     }
@@ -459,6 +474,7 @@ mod tests {
         serde_json::to_vec(&Heartbeat {
             member: member.into(),
             leaving,
+            beat_ms: None,
         })
         .unwrap_or_default()
     }
@@ -489,6 +505,36 @@ mod tests {
         // Never expires itself.
         live.hear(&beat("me", true), t0 + b * 6);
         assert_eq!(live.set(), BTreeSet::from(["me".to_owned()]));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn each_member_is_expired_by_the_beat_it_claims() {
+        let b = Duration::from_millis(100);
+        let mut live = Live::new("me".into(), b);
+        let t0 = Instant::now();
+        let claiming = |member: &str, ms: u64| {
+            serde_json::to_vec(&Heartbeat {
+                member: member.into(),
+                leaving: false,
+                beat_ms: Some(ms),
+            })
+            .unwrap_or_default()
+        };
+        // A slower member (1 s) stays for 3 of its beats, not 3 of mine.
+        live.hear(&claiming("slow", 1_000), t0);
+        // One claiming no beat at all, or an absurd one, is clamped.
+        live.hear(&claiming("zero", 0), t0);
+        live.hear(&claiming("forever", u64::MAX), t0);
+        live.expire(t0 + b * 5);
+        assert!(live.set().contains("slow"), "{:?}", live.set());
+        assert!(!live.set().contains("zero"), "a 0 ms beat counts as 10 ms");
+        live.expire(t0 + Duration::from_millis(2_999));
+        assert!(live.set().contains("slow"));
+        live.expire(t0 + Duration::from_secs(3));
+        assert!(!live.set().contains("slow"));
+        assert!(live.set().contains("forever"));
+        live.expire(t0 + Duration::from_secs(1_800));
+        assert!(!live.set().contains("forever"), "at most 10 min a beat");
     }
 
     #[tokio::test(start_paused = true)]
