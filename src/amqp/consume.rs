@@ -271,6 +271,21 @@ async fn resubscribe(
     }
 }
 
+/// What one turn of [`forward`]'s loop does next.
+#[allow(
+    clippy::large_enum_variant,
+    reason = "made and taken apart within one turn, on the stack; boxing the delivery would cost an \
+              allocation for each"
+)]
+enum Turn {
+    /// Take what the consumer gave (a delivery, its interruption or its end).
+    Next(Option<Result<LapinDelivery, lapin::Error>>),
+    /// Hand the partition over, returning these deliveries set aside with it.
+    HandOver(Vec<LapinDelivery>),
+    /// Nothing to do: wait again.
+    Again,
+}
+
 /// Move deliveries from one lapin consumer to the transport, riding out connection recoveries,
 /// until the consumer ends. A partition's consumer hands the partition over whenever this
 /// instance does not own it, once the copies it deferred from it are back and settled.
@@ -323,99 +338,106 @@ async fn forward(
                 None => std::future::pending().await,
             }
         };
-        let next = tokio::select! {
-            next = consumer.next() => next,
+        let turn = tokio::select! {
+            next = consumer.next() => Turn::Next(next),
             changed = ownership_changed => {
                 bounces = 0;
                 if !changed || owned(c) {
                     leave.end();
-                } else if !keeps(shared, partition, &mut leave, &name) {
-                    match hand_over(shared, c, &channel, &acks, consumer, vias, Vec::new()).await {
-                        Ok(handed) => (channel, consumer, acks) = handed,
-                        Err(e) => return Ended::Failed(e),
-                    }
+                    Turn::Again
+                } else if keeps(shared, partition, &mut leave, &name) {
+                    Turn::Again
+                } else {
                     bounces = 1;
+                    Turn::HandOver(Vec::new())
                 }
-                continue;
             }
             () = back, if leave.waiting() => {
                 leave.end();
-                if !owned(c) {
-                    match hand_over(shared, c, &channel, &acks, consumer, vias, Vec::new()).await {
-                        Ok(handed) => (channel, consumer, acks) = handed,
-                        Err(e) => return Ended::Failed(e),
-                    }
-                }
-                continue;
+                if owned(c) { Turn::Again } else { Turn::HandOver(Vec::new()) }
             }
             () = tx.closed() => return Ended::Cancelled,
         };
-        let mut open = 0;
-        if let Some(Ok(d)) = &next {
-            if acks.is_void() && !d.acker.poisoned() {
-                // The channel failed and recovered in place: a new life, with new delivery
-                // tags (the old life's deliveries are the broker's again).
-                acks = Acks::new(channel.clone());
-            }
-            open = acks.opened(d);
-        }
-        let mut hand = matches!(next, Some(Ok(_)))
-            && !owned(c)
-            && !keeps(shared, partition, &mut leave, &name);
-        if hand && let Some(pause) = bounce_pause(bounces) {
-            // Made active again on a partition this instance does not own, with no change of
-            // the group's view: its owner is not subscribed (it crashed and has not expired yet,
-            // or its consumer failed). Each hand-over returns what the consumer was given, one
-            // more toward the queue's delivery limit: wait before the next one.
-            tokio::select! {
-                () = tokio::time::sleep(pause) => {}
-                () = tx.closed() => return Ended::Cancelled,
-            }
-            hand = !owned(c) && !keeps(shared, partition, &mut leave, &name);
-        }
-        match next {
-            Some(Ok(d)) if hand => {
-                // Active on a partition another instance owns: give it up, this delivery too.
-                match hand_over(shared, c, &channel, &acks, consumer, vias, vec![d]).await {
-                    Ok(handed) => (channel, consumer, acks) = handed,
-                    Err(e) => return Ended::Failed(e),
-                }
-                bounces = bounces.saturating_add(1);
-            }
-            Some(Ok(d)) => {
-                if let Err(ended) = take(shared, c, vias, &acks, d, tx).await {
-                    return ended;
-                }
-                if may_move_on
-                    && open >= MOVE_ON_AT
-                    && shared.health.retired_channels() < RETIRED_MAX
-                {
-                    match move_on(shared, c, &channel, &mut consumer, &acks, vias, tx).await {
-                        Ok(Some((ch, fresh))) => {
-                            acks.retire(&shared.health);
-                            acks = Acks::new(ch.clone());
-                            (channel, consumer) = (ch, fresh);
-                        }
-                        Ok(None) => {}
-                        Err(ended) => return ended,
+        let kept = match turn {
+            Turn::Again => continue,
+            Turn::HandOver(kept) => kept,
+            Turn::Next(next) => {
+                let mut open = 0;
+                if let Some(Ok(d)) = &next {
+                    if acks.is_void() && !d.acker.poisoned() {
+                        // The channel failed and recovered in place: a new life, with new
+                        // delivery tags (the old life's deliveries are the broker's again).
+                        acks = Acks::new(channel.clone());
                     }
+                    open = acks.opened(d);
+                }
+                let mut hand = matches!(next, Some(Ok(_)))
+                    && !owned(c)
+                    && !keeps(shared, partition, &mut leave, &name);
+                if hand && let Some(pause) = bounce_pause(bounces) {
+                    // Made active again on a partition this instance does not own, with no
+                    // change of the group's view: its owner is not subscribed (it crashed and
+                    // has not expired yet, or its consumer failed). Each hand-over returns what
+                    // the consumer was given, one more toward the queue's delivery limit: wait
+                    // before the next one.
+                    tokio::select! {
+                        () = tokio::time::sleep(pause) => {}
+                        () = tx.closed() => return Ended::Cancelled,
+                    }
+                    hand = !owned(c) && !keeps(shared, partition, &mut leave, &name);
+                }
+                match next {
+                    Some(Ok(d)) if hand => {
+                        // Active on a partition another instance owns: give it up, this
+                        // delivery too.
+                        bounces = bounces.saturating_add(1);
+                        vec![d]
+                    }
+                    Some(Ok(d)) => {
+                        if let Err(ended) = take(shared, c, vias, &acks, d, tx).await {
+                            return ended;
+                        }
+                        if may_move_on
+                            && open >= MOVE_ON_AT
+                            && shared.health.retired_channels() < RETIRED_MAX
+                        {
+                            match move_on(shared, c, &channel, &mut consumer, &acks, vias, tx).await
+                            {
+                                Ok(Some((ch, fresh))) => {
+                                    acks.retire(&shared.health);
+                                    acks = Acks::new(ch.clone());
+                                    (channel, consumer) = (ch, fresh);
+                                }
+                                Ok(None) => {}
+                                Err(ended) => return ended,
+                            }
+                        }
+                        continue;
+                    }
+                    Some(Err(e)) => {
+                        warn!(target: "prereq", queue = %name,
+                            error = %shared.broker.addr().scrub(&e.to_string()),
+                            "consumer interrupted, waiting for the connection to recover");
+                        if let Err(e) = channel.wait_for_recovery(e).await {
+                            return Ended::Failed(
+                                shared
+                                    .broker
+                                    .addr()
+                                    .broker_error(format!("consume {name}"), &e),
+                            );
+                        }
+                        info!(target: "prereq", queue = %name, "consumer recovered");
+                        continue;
+                    }
+                    None => return Ended::Cancelled,
                 }
             }
-            Some(Err(e)) => {
-                warn!(target: "prereq", queue = %name,
-                    error = %shared.broker.addr().scrub(&e.to_string()),
-                    "consumer interrupted, waiting for the connection to recover");
-                if let Err(e) = channel.wait_for_recovery(e).await {
-                    return Ended::Failed(
-                        shared
-                            .broker
-                            .addr()
-                            .broker_error(format!("consume {name}"), &e),
-                    );
-                }
-                info!(target: "prereq", queue = %name, "consumer recovered");
-            }
-            None => return Ended::Cancelled,
+        };
+        // Active on a partition another instance owns, or kept until now for its copies: give
+        // it up with what was set aside.
+        match hand_over(shared, c, &channel, &acks, consumer, vias, kept).await {
+            Ok(handed) => (channel, consumer, acks) = handed,
+            Err(e) => return Ended::Failed(e),
         }
     }
 }
