@@ -349,8 +349,13 @@ async fn a_partitioned_group_keeps_key_order_through_a_kill_and_a_join() {
     .await;
     let victim = children[0].take().expect("the first instance");
     let killed_log = logs[0].clone();
-    let _ = victim.kill();
+    // A run cut by the kill ends when the process stops running its code, which is before its
+    // sockets close and so before the broker can deliver its messages elsewhere; the clock read
+    // after `kill()` (which also reaps the process, milliseconds later) would count the next
+    // owner's first runs as overlapping. The read just before the signal bounds it: nothing of
+    // the victim's is seen by the broker as gone before it.
     let killed_ns = drill::now_ns();
+    let _ = victim.kill();
     let handled_at_kill = distinct_handled(&logs);
     assert!(
         handled_at_kill < PAYMENTS as usize,
