@@ -1,6 +1,7 @@
 //! Group membership on a real RabbitMQ: members hear each other's heartbeats, a leaver is gone
-//! from the others' sets at once, a member whose connection dies is gone after a few beats, and
-//! a member whose connection is cut comes back by itself.
+//! from the others' sets at once, a member whose connection dies is gone after a few beats,
+//! members that beat at different rates keep each other, and a member whose connection is cut
+//! comes back by itself.
 #![cfg(feature = "amqp")]
 
 mod support;
@@ -105,6 +106,62 @@ async fn members_see_each_other_and_a_leaver_is_gone_at_once() {
         wait_for(m, &mut membership.members(), &rest, beat).await;
     }
     let _ = b_broker.close().await;
+    for (_, broker, membership) in members {
+        membership.leave().await;
+        let _ = broker.close().await;
+    }
+}
+
+/// Members that beat at different rates (a rollout that changes the beat, or a `Membership` of
+/// the user's own beside prereq's) keep each other: each is expired after 3 of its own beats,
+/// which its heartbeats claim, not of its hearer's. Before, the fast member dropped the slow one
+/// 3 of its own (fast) beats after each slow heartbeat and heard it again at the next: its set
+/// changed twice every slow beat, and in a partitioned group each change moved partitions.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn members_that_beat_at_different_rates_keep_each_other() {
+    let Some(_conn) = support::broker().await else {
+        return;
+    };
+    support::init_tracing();
+    let cleanup = support::Cleanup::new();
+    let p = support::unique("members-beats");
+    let exchange = format!("{p}members");
+    cleanup.exchange(&exchange);
+    let beats = [
+        ("fast", Duration::from_millis(50)),
+        ("slow", Duration::from_millis(600)),
+    ];
+    let mut members = Vec::new();
+    for (m, beat) in beats {
+        cleanup.queue(format!("{exchange}.{m}"));
+        let broker = connect(support::addr(), &format!("{p}{m}")).await;
+        let membership = Membership::join(&broker, &exchange, m.to_owned(), beat)
+            .await
+            .expect("join");
+        members.push((m, broker, membership));
+    }
+    let both = set(&["fast", "slow"]);
+    for (m, _, membership) in &members {
+        wait_for(m, &mut membership.members(), &both, Duration::from_secs(10)).await;
+    }
+    let mut quiet: Vec<_> = members
+        .iter()
+        .map(|(m, _, ms)| (*m, ms.members()))
+        .collect();
+    for (_, rx) in &mut quiet {
+        rx.mark_unchanged();
+    }
+    // Five slow beats, sixty fast ones: the fast member's old expiry (150 ms) would have run out
+    // after every slow heartbeat.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    for (m, rx) in &quiet {
+        assert!(
+            !rx.has_changed().expect("open"),
+            "{m}'s set changed while nobody came or went (now {:?})",
+            *rx.borrow()
+        );
+        assert_eq!(*rx.borrow(), both, "{m}");
+    }
     for (_, broker, membership) in members {
         membership.leave().await;
         let _ = broker.close().await;
