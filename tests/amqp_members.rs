@@ -168,6 +168,50 @@ async fn members_that_beat_at_different_rates_keep_each_other() {
     }
 }
 
+/// A member that left and joins again under the same name (a service restarted with a stable
+/// member name, as `Membership`'s example has it) is seen again at its first heartbeat. Before,
+/// the others ignored the name for 10 of their expiries after the leave (30 beats: 6 s here),
+/// so that a late heartbeat of the leaver would not bring it back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_that_left_is_seen_again_when_it_joins_again_under_its_name() {
+    let Some(_conn) = support::broker().await else {
+        return;
+    };
+    support::init_tracing();
+    let cleanup = support::Cleanup::new();
+    let p = support::unique("members-rejoin");
+    let exchange = format!("{p}members");
+    cleanup.exchange(&exchange);
+    for m in ["a", "b"] {
+        cleanup.queue(format!("{exchange}.{m}"));
+    }
+    let beat = Duration::from_millis(200);
+    let a_broker = connect(support::addr(), &format!("{p}a")).await;
+    let a = Membership::join(&a_broker, &exchange, "a".into(), beat)
+        .await
+        .expect("join a");
+    let b_broker = connect(support::addr(), &format!("{p}b")).await;
+    let b = Membership::join(&b_broker, &exchange, "b".into(), beat)
+        .await
+        .expect("join b");
+    let both = set(&["a", "b"]);
+    let mut seen_by_a = a.members();
+    wait_for("a", &mut seen_by_a, &both, Duration::from_secs(10)).await;
+    b.leave().await;
+    wait_for("a", &mut seen_by_a, &set(&["a"]), beat * 2).await;
+    // b starts again, same name.
+    let b = Membership::join(&b_broker, &exchange, "b".into(), beat)
+        .await
+        .expect("join b again");
+    // Its first heartbeat went out before `join` returned; a few beats of slack.
+    wait_for("a", &mut seen_by_a, &both, beat * 5).await;
+    wait_for("b", &mut b.members(), &both, beat * 5).await;
+    b.leave().await;
+    a.leave().await;
+    let _ = b_broker.close().await;
+    let _ = a_broker.close().await;
+}
+
 /// A member whose connection closes without leaving is gone from the others' sets after a few
 /// beats; the others keep each other.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,6 +1,7 @@
 //! [`Membership`]: a group of instances, from heartbeats on the group's members exchange.
 //!
-//! Every member publishes a small heartbeat (`{"member": name, "leaving": false, "beat_ms": b}`)
+//! Every member publishes a small heartbeat (`{"member": name, "leaving": false, "beat_ms": b,
+//! "incarnation": i}`)
 //! to the group's fanout exchange every `beat`, and hears everyone's through a queue of its own
 //! bound to it. The live set is this member and every member heard from within the last
 //! [`EXPIRY_BEATS`] of its beats; a member that leaves says so (`"leaving": true`) and is gone
@@ -8,7 +9,9 @@
 //!
 //! Timing, for a beat `b` (the group uses 1 s):
 //! * a join is seen by the others with the newcomer's first heartbeat: at once;
-//! * a leave ([`Membership::leave`], or dropping the membership) is seen at once;
+//! * a leave ([`Membership::leave`], or dropping the membership) is seen at once, and so is a
+//!   join again under the same name (each join is an incarnation of its own: a late heartbeat
+//!   of the one that left says nothing, the first of the new one is heard);
 //! * a member that crashes (`kill -9`, a lost network) is gone after 3 of its beats without a
 //!   heartbeat, plus at most one of the hearer's (expiry is checked once a beat). Each member
 //!   is expired by the beat its heartbeats carry, so members with different beats (a change of
@@ -63,6 +66,11 @@ struct Heartbeat {
     /// The sender's beat, in milliseconds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     beat_ms: Option<u64>,
+    /// Which join of the member this is (unique to each [`Membership::join`]): a member that
+    /// left and joins again under its name is a new incarnation, heard at once, where a late
+    /// heartbeat of the one that left says nothing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    incarnation: Option<String>,
 }
 
 /// The shortest and the longest beat a heartbeat may claim (a hostile or broken one is
@@ -112,13 +120,16 @@ struct Group {
     queue: String,
     member: String,
     beat: Duration,
+    /// This join's incarnation (see [`Heartbeat::incarnation`]).
+    incarnation: String,
 }
 
 impl Membership {
     /// Join the group whose members exchange is `name` (a fanout exchange, declared if missing)
     /// as `member` (a name unique in the group), beating every `beat` (at least 10 ms): declares
     /// the exchange and this member's queue, consumes it and sends the first heartbeat before it
-    /// returns. Fails if the broker refuses any of it.
+    /// returns. Fails if the broker refuses any of it. A member that left may join again under
+    /// the same name (a restarted service): the others hear it at once.
     pub async fn join(
         broker: &Broker,
         name: &str,
@@ -132,6 +143,7 @@ impl Membership {
             queue: queue_name(name, &member),
             member: member.clone(),
             beat,
+            incarnation: super::unique_suffix(),
         };
         let session = group.open().await?;
         let members = Arc::new(watch::channel(BTreeSet::from([member])).0);
@@ -248,6 +260,7 @@ impl Group {
             member: self.member.clone(),
             leaving,
             beat_ms: Some(u64::try_from(self.beat.as_millis()).unwrap_or(u64::MAX)),
+            incarnation: Some(self.incarnation.clone()),
         })
         .map_err(|e| AmqpError::Config(format!("encode a heartbeat: {e}")))?;
         let ttl = (self.beat * EXPIRY_BEATS).as_millis().to_string();
@@ -288,10 +301,12 @@ impl Group {
 /// Who was heard from, and when.
 struct Live {
     me: String,
-    /// Each member heard: when last, and how long it may stay silent (3 of its beats).
-    heard: HashMap<String, (Instant, Duration)>,
-    /// Members that left, and when: a heartbeat of theirs still on its way says nothing.
-    left: HashMap<String, Instant>,
+    /// Each member heard: when last, how long it may stay silent (3 of its beats), and its
+    /// incarnation (`None` from a version that sends none).
+    heard: HashMap<String, (Instant, Duration, Option<String>)>,
+    /// Members that left, when, and the incarnation that left: a heartbeat of it still on its
+    /// way says nothing (one of a new incarnation is a join).
+    left: HashMap<String, (Instant, Option<String>)>,
     expiry: Duration,
 }
 
@@ -319,28 +334,43 @@ impl Live {
             return;
         }
         if beat.leaving {
+            let heard = self.heard.get(&beat.member).map(|(_, _, i)| i);
+            if let (Some(Some(live)), Some(leaving)) = (heard, &beat.incarnation)
+                && live != leaving
+            {
+                // A late leave of an earlier incarnation: the one heard now stays.
+                return;
+            }
             self.heard.remove(&beat.member);
-            self.left.insert(beat.member, now);
-        } else if !self.left.contains_key(&beat.member) {
-            let expiry = beat.beat_ms.map_or(self.expiry, |ms| {
-                Duration::from_millis(ms).clamp(BEAT_CLAIMED.0, BEAT_CLAIMED.1) * EXPIRY_BEATS
-            });
-            self.heard.insert(beat.member, (now, expiry));
+            self.left.insert(beat.member, (now, beat.incarnation));
+            return;
         }
+        if let Some((_, gone)) = self.left.get(&beat.member) {
+            let rejoined = matches!((gone, &beat.incarnation), (Some(a), Some(b)) if a != b);
+            if !rejoined {
+                return;
+            }
+            self.left.remove(&beat.member);
+        }
+        let expiry = beat.beat_ms.map_or(self.expiry, |ms| {
+            Duration::from_millis(ms).clamp(BEAT_CLAIMED.0, BEAT_CLAIMED.1) * EXPIRY_BEATS
+        });
+        self.heard
+            .insert(beat.member, (now, expiry, beat.incarnation));
     }
 
     /// Forget members silent for too long.
     fn expire(&mut self, now: Instant) {
         self.heard
-            .retain(|_, (at, expiry)| now.saturating_duration_since(*at) < *expiry);
+            .retain(|_, (at, expiry, _)| now.saturating_duration_since(*at) < *expiry);
         let expiry = self.expiry;
         self.left
-            .retain(|_, at| now.saturating_duration_since(*at) < expiry * 10);
+            .retain(|_, (at, _)| now.saturating_duration_since(*at) < expiry * 10);
     }
 
     /// Back after a disconnection: everyone known gets a full expiry to be heard again.
     fn refresh(&mut self, now: Instant) {
-        for (at, _) in self.heard.values_mut() {
+        for (at, _, _) in self.heard.values_mut() {
             *at = now;
         }
     }
@@ -475,6 +505,7 @@ mod tests {
             member: member.into(),
             leaving,
             beat_ms: None,
+            incarnation: None,
         })
         .unwrap_or_default()
     }
@@ -517,6 +548,7 @@ mod tests {
                 member: member.into(),
                 leaving: false,
                 beat_ms: Some(ms),
+                incarnation: None,
             })
             .unwrap_or_default()
         };
@@ -535,6 +567,45 @@ mod tests {
         assert!(live.set().contains("forever"));
         live.expire(t0 + Duration::from_secs(1_800));
         assert!(!live.set().contains("forever"), "at most 10 min a beat");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_member_that_left_is_heard_again_only_as_a_new_incarnation() {
+        let b = Duration::from_millis(100);
+        let mut live = Live::new("me".into(), b);
+        let t0 = Instant::now();
+        let of = |incarnation: &str, leaving: bool| {
+            serde_json::to_vec(&Heartbeat {
+                member: "b".into(),
+                leaving,
+                beat_ms: Some(100),
+                incarnation: Some(incarnation.into()),
+            })
+            .unwrap_or_default()
+        };
+        live.hear(&of("1", false), t0);
+        assert!(live.set().contains("b"));
+        live.hear(&of("1", true), t0);
+        assert!(!live.set().contains("b"), "gone at its leave");
+        live.hear(&of("1", false), t0 + b);
+        assert!(
+            !live.set().contains("b"),
+            "a late heartbeat of the leaver says nothing"
+        );
+        live.hear(&of("2", false), t0 + b * 2);
+        assert!(live.set().contains("b"), "a new incarnation is a join");
+        live.hear(&of("1", true), t0 + b * 3);
+        assert!(
+            live.set().contains("b"),
+            "a late leave of the old one does not drop it"
+        );
+        live.hear(&of("2", true), t0 + b * 4);
+        assert!(!live.set().contains("b"), "its own leave does");
+        // Without incarnations (an older version), a leaver stays ignored for a while.
+        live.hear(&beat("c", false), t0 + b * 5);
+        live.hear(&beat("c", true), t0 + b * 5);
+        live.hear(&beat("c", false), t0 + b * 6);
+        assert!(!live.set().contains("c"));
     }
 
     #[tokio::test(start_paused = true)]
