@@ -300,7 +300,13 @@ impl Group {
 
 /// Who was heard from, and when.
 struct Live {
+    /// This member's name.
     me: String,
+    /// This member's incarnation, once known (see [`Heartbeat::incarnation`]).
+    mine: Option<String>,
+    /// Heartbeats heard from another incarnation of this member's name (a twin: names must be
+    /// unique in a group); warned about at the second.
+    twins: u32,
     /// Each member heard: when last, how long it may stay silent (3 of its beats), and its
     /// incarnation (`None` from a version that sends none).
     heard: HashMap<String, (Instant, Duration, Option<String>)>,
@@ -317,6 +323,8 @@ impl Live {
             heard: HashMap::new(),
             left: HashMap::new(),
             expiry: beat * EXPIRY_BEATS,
+            mine: None,
+            twins: 0,
         }
     }
 
@@ -330,7 +338,22 @@ impl Live {
                 return;
             }
         };
-        if beat.member.is_empty() || beat.member == self.me {
+        if beat.member == self.me {
+            let twin = !beat.leaving
+                && matches!((&self.mine, &beat.incarnation), (Some(a), Some(b)) if a != b);
+            if twin {
+                self.twins = self.twins.saturating_add(1);
+                // At the second: one could be a late heartbeat of this name's run before.
+                if self.twins == 2 {
+                    warn!(target: "prereq", member = %self.me,
+                        "another member of the group beats under this member's name: names \
+                         must be unique in a group (the two share one queue, each hears only \
+                         part of the heartbeats, and the others count the two as one)");
+                }
+            }
+            return;
+        }
+        if beat.member.is_empty() {
             return;
         }
         if beat.leaving {
@@ -405,6 +428,7 @@ async fn keep(
     mut stop: oneshot::Receiver<()>,
 ) {
     let mut live = Live::new(group.member.clone(), group.beat);
+    live.mine = Some(group.incarnation.clone());
     let mut session = Some(session);
     let mut retry = group.beat;
     loop {
@@ -606,6 +630,30 @@ mod tests {
         live.hear(&beat("c", true), t0 + b * 5);
         live.hear(&beat("c", false), t0 + b * 6);
         assert!(!live.set().contains("c"));
+    }
+
+    #[test]
+    fn another_incarnation_under_this_member_s_name_is_a_twin() {
+        let mut live = Live::new("me".into(), Duration::from_millis(100));
+        live.mine = Some("1".into());
+        let t0 = Instant::now();
+        let of = |incarnation: Option<&str>, leaving: bool| {
+            serde_json::to_vec(&Heartbeat {
+                member: "me".into(),
+                leaving,
+                beat_ms: Some(100),
+                incarnation: incarnation.map(Into::into),
+            })
+            .unwrap_or_default()
+        };
+        live.hear(&of(Some("1"), false), t0);
+        live.hear(&of(None, false), t0);
+        live.hear(&of(Some("0"), true), t0);
+        assert_eq!(live.twins, 0, "its own, an older version's, a leave");
+        live.hear(&of(Some("2"), false), t0);
+        live.hear(&of(Some("2"), false), t0);
+        assert_eq!(live.twins, 2);
+        assert_eq!(live.set(), BTreeSet::from(["me".to_owned()]));
     }
 
     #[tokio::test(start_paused = true)]
