@@ -30,7 +30,7 @@ fn unique(tag: &str) -> String {
 }
 
 /// The ingress router from the classic queue `ingress` to `partitions`, reading the key from the
-/// body's `clientId`, in a task until the returned sender is used.
+/// body's `clientId` (a number or a string), in a task until the returned sender is used.
 fn start_router(
     broker: &Broker,
     partitions: &Partitions,
@@ -51,9 +51,11 @@ fn start_router(
             |body: &[u8]| {
                 let v: serde_json::Value =
                     serde_json::from_slice(body).map_err(|e| e.to_string())?;
-                v["clientId"]
+                let client = &v["clientId"];
+                client
                     .as_u64()
                     .map(|c| c.to_string())
+                    .or_else(|| client.as_str().map(str::to_owned))
                     .ok_or_else(|| "no clientId".to_owned())
             },
             async {
@@ -318,5 +320,93 @@ async fn a_burst_through_the_router_arrives_once_each_and_leaves_nothing_behind(
     }
     assert_eq!(ids.len() as u64, N - n_keyless);
 
+    drop(cleanup);
+}
+
+/// A message whose key is longer than a routing key may be (255 bytes) is the message's fault:
+/// the router dead-letters it with the reason and routes what comes after it. Before, it
+/// stopped with an error at that message, and so did every router that took over after it (the
+/// message was first in the queue again): the group's ingress stopped for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_too_long_for_a_routing_key_is_dead_lettered_and_the_router_goes_on() {
+    let Some(conn) = support::broker().await else {
+        return;
+    };
+    let name = unique("router-long-key");
+    let partitions = Partitions::new(&name, 2);
+    let route = Route::partitioned(partitions.clone());
+    let broker = Broker::connect(BrokerOptions::from_env())
+        .await
+        .expect("connect");
+    broker.declare(&route).await.expect("declare");
+    let ingress = format!("{name}.ingress");
+    let dead = format!("{name}.dead");
+    let cleanup = support::Cleanup::new();
+    cleanup
+        .route(&route)
+        .queue(ingress.as_str())
+        .queue(dead.as_str())
+        .exchange(partitions.members_exchange());
+    let (stop, router) = start_router(&broker, &partitions, &ingress);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while ready(&conn, &ingress).await.is_none() {
+        assert!(tokio::time::Instant::now() < deadline, "no ingress queue");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let publisher = broker.publisher().await.expect("publisher");
+    let long = "x".repeat(300);
+    for body in [
+        r#"{"id":1,"clientId":1}"#.to_owned(),
+        format!(r#"{{"id":2,"clientId":"{long}"}}"#),
+        r#"{"id":3,"clientId":3}"#.to_owned(),
+    ] {
+        publisher
+            .publish("", &ingress, body.as_bytes(), &Message::new())
+            .await
+            .expect("publish to the router's queue");
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let mut routed = 0;
+        for i in 0..partitions.count() {
+            routed += ready(&conn, &partitions.queue_name(i)).await.unwrap_or(0);
+        }
+        let dead_lettered = ready(&conn, &dead).await.unwrap_or(0);
+        if routed == 2 && dead_lettered == 1 {
+            break;
+        }
+        assert!(
+            !router.is_finished(),
+            "the router stopped (routed {routed}, dead-lettered {dead_lettered})"
+        );
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "routed {routed}, dead-lettered {dead_lettered} of 3"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let ch = conn.create_channel().await.expect("channel");
+    let got = ch
+        .basic_get(
+            dead.as_str().into(),
+            lapin::options::BasicGetOptions { no_ack: true },
+        )
+        .await
+        .expect("get")
+        .expect("the dead letter");
+    let reason = support::header_str(
+        got.delivery.properties.headers().as_ref(),
+        prereq::amqp::headers::DEAD_LETTER_REASON,
+    )
+    .unwrap_or_default();
+    assert!(
+        reason.contains("300 bytes") && reason.contains("255"),
+        "the reason names the length and the limit: {reason}"
+    );
+    assert!(String::from_utf8_lossy(&got.delivery.data).contains(&long));
+    let _ = ch.close(200, "read".into()).await;
+    let _ = stop.send(());
+    let report = router.await.expect("router").expect("the router ran");
+    assert_eq!((report.routed, report.dead_lettered), (2, 1));
     drop(cleanup);
 }

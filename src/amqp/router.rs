@@ -43,8 +43,9 @@ pub struct RouterReport {
 }
 
 /// Consume `from` and re-publish each message to `partitions` with the key `key` finds in its
-/// body, until `shutdown` completes. A body `key` cannot read (its error text is the reason)
-/// goes to the partitions' dead-letter queue (`<name>.dead`). Each original is acknowledged only
+/// body, until `shutdown` completes. A body `key` cannot read (its error text is the reason),
+/// or whose key is longer than a routing key may be (255 bytes), goes to the partitions'
+/// dead-letter queue (`<name>.dead`). Each original is acknowledged only
 /// after its copy was confirmed as routed.
 ///
 /// ```no_run
@@ -151,7 +152,7 @@ where
                             continue 'standby;
                         }
                     };
-                    let (to_exchange, routing_key, properties) = match key(&d.data) {
+                    let (to_exchange, routing_key, properties) = match usable(key(&d.data)) {
                         Ok(k) => (exchange.as_str(), k, d.properties.clone()),
                         Err(reason) => (
                             "",
@@ -274,6 +275,23 @@ async fn settle_routed(
     failed.map_or(Ok(()), Err)
 }
 
+/// The key `key` found, if a routing key can carry it (at most 255 bytes); else why not. A key
+/// too long is the message's fault, like one not found: dead-lettered, not a reason for the
+/// router to stop (it would meet the same message again at its next start).
+fn usable(key: Result<String, String>) -> Result<String, String> {
+    let key = key?;
+    if key.len() > MAX_ROUTING_KEY {
+        return Err(format!(
+            "its key is {} bytes long, more than a routing key's {MAX_ROUTING_KEY}",
+            key.len()
+        ));
+    }
+    Ok(key)
+}
+
+/// The longest routing key AMQP carries, in bytes (a short string).
+const MAX_ROUTING_KEY: usize = 255;
+
 /// The properties of a message the router could not find a key in, for the dead-letter queue.
 fn with_reason(
     p: &BasicProperties,
@@ -286,7 +304,7 @@ fn with_reason(
     h.insert(headers::DEAD_LETTER_KIND.into(), text("undecodable"));
     h.insert(
         headers::DEAD_LETTER_REASON.into(),
-        text(&format!("the router found no key: {reason}")),
+        text(&format!("the router found no usable key: {reason}")),
     );
     h.insert(headers::ORIGINAL_EXCHANGE.into(), text(exchange));
     h.insert(headers::ORIGINAL_ROUTING_KEY.into(), text(routing_key));
