@@ -276,8 +276,14 @@ pub(crate) async fn publish_confirmed(
     }
 }
 
+/// How long a publish may take to be written. lapin never answers a publish whose frames were
+/// queued when its connection failed: unbounded, it would wait for good. The connect timeout's
+/// default: a connection that cannot take one message in that time is as good as gone.
+const PUBLISH_WAIT: Duration = Duration::from_secs(10);
+
 /// Publish `body`; the returned future is the broker's confirm. Publishes on one channel reach
-/// their queues in the order they are made, whenever their confirms arrive.
+/// their queues in the order they are made, whenever their confirms arrive. A publish not
+/// written within [`PUBLISH_WAIT`] is an IO error (`TimedOut`).
 pub(crate) async fn publish(
     channel: &Channel,
     exchange: ShortString,
@@ -286,18 +292,24 @@ pub(crate) async fn publish(
     body: &[u8],
     properties: BasicProperties,
 ) -> Result<PublisherConfirm, lapin::Error> {
-    channel
-        .basic_publish(
-            exchange,
-            routing_key,
-            BasicPublishOptions {
-                mandatory,
-                immediate: false,
-            },
-            body,
-            properties,
+    let publishing = channel.basic_publish(
+        exchange,
+        routing_key,
+        BasicPublishOptions {
+            mandatory,
+            immediate: false,
+        },
+        body,
+        properties,
+    );
+    match tokio::time::timeout(PUBLISH_WAIT, publishing).await {
+        Ok(published) => published,
+        Err(_) => Err(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!("a publish was not written within {PUBLISH_WAIT:?}"),
         )
-        .await
+        .into()),
+    }
 }
 
 /// What the broker's `confirmation` of a publish as `to` means: a confirm carrying a returned

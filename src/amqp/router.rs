@@ -28,6 +28,10 @@ use super::settle::copy_properties;
 
 /// How long a waiting router waits before trying to become the active one again.
 const STANDBY_RETRY: Duration = Duration::from_secs(1);
+/// How often a router whose channel or connection failed looks whether it is back.
+const RECONNECT_POLL: Duration = Duration::from_millis(100);
+/// How long a failed session's channel may take to come back, and to close.
+const RETIRE_WAIT: Duration = Duration::from_secs(5);
 /// Messages the router takes at once, and copies it has in flight: re-published in order, each
 /// original acknowledged once its copy is confirmed.
 const ROUTER_PREFETCH: u16 = 256;
@@ -46,7 +50,10 @@ pub struct RouterReport {
 /// body, until `shutdown` completes. A body `key` cannot read (its error text is the reason),
 /// or whose key is longer than a routing key may be (255 bytes), goes to the partitions'
 /// dead-letter queue (`<name>.dead`). Each original is acknowledged only
-/// after its copy was confirmed as routed.
+/// after its copy was confirmed as routed. A failed channel or connection makes the router
+/// start over once the connection is back (the originals not acknowledged come back and are
+/// routed again: at least once); it returns an error when the broker refuses a copy, or when
+/// the connection is lost for good (the broker's reconnect timeout).
 ///
 /// ```no_run
 /// use prereq::amqp::{Broker, BrokerOptions, Partitions, Queue, route_by_key};
@@ -79,17 +86,64 @@ where
     declare_queue(&declaring, &from, addr).await?;
     declare_queue(&declaring, &dead, addr).await?;
     let _ = declaring.close(200, "declared".into()).await;
-    let publisher = confirmed_channel(broker, "open the router's publisher channel").await?;
+    let mut publisher = confirmed_channel(broker, "open the router's publisher channel").await?;
     let exchange = partitions.name.clone();
     let mut report = RouterReport::default();
+    // Set when a channel or the connection failed: why, and the failed session's channels.
+    // Routing starts over once the connection is back, on fresh channels.
+    let mut lost: Option<(AmqpError, Vec<Channel>)> = None;
+    // The connection lost for good (past the broker's reconnect timeout): the router stops with
+    // it, also when lapin's recovery never tells the channels.
+    let mut gone = broker.lost();
     tokio::pin!(shutdown);
     'standby: loop {
+        if let Some((cause, retired)) = lost.take() {
+            tracing::warn!(target: "prereq", queue = %from.name, error = %cause,
+                "the router's channel or connection failed; routing again once it is back");
+            while !broker.connected() {
+                if let Some(e) = gone.borrow_and_update().clone() {
+                    // Lost for good (past the broker's reconnect timeout).
+                    return Err(e);
+                }
+                tokio::select! {
+                    _ = &mut shutdown => return Ok(report),
+                    () = tokio::time::sleep(RECONNECT_POLL) => {}
+                }
+            }
+            for channel in retired {
+                retire(channel).await;
+            }
+            publisher = match confirmed_channel(broker, "open the router's publisher channel").await
+            {
+                Ok(p) => p,
+                Err(e) => {
+                    tokio::select! {
+                        _ = &mut shutdown => return Ok(report),
+                        () = tokio::time::sleep(RECONNECT_POLL) => {}
+                    }
+                    lost = Some((e, Vec::new()));
+                    continue 'standby;
+                }
+            };
+        }
         // Become the one active router, or wait for the active one to go.
-        let channel = broker.channel("open the router's channel").await?;
-        channel
+        let channel = match broker.channel("open the router's channel").await {
+            Ok(c) => c,
+            Err(e) => {
+                lost = Some((e, Vec::new()));
+                continue 'standby;
+            }
+        };
+        if let Err(e) = channel
             .basic_qos(ROUTER_PREFETCH, BasicQosOptions::default())
             .await
-            .map_err(|e| addr.broker_error("set the router's prefetch", &e))?;
+        {
+            lost = Some((
+                addr.broker_error("set the router's prefetch", &e),
+                vec![channel],
+            ));
+            continue 'standby;
+        }
         let consumer = channel
             .basic_consume(
                 short(&from.name)?,
@@ -115,15 +169,27 @@ where
         // Copies published and not confirmed yet, oldest first: each original is acknowledged
         // once its copy is confirmed, in order. Publishes on the one channel keep their order.
         let mut unconfirmed = FuturesOrdered::new();
-        loop {
+        // Why this session of routing ended, if not by a shutdown or a refusal.
+        let failed = loop {
             tokio::select! {
                 biased;
                 _ = &mut shutdown => {
                     // What was published is acknowledged before the channel closes (else it
                     // would come back and be routed twice).
-                    settle_all(&channel, &mut unconfirmed, &exchange, addr, &mut report).await?;
+                    match settle_all(&channel, &mut unconfirmed, &exchange, addr, &mut report)
+                        .await
+                    {
+                        // A failed channel gave back what it had not acknowledged.
+                        Ok(()) | Err(Failed::Lost(_)) => {}
+                        Err(Failed::Refused(e)) => return Err(e),
+                    }
                     let _ = channel.close(200, "router stopping".into()).await;
                     return Ok(report);
+                }
+                Ok(()) = gone.changed() => {
+                    if let Some(e) = gone.borrow_and_update().clone() {
+                        return Err(e);
+                    }
                 }
                 Some(done) = unconfirmed.next(), if !unconfirmed.is_empty() => {
                     // With every confirmation already in: one acknowledgement for them all.
@@ -131,25 +197,29 @@ where
                     while let Some(Some(more)) = unconfirmed.next().now_or_never() {
                         batch.push(more);
                     }
-                    settle_routed(&channel, batch, &exchange, addr, &mut report).await?;
+                    match settle_routed(&channel, batch, &exchange, addr, &mut report).await {
+                        Ok(()) => {}
+                        Err(Failed::Refused(e)) => return Err(e),
+                        Err(Failed::Lost(e)) => break e,
+                    }
                 }
-                next = consumer.next(), if unconfirmed.len() < usize::from(ROUTER_PREFETCH) => {
+                // No bound of its own on the copies in flight: the prefetch bounds them (each is
+                // an original not acknowledged yet), and a consumer polled even then tells of
+                // its channel's failure, which the copies' confirms may never do.
+                next = consumer.next() => {
                     let d = match next {
                         Some(Ok(d)) => d,
-                        Some(Err(e)) => {
-                            // Copies in flight on a failed channel: their originals come back.
-                            unconfirmed = FuturesOrdered::new();
-                            channel.wait_for_recovery(e).await.map_err(|e| {
-                                addr.broker_error(format!("consume {}", from.name), &e)
-                            })?;
-                            continue;
-                        }
+                        Some(Err(e)) => break addr.broker_error(format!("consume {}", from.name), &e),
                         // Cancelled (the queue was deleted?): settle what is in flight, start
                         // over.
                         None => {
-                            settle_all(&channel, &mut unconfirmed, &exchange, addr, &mut report)
-                                .await?;
-                            continue 'standby;
+                            match settle_all(&channel, &mut unconfirmed, &exchange, addr, &mut report)
+                                .await
+                            {
+                                Ok(()) => continue 'standby,
+                                Err(Failed::Refused(e)) => return Err(e),
+                                Err(Failed::Lost(e)) => break e,
+                            }
                         }
                     };
                     let (to_exchange, routing_key, properties) = match usable(key(&d.data)) {
@@ -166,7 +236,7 @@ where
                         ),
                     };
                     let dead_lettered = to_exchange.is_empty();
-                    let confirm = publish(
+                    let confirm = match publish(
                         &publisher,
                         short(to_exchange)?,
                         short(&routing_key)?,
@@ -175,7 +245,10 @@ where
                         properties,
                     )
                     .await
-                    .map_err(|e| addr.broker_error("route by key", &e))?;
+                    {
+                        Ok(confirm) => confirm,
+                        Err(e) => break addr.broker_error("route by key", &e),
+                    };
                     let (acker, tag) = (d.acker, d.delivery_tag);
                     unconfirmed.push_back(async move {
                         Routed {
@@ -188,8 +261,40 @@ where
                     });
                 }
             }
-        }
+        };
+        // Start over. The copies in flight are forgotten: closing the consumer's channel (once
+        // back) gives back every original not acknowledged, those whose copies were confirmed
+        // too (they are routed again: at least once).
+        drop(unconfirmed);
+        lost = Some((failed, vec![channel, publisher.clone()]));
     }
+}
+
+/// Close a failed session's channel once lapin brought it back with its connection (or gave up
+/// on it): a recovered channel has its consumer again, which would take deliveries nobody reads;
+/// its close gives what it was given back to the queue.
+async fn retire(channel: Channel) {
+    let deadline = tokio::time::Instant::now() + RETIRE_WAIT;
+    while (channel.status().reconnecting() || channel.status().initializing())
+        && tokio::time::Instant::now() < deadline
+    {
+        tokio::time::sleep(RECONNECT_POLL).await;
+    }
+    if channel.status().connected() {
+        let _ = tokio::time::timeout(
+            RETIRE_WAIT,
+            channel.close(200, "router starting over".into()),
+        )
+        .await;
+    }
+}
+
+/// How routing went wrong.
+enum Failed {
+    /// The broker refused a copy (unroutable, nacked): the router stops with the error.
+    Refused(AmqpError),
+    /// A channel or the connection failed: the router starts over once the connection is back.
+    Lost(AmqpError),
 }
 
 /// A copy the router published, with what settles its original.
@@ -213,7 +318,7 @@ async fn settle_all(
     exchange: &str,
     addr: &AmqpAddr,
     report: &mut RouterReport,
-) -> Result<(), AmqpError> {
+) -> Result<(), Failed> {
     let mut batch = Vec::with_capacity(unconfirmed.len());
     while let Some(done) = unconfirmed.next().await {
         batch.push(done);
@@ -224,15 +329,16 @@ async fn settle_all(
 /// The copies of `batch` (to `exchange`, the partitions', unless dead-lettered), oldest first,
 /// were answered: acknowledge the originals of those confirmed, up to the first that was not,
 /// with one `basic.ack` (`multiple`: every original before them on the channel was settled
-/// already, in order). A copy not confirmed is an error (the router stops, and its original,
-/// unacknowledged, goes back to its queue).
+/// already, in order). A copy the broker refused is [`Failed::Refused`] (the router stops, and
+/// its original, unacknowledged, goes back to its queue); one whose answer was lost with its
+/// channel, or an acknowledgement that failed, is [`Failed::Lost`].
 async fn settle_routed(
     channel: &Channel,
     batch: Vec<Routed>,
     exchange: &str,
     addr: &AmqpAddr,
     report: &mut RouterReport,
-) -> Result<(), AmqpError> {
+) -> Result<(), Failed> {
     let mut failed = None;
     // The last original whose copy was confirmed, and what the batch counts up to it.
     let mut last = None;
@@ -244,10 +350,10 @@ async fn settle_routed(
             routing_key: &done.routing_key,
             mandatory: true,
         };
-        let checked = done
-            .confirmation
-            .map_err(|e| addr.broker_error("route by key", &e))
-            .and_then(|confirmation| confirmed(to, confirmation));
+        let checked = match done.confirmation {
+            Err(e) => Err(Failed::Lost(addr.broker_error("route by key", &e))),
+            Ok(confirmation) => confirmed(to, confirmation).map_err(Failed::Refused),
+        };
         if let Err(e) = checked {
             failed = Some(e);
             break;
@@ -267,7 +373,7 @@ async fn settle_routed(
         if let Err(e) = channel.basic_ack(tag, all).await
             && !acker.poisoned()
         {
-            return Err(addr.broker_error("ack routed messages", &e));
+            return Err(Failed::Lost(addr.broker_error("ack routed messages", &e)));
         }
     }
     report.routed += routed;
