@@ -249,7 +249,16 @@ impl Instance {
         let router = {
             let (broker, names, stop) = (broker.clone(), names.clone(), stop.clone());
             tokio::spawn(async move {
-                route_payments(&broker, &names, &p, stop.cancelled_owned()).await
+                let routed = route_payments(&broker, &names, &p, stop.cancelled_owned()).await;
+                if let Err(e) = &routed {
+                    // Said at once, not only at the stop: this instance routes no more (another
+                    // instance's router, standing by, takes over).
+                    eprintln!(
+                        "the router of {} stopped: {e}; this instance no longer routes payments",
+                        names.payments_queue
+                    );
+                }
+                routed
             })
         };
         let instance = Self {
