@@ -209,6 +209,59 @@ async fn ready(conn: &Connection, name: &str) -> Option<u32> {
     Some(q.message_count())
 }
 
+/// A router's scene: a partitioned route declared, the names of the router's queue and of the
+/// partitions' dead-letter queue, and the cleanup of all of it (also when the test fails).
+struct RouterScene {
+    partitions: Partitions,
+    broker: Broker,
+    ingress: String,
+    dead: String,
+    _cleanup: support::Cleanup,
+}
+
+async fn router_scene(tag: &str, count: u32) -> RouterScene {
+    let name = unique(tag);
+    let partitions = Partitions::new(&name, count);
+    let route = Route::partitioned(partitions.clone());
+    let broker = Broker::connect(BrokerOptions::from_env())
+        .await
+        .expect("connect");
+    broker.declare(&route).await.expect("declare");
+    let ingress = format!("{name}.ingress");
+    let dead = format!("{name}.dead");
+    let cleanup = support::Cleanup::new();
+    cleanup
+        .route(&route)
+        .queue(ingress.as_str())
+        .queue(dead.as_str())
+        .exchange(partitions.members_exchange());
+    RouterScene {
+        partitions,
+        broker,
+        ingress,
+        dead,
+        _cleanup: cleanup,
+    }
+}
+
+/// Wait until the queue `name` exists (a router declares its queue as it starts).
+async fn wait_for_queue(conn: &Connection, name: &str) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while ready(conn, name).await.is_none() {
+        assert!(tokio::time::Instant::now() < deadline, "no queue {name}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Messages ready in the partitions' queues.
+async fn in_partitions(conn: &Connection, partitions: &Partitions) -> u64 {
+    let mut n = 0;
+    for i in 0..partitions.count() {
+        n += ready(conn, &partitions.queue_name(i)).await.unwrap_or(0);
+    }
+    u64::from(n)
+}
+
 /// A burst waiting in the router's queue: every message reaches its partition once (or the
 /// dead-letter queue, those without a key), the originals are acknowledged in batches, and
 /// nothing is left in or comes back to the router's queue once it stopped.
@@ -218,29 +271,16 @@ async fn a_burst_through_the_router_arrives_once_each_and_leaves_nothing_behind(
     let Some(conn) = support::broker().await else {
         return;
     };
-    let name = unique("router-burst");
-    let partitions = Partitions::new(&name, 4);
-    let route = Route::partitioned(partitions.clone());
-    let broker = Broker::connect(BrokerOptions::from_env())
-        .await
-        .expect("connect");
-    broker.declare(&route).await.expect("declare");
-    let ingress = format!("{name}.ingress");
-    let dead = format!("{name}.dead");
-    // Deleted when the test ends, also when it fails.
-    let cleanup = support::Cleanup::new();
-    cleanup
-        .route(&route)
-        .queue(ingress.as_str())
-        .queue(dead.as_str())
-        .exchange(partitions.members_exchange());
+    let scene = router_scene("router-burst", 4).await;
+    let (partitions, broker, ingress, dead) = (
+        &scene.partitions,
+        &scene.broker,
+        &scene.ingress,
+        &scene.dead,
+    );
     // A first router declares its queue; it is stopped, the burst published, a second started.
-    let (stop, first) = start_router(&broker, &partitions, &ingress);
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while ready(&conn, &ingress).await.is_none() {
-        assert!(tokio::time::Instant::now() < deadline, "no ingress queue");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let (stop, first) = start_router(broker, partitions, ingress);
+    wait_for_queue(&conn, ingress).await;
     let _ = stop.send(());
     first.await.expect("router").expect("first router ran");
     let publisher = broker.publisher().await.expect("publisher");
@@ -252,20 +292,17 @@ async fn a_burst_through_the_router_arrives_once_each_and_leaves_nothing_behind(
             format!(r#"{{"id":{i},"clientId":{}}}"#, i % 50)
         };
         publisher
-            .publish("", &ingress, body.as_bytes(), &Message::new())
+            .publish("", ingress, body.as_bytes(), &Message::new())
             .await
             .expect("publish to the router's queue");
     }
     let n_keyless = (0..N).filter(|i| keyless(*i)).count() as u64;
-    let (stop, second) = start_router(&broker, &partitions, &ingress);
+    let (stop, second) = start_router(broker, partitions, ingress);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     loop {
-        let mut routed = 0;
-        for i in 0..partitions.count() {
-            routed += ready(&conn, &partitions.queue_name(i)).await.unwrap_or(0);
-        }
-        let dead_lettered = ready(&conn, &dead).await.unwrap_or(0);
-        if u64::from(routed) == N - n_keyless && u64::from(dead_lettered) == n_keyless {
+        let routed = in_partitions(&conn, partitions).await;
+        let dead_lettered = ready(&conn, dead).await.unwrap_or(0);
+        if routed == N - n_keyless && u64::from(dead_lettered) == n_keyless {
             break;
         }
         assert!(
@@ -280,7 +317,7 @@ async fn a_burst_through_the_router_arrives_once_each_and_leaves_nothing_behind(
     assert_eq!(report.dead_lettered, n_keyless);
     // Every original was acknowledged before the router's channel closed: none came back.
     assert_eq!(
-        ready(&conn, &ingress).await,
+        ready(&conn, ingress).await,
         Some(0),
         "left in the router's queue"
     );
@@ -320,7 +357,7 @@ async fn a_burst_through_the_router_arrives_once_each_and_leaves_nothing_behind(
     }
     assert_eq!(ids.len() as u64, N - n_keyless);
 
-    drop(cleanup);
+    drop(scene);
 }
 
 /// A message whose key is longer than a routing key may be (255 bytes) is the message's fault:
@@ -332,27 +369,15 @@ async fn a_key_too_long_for_a_routing_key_is_dead_lettered_and_the_router_goes_o
     let Some(conn) = support::broker().await else {
         return;
     };
-    let name = unique("router-long-key");
-    let partitions = Partitions::new(&name, 2);
-    let route = Route::partitioned(partitions.clone());
-    let broker = Broker::connect(BrokerOptions::from_env())
-        .await
-        .expect("connect");
-    broker.declare(&route).await.expect("declare");
-    let ingress = format!("{name}.ingress");
-    let dead = format!("{name}.dead");
-    let cleanup = support::Cleanup::new();
-    cleanup
-        .route(&route)
-        .queue(ingress.as_str())
-        .queue(dead.as_str())
-        .exchange(partitions.members_exchange());
-    let (stop, router) = start_router(&broker, &partitions, &ingress);
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while ready(&conn, &ingress).await.is_none() {
-        assert!(tokio::time::Instant::now() < deadline, "no ingress queue");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let scene = router_scene("router-long-key", 2).await;
+    let (partitions, broker, ingress, dead) = (
+        &scene.partitions,
+        &scene.broker,
+        &scene.ingress,
+        &scene.dead,
+    );
+    let (stop, router) = start_router(broker, partitions, ingress);
+    wait_for_queue(&conn, ingress).await;
     let publisher = broker.publisher().await.expect("publisher");
     let long = "x".repeat(300);
     for body in [
@@ -361,17 +386,14 @@ async fn a_key_too_long_for_a_routing_key_is_dead_lettered_and_the_router_goes_o
         r#"{"id":3,"clientId":3}"#.to_owned(),
     ] {
         publisher
-            .publish("", &ingress, body.as_bytes(), &Message::new())
+            .publish("", ingress, body.as_bytes(), &Message::new())
             .await
             .expect("publish to the router's queue");
     }
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     loop {
-        let mut routed = 0;
-        for i in 0..partitions.count() {
-            routed += ready(&conn, &partitions.queue_name(i)).await.unwrap_or(0);
-        }
-        let dead_lettered = ready(&conn, &dead).await.unwrap_or(0);
+        let routed = in_partitions(&conn, partitions).await;
+        let dead_lettered = ready(&conn, dead).await.unwrap_or(0);
         if routed == 2 && dead_lettered == 1 {
             break;
         }
@@ -408,7 +430,7 @@ async fn a_key_too_long_for_a_routing_key_is_dead_lettered_and_the_router_goes_o
     let _ = stop.send(());
     let report = router.await.expect("router").expect("the router ran");
     assert_eq!((report.routed, report.dead_lettered), (2, 1));
-    drop(cleanup);
+    drop(scene);
 }
 
 /// The router's connection is cut while it routes (a network failure): it rides out the
@@ -427,21 +449,13 @@ async fn the_router_rides_out_a_connection_cut() {
         return;
     };
     support::init_tracing();
-    let name = unique("router-cut");
-    let partitions = Partitions::new(&name, 2);
-    let route = Route::partitioned(partitions.clone());
-    let direct = Broker::connect(BrokerOptions::from_env())
-        .await
-        .expect("connect");
-    direct.declare(&route).await.expect("declare");
-    let ingress = format!("{name}.ingress");
-    let dead = format!("{name}.dead");
-    let cleanup = support::Cleanup::new();
-    cleanup
-        .route(&route)
-        .queue(ingress.as_str())
-        .queue(dead.as_str())
-        .exchange(partitions.members_exchange());
+    let scene = router_scene("router-cut", 2).await;
+    let (partitions, direct, ingress, dead) = (
+        &scene.partitions,
+        &scene.broker,
+        &scene.ingress,
+        &scene.dead,
+    );
     let addr = support::addr();
     let proxy = support::Proxy::start(&addr).await;
     let routing = Broker::connect(
@@ -449,24 +463,17 @@ async fn the_router_rides_out_a_connection_cut() {
     )
     .await
     .expect("connect through the proxy");
-    let (stop, mut router) = start_router(&routing, &partitions, &ingress);
+    let (stop, mut router) = start_router(&routing, partitions, ingress);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while ready(&conn, &ingress).await.is_none() {
+    while ready(&conn, ingress).await.is_none() {
         assert!(tokio::time::Instant::now() < deadline, "no ingress queue");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let publisher = direct.publisher().await.expect("publisher");
-    let routed = async || {
-        let mut n = 0;
-        for i in 0..partitions.count() {
-            n += ready(&conn, &partitions.queue_name(i)).await.unwrap_or(0);
-        }
-        u64::from(n)
-    };
     for i in 0..N {
         let body = format!(r#"{{"id":{i},"clientId":{}}}"#, i % 20);
         publisher
-            .publish("", &ingress, body.as_bytes(), &Message::new())
+            .publish("", ingress, body.as_bytes(), &Message::new())
             .await
             .expect("publish to the router's queue");
         if i == N / 2 {
@@ -475,8 +482,8 @@ async fn the_router_rides_out_a_connection_cut() {
     }
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     let recovered = loop {
-        let n = routed().await;
-        let left = ready(&conn, &ingress).await.unwrap_or(0);
+        let n = in_partitions(&conn, partitions).await;
+        let left = ready(&conn, ingress).await.unwrap_or(0);
         if n >= N && left == 0 {
             break true;
         }
@@ -505,12 +512,12 @@ async fn the_router_rides_out_a_connection_cut() {
         let report = router.await.expect("router").expect("the router ran");
         assert!(report.routed >= N / 2, "{report:?}");
     }
-    assert_eq!(ready(&conn, &dead).await, Some(0));
+    assert_eq!(ready(&conn, dead).await, Some(0));
     let _ = routing.close().await;
     if !recovered {
         // Nothing lost: what was not routed is back in the router's queue.
-        let n = routed().await;
-        let left = ready(&conn, &ingress).await.unwrap_or(0);
+        let n = in_partitions(&conn, partitions).await;
+        let left = ready(&conn, ingress).await.unwrap_or(0);
         assert!(n + u64::from(left) >= N, "{n} routed, {left} left of {N}");
         let _ = direct.close().await;
         return;
@@ -518,10 +525,10 @@ async fn the_router_rides_out_a_connection_cut() {
     // Nothing was left with a consumer of the failed session (lapin brings a channel back with
     // its consumer): with the router's connection closed, it would be ready again here.
     assert_eq!(
-        ready(&conn, &ingress).await,
+        ready(&conn, ingress).await,
         Some(0),
         "left in the router's queue"
     );
     let _ = direct.close().await;
-    drop(cleanup);
+    drop(scene);
 }
