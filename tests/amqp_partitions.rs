@@ -438,10 +438,12 @@ async fn a_key_too_long_for_a_routing_key_is_dead_lettered_and_the_router_goes_o
 /// (the originals of copies not confirmed before the cut come back and are routed again).
 /// Before, it stopped with the publish's or the confirm's IO error.
 ///
-/// About one cut in ten lands on a write, and lapin's recovery then stays "reconnecting" for
-/// good (lapin 4.12). The router cannot tell that from a slow recovery: it waits for the
-/// broker's reconnect timeout (5 s here) and stops with that error, which this test accepts, the
-/// messages not routed left in the router's queue.
+/// In about one run in three, lapin's recovery never starts (no new connection at all: lapin
+/// 4.12, after a write failed as the connection broke). The broker's watcher then finds the
+/// broker taking a probe connection while this one stays down, and declares it lost 3 connect
+/// timeouts later (3 s here) instead of at the reconnect timeout (2 min here, longer than the
+/// test waits): the router stops with that error, which this test accepts, the messages not
+/// routed left in the router's queue.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_router_rides_out_a_connection_cut() {
     const N: u64 = 400;
@@ -459,7 +461,9 @@ async fn the_router_rides_out_a_connection_cut() {
     let addr = support::addr();
     let proxy = support::Proxy::start(&addr).await;
     let routing = Broker::connect(
-        BrokerOptions::new(proxy.addr(&addr)).reconnect_timeout(Duration::from_secs(5)),
+        BrokerOptions::new(proxy.addr(&addr))
+            .connect_timeout(Duration::from_secs(1))
+            .reconnect_timeout(Duration::from_secs(120)),
     )
     .await
     .expect("connect through the proxy");
@@ -490,12 +494,9 @@ async fn the_router_rides_out_a_connection_cut() {
         if router.is_finished() {
             match (&mut router).await.expect("router") {
                 Err(prereq::amqp::AmqpError::Connect { message, .. })
-                    if message.contains("reconnect timeout") =>
+                    if message.contains("not making progress") =>
                 {
-                    eprintln!(
-                        "lapin's recovery did not complete; the router stopped at the reconnect \
-                         timeout: {message}"
-                    );
+                    eprintln!("lapin's recovery did not start; the router stopped: {message}");
                     break false;
                 }
                 ended => panic!("the router stopped ({n} routed, {left} left): {ended:?}"),

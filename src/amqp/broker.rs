@@ -10,7 +10,7 @@ use tokio::sync::watch;
 use tracing::info;
 
 use super::addr::AmqpAddr;
-use super::connect::{CONNECT_TIMEOUT, connect_within};
+use super::connect::{CONNECT_TIMEOUT, accepts, connect_within};
 use super::declare::declare_route;
 use super::delay::{self, DelayMechanism, DelayMode, MAX_BROKER_DELAY};
 use super::error::AmqpError;
@@ -93,8 +93,9 @@ impl BrokerOptions {
 
     /// How long a lost connection may stay down before the transports give up: their consumers
     /// then stop with an error. Until then prereq retries every 100 to 500 ms, so it consumes
-    /// again within about half a second of the broker accepting connections. Zero is raised to
-    /// 1 ms.
+    /// again within about half a second of the broker accepting connections. Sooner when the
+    /// client's recovery is not making progress: a connection still down 3 connect timeouts
+    /// after the broker took a probe connection counts as lost then. Zero is raised to 1 ms.
     pub fn reconnect_timeout(mut self, timeout: Duration) -> Self {
         self.reconnect_timeout = timeout.max(Duration::from_millis(1));
         self
@@ -289,14 +290,27 @@ impl Broker {
 /// How often [`watch_connection`] looks at the connection.
 const WATCH_INTERVAL: Duration = Duration::from_millis(200);
 
-/// Declare the connection lost when it has been down for longer than the reconnect timeout.
+/// How long past the connect timeout a connection may stay down before [`watch_connection`]
+/// asks the broker whether it takes new connections (one reconnection attempt gives up after
+/// the connect timeout, and the next follows within half a second).
+const PROBE_AFTER: Duration = Duration::from_secs(2);
+
+/// Declare the connection lost when it has been down for longer than the reconnect timeout, or
+/// when the broker has been taking new connections for 3 connect timeouts while this one has not
+/// come back.
 ///
 /// lapin's recovery alone may never end: a peer that accepts the reconnection and then stays
-/// silent holds it forever, and a consumer's stream just waits meanwhile. So the connection's
-/// state is watched, and a connection that is not back within the reconnect timeout ends every
-/// transport's deliveries with an error. Ends with the broker handle.
+/// silent holds it forever, and a consumer's stream just waits meanwhile. And sometimes it never
+/// starts: after a write failed as the connection broke, lapin made no new connection at all
+/// (about one cut in three during a burst of publishes, `tests/amqp_partitions.rs`). So the
+/// connection's state is watched, and a connection that is not back within the reconnect
+/// timeout, or not back 3 connect timeouts after a probe connection to the same broker
+/// succeeded, ends every transport's deliveries with an error. Ends with the broker handle.
 async fn watch_connection(inner: Weak<Inner>) {
     let mut down_since: Option<tokio::time::Instant> = None;
+    // While down: when a probe connection last succeeded, and when one was last tried.
+    let mut reachable_since: Option<tokio::time::Instant> = None;
+    let mut probed_at: Option<tokio::time::Instant> = None;
     let mut tick = tokio::time::interval(WATCH_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -307,6 +321,8 @@ async fn watch_connection(inner: Weak<Inner>) {
         let status = inner.connection.status();
         if status.connected() {
             down_since = None;
+            reachable_since = None;
+            probed_at = None;
             continue;
         }
         if status.closing() || status.closed() {
@@ -323,6 +339,35 @@ async fn watch_connection(inner: Weak<Inner>) {
                 ),
             }));
             return;
+        }
+        let connect = inner.options.connect_timeout;
+        if let Some(at) = reachable_since
+            && at.elapsed() >= connect * 3
+        {
+            inner.lost.send_replace(Some(AmqpError::Connect {
+                addr: inner.options.addr.redacted(),
+                message: format!(
+                    "connection lost, and not recovered {:?} after the broker took a new \
+                     connection again: the client's recovery is not making progress",
+                    at.elapsed()
+                ),
+            }));
+            return;
+        }
+        if reachable_since.is_none()
+            && since.elapsed() >= connect + PROBE_AFTER
+            && probed_at.is_none_or(|p| p.elapsed() >= connect + PROBE_AFTER)
+        {
+            probed_at = Some(tokio::time::Instant::now());
+            let (addr, name) = (
+                inner.options.addr.clone(),
+                inner.options.connection_name.clone(),
+            );
+            // Not kept alive by its watcher while the probe runs.
+            drop(inner);
+            if accepts(&addr, &name, connect).await {
+                reachable_since = Some(tokio::time::Instant::now());
+            }
         }
     }
 }

@@ -67,6 +67,22 @@ pub(crate) async fn connect_within(
     open(addr, properties, timeout).await
 }
 
+/// Does the broker take a new connection now? A throw-away one (no recovery), opened within
+/// `timeout` and closed.
+pub(crate) async fn accepts(addr: &AmqpAddr, connection_name: &str, timeout: Duration) -> bool {
+    let properties = ConnectionProperties::default()
+        .with_connection_name(format!("{connection_name}-probe").into());
+    match open(addr, properties, timeout).await {
+        Ok(connection) => {
+            let _ =
+                tokio::time::timeout(timeout, connection.close(200, "prereq: probe done".into()))
+                    .await;
+            true
+        }
+        Err(_) => false,
+    }
+}
+
 /// One connection, within `timeout`; each TCP (and TLS) connection attempt lapin makes for it,
 /// including when it reconnects later, gives up after `timeout` too.
 async fn open(
