@@ -531,21 +531,36 @@ async fn a_partitioned_group_loses_nothing_when_a_cluster_node_stops_mid_run() {
     }
     let run_length = run_started.elapsed();
 
-    // Every queue of the run empty (settlements may trail the last handler a little).
-    let empty = {
+    // Every queue of the run empty (settlements may trail the last handler a little), but for
+    // a delay queue RabbitMQ itself broke: its leader was elected on node3 as it came back,
+    // before the node's dead-letter supervisor ran, and its expired copies stay in it (its own
+    // race, seen in about one run in four on a fast machine, where the first 2 s deferrals
+    // come as node3 returns). Every payment was handled in those runs (checked below): the
+    // copies left are extra ones, and say so.
+    let (empty, stuck) = {
         let cluster = cluster.clone();
         let prefix = prefix.clone();
         tokio::task::spawn_blocking(move || {
-            let deadline = Instant::now() + Duration::from_secs(60);
+            let started = Instant::now();
+            let deadline = started + Duration::from_secs(60);
             loop {
                 let queues = cluster.queues(0, &prefix);
-                let busy: Vec<_> = queues
+                let mut busy: Vec<_> = queues
                     .iter()
                     .filter(|q| q.ready != 0 || q.unacked != 0)
                     .cloned()
                     .collect();
+                let mut stuck = Vec::new();
+                if started.elapsed() >= Duration::from_secs(10) {
+                    let (s, b): (Vec<_>, Vec<_>) = busy.into_iter().partition(|q| {
+                        q.name.contains(".delay.")
+                            && q.unacked == 0
+                            && cluster.dead_letter_worker_failed(&q.name)
+                    });
+                    (stuck, busy) = (s, b);
+                }
                 if busy.is_empty() {
-                    return queues;
+                    return (queues, stuck);
                 }
                 assert!(
                     Instant::now() < deadline,
@@ -557,6 +572,13 @@ async fn a_partitioned_group_loses_nothing_when_a_cluster_node_stops_mid_run() {
         .await
         .expect("queue counts")
     };
+    for q in &stuck {
+        eprintln!(
+            "delay queue {} keeps {} expired copies: RabbitMQ did not start its dead-letter \
+             worker (see the cluster's logs)",
+            q.name, q.ready
+        );
+    }
     let _ = stop_tx.send(());
     let report = run
         .await
@@ -573,7 +595,8 @@ async fn a_partitioned_group_loses_nothing_when_a_cluster_node_stops_mid_run() {
     println!(
         "run: {run_length:?} for {PAYMENTS} payments of {CLIENTS} clients ({} handler runs, \
          {duplicates} duplicates); report: handled {} held {} released {} deferred {} \
-         dead-lettered {} requeued {} settle failures {}; {} queues of the run empty",
+         dead-lettered {} requeued {} settle failures {}; {} queues of the run, {} of them \
+         delay queues RabbitMQ broke",
         runs.len(),
         report.handled,
         report.held,
@@ -582,7 +605,8 @@ async fn a_partitioned_group_loses_nothing_when_a_cluster_node_stops_mid_run() {
         report.dead_lettered,
         report.requeued,
         report.settle_failures,
-        empty.len()
+        empty.len(),
+        stuck.len()
     );
     // Duplicates: which payments ran more than once, at which attempts.
     let mut by_id: BTreeMap<u64, Vec<u32>> = BTreeMap::new();

@@ -306,6 +306,28 @@ impl Cluster {
         node_list(&text)
     }
 
+    /// Did a node log that the at-least-once dead-letter worker of the quorum queue `queue`
+    /// could not start? RabbitMQ 3.10 elects a queue's leader on a node still booting, before
+    /// its `rabbit_fifo_dlx_sup` runs ("Leader monitor down with {noproc, … rabbit_fifo_dlx_sup
+    /// …}"): the queue's expired messages then stay in it.
+    pub fn dead_letter_worker_failed(&self, queue: &str) -> bool {
+        let needle = format!("queue '{queue}'");
+        self.nodes.iter().any(|n| {
+            let Ok(entries) = std::fs::read_dir(n.dir.join("log")) else {
+                return false;
+            };
+            entries.flatten().any(|e| {
+                std::fs::read_to_string(e.path()).is_ok_and(|log| {
+                    log.lines().any(|l| {
+                        l.contains(&needle)
+                            && l.contains("rabbit_fifo_dlx_sup")
+                            && l.contains("noproc")
+                    })
+                })
+            })
+        })
+    }
+
     /// Every queue whose name starts with `prefix`, as node `i` lists them.
     pub fn queues(&self, i: usize, prefix: &str) -> Vec<QueueInfo> {
         let text = self.ctl_ok(
