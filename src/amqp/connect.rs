@@ -38,18 +38,7 @@ pub(crate) async fn connect_within(
     timeout: Duration,
     reconnect_for: Duration,
 ) -> Result<Connection, AmqpError> {
-    let preflight = open(
-        addr,
-        ConnectionProperties::default()
-            .with_connection_name(format!("{connection_name}-preflight").into()),
-        timeout,
-    )
-    .await?;
-    let _ = tokio::time::timeout(
-        timeout,
-        preflight.close(200, "prereq: preflight done".into()),
-    )
-    .await;
+    open_and_close(addr, &format!("{connection_name}-preflight"), timeout).await?;
     // Reconnection: short pauses, capped low and reset once connected (lapin's own default
     // doubles from 1 s to 60 s and gives up after 16 tries), for up to `reconnect_for` in all.
     let properties = ConnectionProperties::default()
@@ -70,17 +59,17 @@ pub(crate) async fn connect_within(
 /// Does the broker take a new connection now? A throw-away one (no recovery), opened within
 /// `timeout` and closed.
 pub(crate) async fn accepts(addr: &AmqpAddr, connection_name: &str, timeout: Duration) -> bool {
-    let properties = ConnectionProperties::default()
-        .with_connection_name(format!("{connection_name}-probe").into());
-    match open(addr, properties, timeout).await {
-        Ok(connection) => {
-            let _ =
-                tokio::time::timeout(timeout, connection.close(200, "prereq: probe done".into()))
-                    .await;
-            true
-        }
-        Err(_) => false,
-    }
+    open_and_close(addr, &format!("{connection_name}-probe"), timeout)
+        .await
+        .is_ok()
+}
+
+/// A throw-away connection named `name` (no recovery), opened within `timeout` and closed.
+async fn open_and_close(addr: &AmqpAddr, name: &str, timeout: Duration) -> Result<(), AmqpError> {
+    let properties = ConnectionProperties::default().with_connection_name(name.into());
+    let connection = open(addr, properties, timeout).await?;
+    let _ = tokio::time::timeout(timeout, connection.close(200, "prereq: done".into())).await;
+    Ok(())
 }
 
 /// One connection, within `timeout`; each TCP (and TLS) connection attempt lapin makes for it,

@@ -298,6 +298,21 @@ impl Group {
     }
 }
 
+/// A member heard from.
+struct Heard {
+    /// When last.
+    at: Instant,
+    /// How long it may stay silent: 3 of the beats it claims.
+    expiry: Duration,
+    /// Which join of it (`None` from a version that sends none).
+    incarnation: Option<String>,
+}
+
+/// Two incarnations, both known and not the same: two joins under one name.
+fn other_join(a: Option<&String>, b: Option<&String>) -> bool {
+    matches!((a, b), (Some(a), Some(b)) if a != b)
+}
+
 /// Who was heard from, and when.
 struct Live {
     /// This member's name.
@@ -307,9 +322,8 @@ struct Live {
     /// Heartbeats heard from another incarnation of this member's name (a twin: names must be
     /// unique in a group); warned about at the second.
     twins: u32,
-    /// Each member heard: when last, how long it may stay silent (3 of its beats), and its
-    /// incarnation (`None` from a version that sends none).
-    heard: HashMap<String, (Instant, Duration, Option<String>)>,
+    /// Each member heard, by name.
+    heard: HashMap<String, Heard>,
     /// Members that left, when, and the incarnation that left: a heartbeat of it still on its
     /// way says nothing (one of a new incarnation is a join).
     left: HashMap<String, (Instant, Option<String>)>,
@@ -339,8 +353,7 @@ impl Live {
             }
         };
         if beat.member == self.me {
-            let twin = !beat.leaving
-                && matches!((&self.mine, &beat.incarnation), (Some(a), Some(b)) if a != b);
+            let twin = !beat.leaving && other_join(self.mine.as_ref(), beat.incarnation.as_ref());
             if twin {
                 self.twins = self.twins.saturating_add(1);
                 // At the second: one could be a late heartbeat of this name's run before.
@@ -357,10 +370,11 @@ impl Live {
             return;
         }
         if beat.leaving {
-            let heard = self.heard.get(&beat.member).map(|(_, _, i)| i);
-            if let (Some(Some(live)), Some(leaving)) = (heard, &beat.incarnation)
-                && live != leaving
-            {
+            let heard = self.heard.get(&beat.member);
+            if other_join(
+                heard.and_then(|h| h.incarnation.as_ref()),
+                beat.incarnation.as_ref(),
+            ) {
                 // A late leave of an earlier incarnation: the one heard now stays.
                 return;
             }
@@ -369,8 +383,7 @@ impl Live {
             return;
         }
         if let Some((_, gone)) = self.left.get(&beat.member) {
-            let rejoined = matches!((gone, &beat.incarnation), (Some(a), Some(b)) if a != b);
-            if !rejoined {
+            if !other_join(gone.as_ref(), beat.incarnation.as_ref()) {
                 return;
             }
             self.left.remove(&beat.member);
@@ -378,14 +391,18 @@ impl Live {
         let expiry = beat.beat_ms.map_or(self.expiry, |ms| {
             Duration::from_millis(ms).clamp(BEAT_CLAIMED.0, BEAT_CLAIMED.1) * EXPIRY_BEATS
         });
-        self.heard
-            .insert(beat.member, (now, expiry, beat.incarnation));
+        let heard = Heard {
+            at: now,
+            expiry,
+            incarnation: beat.incarnation,
+        };
+        self.heard.insert(beat.member, heard);
     }
 
     /// Forget members silent for too long.
     fn expire(&mut self, now: Instant) {
         self.heard
-            .retain(|_, (at, expiry, _)| now.saturating_duration_since(*at) < *expiry);
+            .retain(|_, h| now.saturating_duration_since(h.at) < h.expiry);
         let expiry = self.expiry;
         self.left
             .retain(|_, (at, _)| now.saturating_duration_since(*at) < expiry * 10);
@@ -393,8 +410,8 @@ impl Live {
 
     /// Back after a disconnection: everyone known gets a full expiry to be heard again.
     fn refresh(&mut self, now: Instant) {
-        for (at, _, _) in self.heard.values_mut() {
-            *at = now;
+        for h in self.heard.values_mut() {
+            h.at = now;
         }
     }
 
@@ -524,14 +541,25 @@ async fn keep(
 mod tests {
     use super::*;
 
-    fn beat(member: &str, leaving: bool) -> Vec<u8> {
+    /// A heartbeat on the wire.
+    fn heartbeat(
+        member: &str,
+        leaving: bool,
+        beat_ms: Option<u64>,
+        incarnation: Option<&str>,
+    ) -> Vec<u8> {
         serde_json::to_vec(&Heartbeat {
             member: member.into(),
             leaving,
-            beat_ms: None,
-            incarnation: None,
+            beat_ms,
+            incarnation: incarnation.map(Into::into),
         })
         .unwrap_or_default()
+    }
+
+    /// A heartbeat as an older version sends it (no beat, no incarnation).
+    fn beat(member: &str, leaving: bool) -> Vec<u8> {
+        heartbeat(member, leaving, None, None)
     }
 
     #[tokio::test(start_paused = true)]
@@ -567,15 +595,7 @@ mod tests {
         let b = Duration::from_millis(100);
         let mut live = Live::new("me".into(), b);
         let t0 = Instant::now();
-        let claiming = |member: &str, ms: u64| {
-            serde_json::to_vec(&Heartbeat {
-                member: member.into(),
-                leaving: false,
-                beat_ms: Some(ms),
-                incarnation: None,
-            })
-            .unwrap_or_default()
-        };
+        let claiming = |member: &str, ms: u64| heartbeat(member, false, Some(ms), None);
         // A slower member (1 s) stays for 3 of its beats, not 3 of mine.
         live.hear(&claiming("slow", 1_000), t0);
         // One claiming no beat at all, or an absurd one, is clamped.
@@ -599,13 +619,7 @@ mod tests {
         let mut live = Live::new("me".into(), b);
         let t0 = Instant::now();
         let of = |incarnation: &str, leaving: bool| {
-            serde_json::to_vec(&Heartbeat {
-                member: "b".into(),
-                leaving,
-                beat_ms: Some(100),
-                incarnation: Some(incarnation.into()),
-            })
-            .unwrap_or_default()
+            heartbeat("b", leaving, Some(100), Some(incarnation))
         };
         live.hear(&of("1", false), t0);
         assert!(live.set().contains("b"));
@@ -638,13 +652,7 @@ mod tests {
         live.mine = Some("1".into());
         let t0 = Instant::now();
         let of = |incarnation: Option<&str>, leaving: bool| {
-            serde_json::to_vec(&Heartbeat {
-                member: "me".into(),
-                leaving,
-                beat_ms: Some(100),
-                incarnation: incarnation.map(Into::into),
-            })
-            .unwrap_or_default()
+            heartbeat("me", leaving, Some(100), incarnation)
         };
         live.hear(&of(Some("1"), false), t0);
         live.hear(&of(None, false), t0);
