@@ -2,6 +2,7 @@
 //! [`Route`] and publishers; [`BrokerOptions`]: its address and limits, with documented defaults.
 
 use std::fmt;
+use std::future::Future;
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
@@ -272,11 +273,9 @@ impl Broker {
         self.inner.lost.subscribe()
     }
 
-    /// A new channel on the connection.
+    /// A new channel on the connection, opened within [`WRITE_WAIT`].
     pub(crate) async fn channel(&self, what: &str) -> Result<lapin::Channel, AmqpError> {
-        self.inner
-            .connection
-            .create_channel()
+        answered("opening a channel", self.inner.connection.create_channel())
             .await
             .map_err(|e| self.addr().broker_error(what, &e))
     }
@@ -284,6 +283,30 @@ impl Broker {
     /// Is the connection up (not recovering)?
     pub(crate) fn connected(&self) -> bool {
         self.inner.connection.status().connected()
+    }
+}
+
+/// How long a call that writes to the connection (a publish, an acknowledgement, opening a
+/// channel) may wait for lapin's answer. lapin never answers one whose frames were queued as its
+/// connection failed, and (when its recovery raced the failure) one made on a channel of a
+/// connection that never comes back: unbounded, the caller would wait for good, deaf to the
+/// connection being declared lost. The connect timeout's default: a connection that cannot
+/// take one frame in that time is as good as gone.
+pub(crate) const WRITE_WAIT: Duration = Duration::from_secs(10);
+
+/// `call`'s answer, or an IO error (`TimedOut`) naming `what` if none came within
+/// [`WRITE_WAIT`].
+pub(crate) async fn answered<T>(
+    what: &str,
+    call: impl Future<Output = lapin::Result<T>>,
+) -> lapin::Result<T> {
+    match tokio::time::timeout(WRITE_WAIT, call).await {
+        Ok(answer) => answer,
+        Err(_) => Err(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!("{what} was not answered within {WRITE_WAIT:?}"),
+        )
+        .into()),
     }
 }
 

@@ -11,7 +11,7 @@ use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel, Confirmation, PublisherConfirm};
 
 use super::addr::AmqpAddr;
-use super::broker::Broker;
+use super::broker::{Broker, answered};
 use super::declare::short;
 use super::error::AmqpError;
 use super::route::Partitions;
@@ -217,10 +217,12 @@ impl Publisher {
 /// A channel in confirm mode.
 pub(crate) async fn confirmed_channel(broker: &Broker, what: &str) -> Result<Channel, AmqpError> {
     let channel = broker.channel(what).await?;
-    channel
-        .confirm_select(ConfirmSelectOptions::default())
-        .await
-        .map_err(|e| broker.addr().broker_error("enable publisher confirms", &e))?;
+    answered(
+        "enabling publisher confirms",
+        channel.confirm_select(ConfirmSelectOptions::default()),
+    )
+    .await
+    .map_err(|e| broker.addr().broker_error("enable publisher confirms", &e))?;
     Ok(channel)
 }
 
@@ -276,14 +278,9 @@ pub(crate) async fn publish_confirmed(
     }
 }
 
-/// How long a publish may take to be written. lapin never answers a publish whose frames were
-/// queued when its connection failed: unbounded, it would wait for good. The connect timeout's
-/// default: a connection that cannot take one message in that time is as good as gone.
-const PUBLISH_WAIT: Duration = Duration::from_secs(10);
-
 /// Publish `body`; the returned future is the broker's confirm. Publishes on one channel reach
 /// their queues in the order they are made, whenever their confirms arrive. A publish not
-/// written within [`PUBLISH_WAIT`] is an IO error (`TimedOut`).
+/// written within [`WRITE_WAIT`](super::broker::WRITE_WAIT) is an IO error (`TimedOut`).
 pub(crate) async fn publish(
     channel: &Channel,
     exchange: ShortString,
@@ -302,14 +299,7 @@ pub(crate) async fn publish(
         body,
         properties,
     );
-    match tokio::time::timeout(PUBLISH_WAIT, publishing).await {
-        Ok(published) => published,
-        Err(_) => Err(std::io::Error::new(
-            std::io::ErrorKind::TimedOut,
-            format!("a publish was not written within {PUBLISH_WAIT:?}"),
-        )
-        .into()),
-    }
+    answered("a publish", publishing).await
 }
 
 /// What the broker's `confirmation` of a publish as `to` means: a confirm carrying a returned

@@ -18,7 +18,7 @@ use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::{Acker, BasicProperties, Channel, Confirmation};
 
 use super::addr::AmqpAddr;
-use super::broker::Broker;
+use super::broker::{Broker, answered};
 use super::declare::{declare_queue, short};
 use super::error::AmqpError;
 use super::headers;
@@ -134,27 +134,24 @@ where
                 continue 'standby;
             }
         };
-        if let Err(e) = channel
-            .basic_qos(ROUTER_PREFETCH, BasicQosOptions::default())
-            .await
-        {
+        let prefetch = channel.basic_qos(ROUTER_PREFETCH, BasicQosOptions::default());
+        if let Err(e) = answered("setting the prefetch", prefetch).await {
             lost = Some((
                 addr.broker_error("set the router's prefetch", &e),
                 vec![channel],
             ));
             continue 'standby;
         }
-        let consumer = channel
-            .basic_consume(
-                short(&from.name)?,
-                "".into(),
-                BasicConsumeOptions {
-                    exclusive: true,
-                    ..BasicConsumeOptions::default()
-                },
-                FieldTable::default(),
-            )
-            .await;
+        let consumer = channel.basic_consume(
+            short(&from.name)?,
+            "".into(),
+            BasicConsumeOptions {
+                exclusive: true,
+                ..BasicConsumeOptions::default()
+            },
+            FieldTable::default(),
+        );
+        let consumer = answered("subscribing", consumer).await;
         let mut consumer = match consumer {
             Ok(c) => c,
             Err(_) => {
@@ -370,7 +367,7 @@ async fn settle_routed(
         && !acker.poisoned()
     {
         let all = BasicAckOptions { multiple: true };
-        if let Err(e) = channel.basic_ack(tag, all).await
+        if let Err(e) = answered("an acknowledgement", channel.basic_ack(tag, all)).await
             && !acker.poisoned()
         {
             return Err(Failed::Lost(addr.broker_error("ack routed messages", &e)));
