@@ -112,6 +112,7 @@ where
     engine.finish_handlers().await;
     engine.give_back();
     engine.finish_work().await;
+    engine.transport.finished().await;
     match stop {
         Stop::Failed(source) => Err(RunError::Transport {
             source,

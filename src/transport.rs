@@ -191,6 +191,15 @@ pub trait Transport: Send + Sync + 'static {
         async {}
     }
 
+    /// The consumer is done with the transport: called once, at the end of a run, after every
+    /// delivery it was handed out was settled or given back. A transport closes here what it
+    /// consumes on, in the order that keeps its queues' order (the AMQP transport closes a
+    /// partition's channel, which returns what the channel still holds to the head of the
+    /// queue, before its consumer goes). The default does nothing.
+    fn finished(&self) -> impl Future<Output = ()> + Send {
+        async {}
+    }
+
     /// The next delivery, from either stream; `Ok(None)` when the transport is closed for good.
     ///
     /// The consumer keeps one call in flight across the turns of its loop and drops it

@@ -75,6 +75,7 @@ pub(crate) async fn consume(shared: Arc<Shared>, c: Consumption, tx: Deliveries)
         c.queue.kind == QueueKind::Stream,
         c.queue.effective_delivery_limit(),
         c.partition.as_ref().map(|(i, _)| *i),
+        c.queue.single_active || c.partition.is_some(),
     );
     let mut c = c;
     // A first subscription that fails (the connection dropped while the channel opened, say)

@@ -257,7 +257,7 @@ impl Shared {
     /// consumer is served. Not when a return would reach its queue's delivery limit: that one
     /// is given back by a copy.
     pub(crate) fn returned_by_close(&self, p: &Unsettled) -> bool {
-        !p.via.stream && !p.near_limit() && p.partition().is_some()
+        !p.via.stream && !p.near_limit() && p.via.single_active
     }
 
     /// The consumer released `partition`.
@@ -298,18 +298,23 @@ impl Shared {
         self.stopping.load(Ordering::SeqCst)
     }
 
+    /// The transport stops: a consumer that ends from now on is not subscribed again.
+    pub(crate) fn stopping(&self) {
+        self.stopping.store(true, Ordering::SeqCst);
+    }
+
     /// Cancel every consumer (`basic.cancel`, waiting for the broker's `cancel-ok`): from now on
     /// the broker delivers nothing more to this transport, and what it is given back stays in
     /// the queue. Their channels stay open: what was delivered can still be settled.
     ///
-    /// Except a partition's consumer: cancelling the active consumer of a single-active-consumer
-    /// queue makes the next one active at once, and it would receive the partition's later
-    /// messages while this one still holds earlier messages of their keys (returned only when
-    /// its channel closes). A partition's channel is closed instead, at the end, which returns
-    /// what it holds at the head of the queue, in delivery order, as the next consumer becomes
-    /// active.
+    /// Except the consumer of a partition or of another single-active-consumer queue:
+    /// cancelling the active consumer of such a queue makes the next one active at once, and it
+    /// would receive later messages while this one still holds earlier messages of their keys
+    /// (returned only when its channel closes). Its channel is closed instead, at the end
+    /// ([`super::AmqpTransport::close`]), which returns what it holds at the head of the queue,
+    /// in delivery order, as the next consumer becomes active.
     pub(crate) async fn cancel_consumers(&self) {
-        self.stopping.store(true, Ordering::SeqCst);
+        self.stopping();
         let consumers: Vec<(String, (Channel, ShortString))> =
             lock(&self.consumers).drain().collect();
         for (queue, (channel, tag)) in consumers {
@@ -318,7 +323,12 @@ impl Shared {
                 .partitions
                 .as_ref()
                 .is_some_and(|p| p.index_of(&queue).is_some());
-            if partition || !channel.status().connected() {
+            let single_active = self
+                .route
+                .consume
+                .iter()
+                .any(|q| q.name == queue && q.single_active);
+            if partition || single_active || !channel.status().connected() {
                 continue;
             }
             if let Err(e) = channel

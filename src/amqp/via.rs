@@ -26,6 +26,10 @@ pub(crate) struct Via {
     pub(crate) delivery_limit: Option<u32>,
     /// The partition the queue is, for a partitioned route.
     pub(crate) partition: Option<u32>,
+    /// The queue has one active consumer at a time (a partition's, or one declared with
+    /// `x-single-active-consumer`): what the consumer gives back goes back with its channel's
+    /// close, in delivery order, not one by one (see `Shared::returned_by_close`).
+    pub(crate) single_active: bool,
 }
 
 impl Via {
@@ -47,6 +51,8 @@ pub(crate) struct Vias {
     delivery_limit: Option<u32>,
     /// Its partition index, for a partitioned route.
     partition: Option<u32>,
+    /// One active consumer at a time (see [`Via::single_active`]).
+    single_active: bool,
     /// The records handed out so far (up to [`KEPT`]).
     kept: HashMap<Box<str>, HashMap<Box<str>, Arc<Via>>>,
     /// How many records `kept` holds.
@@ -60,12 +66,14 @@ impl Vias {
         stream: bool,
         delivery_limit: Option<u32>,
         partition: Option<u32>,
+        single_active: bool,
     ) -> Self {
         Self {
             queue: Arc::from(queue),
             stream,
             delivery_limit,
             partition,
+            single_active,
             kept: HashMap::new(),
             len: 0,
         }
@@ -92,6 +100,7 @@ impl Vias {
             stream: self.stream,
             delivery_limit: self.delivery_limit,
             partition: self.partition,
+            single_active: self.single_active,
         });
         if self.len < KEPT {
             self.kept
@@ -130,7 +139,7 @@ mod tests {
 
     #[test]
     fn one_record_per_exchange_and_routing_key() {
-        let mut vias = Vias::new("payments", false, Some(20), Some(3));
+        let mut vias = Vias::new("payments", false, Some(20), Some(3), true);
         let a = vias.get("shop", "order.created");
         let b = vias.get("shop", "order.created");
         let c = vias.get("shop", "order.paid");
@@ -142,8 +151,8 @@ mod tests {
         assert_eq!(&*d.exchange, "");
         assert_eq!(&*a.queue, "payments");
         assert_eq!(
-            (a.stream, a.delivery_limit, a.partition),
-            (false, Some(20), Some(3))
+            (a.stream, a.delivery_limit, a.partition, a.single_active),
+            (false, Some(20), Some(3), true)
         );
         assert!(
             Arc::ptr_eq(&a.queue, &d.queue),
@@ -153,7 +162,7 @@ mod tests {
 
     #[test]
     fn past_the_bound_records_are_still_right_but_not_kept() {
-        let mut vias = Vias::new("q", false, None, None);
+        let mut vias = Vias::new("q", false, None, None, false);
         for i in 0..KEPT {
             vias.get("x", &i.to_string());
         }
