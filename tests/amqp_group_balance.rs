@@ -23,7 +23,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use group::Instance;
+use group::{Instance, Payment};
 use prereq::amqp::{Broker, BrokerOptions, DelayMode, Message, Partitions, Route};
 use prereq::{Backoff, Decision, DependentConsumer, HoldBudget, MemoryKeys};
 use tokio::task::JoinHandle;
@@ -34,13 +34,6 @@ const P: u32 = 8;
 const CLIENTS: u64 = 24;
 /// How long a rebalance may take (issue 12).
 const REBALANCE: Duration = Duration::from_secs(30);
-
-#[derive(serde::Deserialize)]
-struct Payment {
-    #[serde(rename = "clientId")]
-    client_id: u64,
-    seq: u64,
-}
 
 /// What the handlers saw, across instances.
 #[derive(Default)]

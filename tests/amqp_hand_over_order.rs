@@ -23,7 +23,7 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use group::Instance;
+use group::{Instance, Payment};
 use prereq::amqp::{Broker, BrokerOptions, Message, Partitions, Route};
 use prereq::{Backoff, Decision, DependentConsumer, HandlerError, HoldBudget, MemoryKeys};
 
@@ -33,13 +33,6 @@ const P: u32 = 4;
 const CLIENTS: u64 = 8;
 /// How long a deferred payment stays in its delay: longer than a rebalance takes here.
 const DELAY: Duration = Duration::from_secs(15);
-
-#[derive(serde::Deserialize)]
-struct Payment {
-    #[serde(rename = "clientId")]
-    client_id: u64,
-    seq: u64,
-}
 
 /// What the handlers saw, across instances.
 #[derive(Default)]

@@ -20,7 +20,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use group::Instance;
+use group::{Instance, Payment};
 use prereq::amqp::{Broker, BrokerOptions, DelayMode, Message, Publisher, Queue, Route};
 use prereq::{Backoff, Decision, DependentConsumer, HoldBudget, MemoryKeys};
 
@@ -28,13 +28,6 @@ use prereq::{Backoff, Decision, DependentConsumer, HoldBudget, MemoryKeys};
 const CLIENT: u64 = 7;
 /// Payments A holds before it stops.
 const HELD: u64 = 30;
-
-#[derive(serde::Deserialize)]
-struct Payment {
-    #[serde(rename = "clientId")]
-    client_id: u64,
-    seq: u64,
-}
 
 /// What the handlers saw.
 #[derive(Default)]

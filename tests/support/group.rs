@@ -14,6 +14,16 @@ use prereq::amqp::{Broker, BrokerOptions, DelayMode, Membership, Partitions, Rou
 use prereq::{DependentConsumer, Key};
 use tokio::task::JoinHandle;
 
+/// A payment of the group tests: its client (the key) and its place among the client's payments.
+#[derive(serde::Deserialize)]
+pub struct Payment {
+    /// The client, the payment's prerequisite key.
+    #[serde(rename = "clientId")]
+    pub client_id: u64,
+    /// The payment's number among its client's, from 0.
+    pub seq: u64,
+}
+
 /// A running instance.
 pub struct Instance {
     /// Its connection's name (and so its name in the broker's lists).
