@@ -108,9 +108,15 @@ pub(crate) async fn consume(shared: Arc<Shared>, c: Consumption, tx: Deliveries)
         }
         match resubscribe(&shared, &c, &tx).await {
             Ok((channel, consumer)) if shared.is_stopping() => {
-                let _ = channel
-                    .basic_cancel(consumer.tag(), BasicCancelOptions::default())
-                    .await;
+                if c.queue.single_active || c.partition.is_some() {
+                    // Closed, not cancelled: a cancel would make the next consumer active while
+                    // this channel still holds what it was given (see `Shared::cancel_consumers`).
+                    let _ = channel.close(200, "prereq: stopping".into()).await;
+                } else {
+                    let _ = channel
+                        .basic_cancel(consumer.tag(), BasicCancelOptions::default())
+                        .await;
+                }
                 return;
             }
             Ok(s) => {
