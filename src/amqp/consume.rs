@@ -674,6 +674,13 @@ async fn hand_over(
     drop(parked);
     drop(consumer);
     shared.unrevoke(partition);
+    if shared.is_stopping() {
+        // Leaving: no standby (a consumer subscribed now could be made active and would be
+        // dropped, so cancelled, at the end of the run while holding what it was given). The
+        // caller ends, as the transport stops.
+        info!(target: "prereq", queue = %name, given_back, "partition handed over at the stop");
+        return Err(AmqpError::Stale);
+    }
     info!(target: "prereq", queue = %name, given_back, "partition handed over; standing by");
     let (channel, standby) = subscribe(shared, c).await?;
     shared.track(name, &channel, standby.tag());

@@ -286,6 +286,9 @@ impl Transport for AmqpTransport {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .take();
+        // Stopping from here on: the partitions handed over as the group hears of the leave are
+        // not subscribed to again as a standby.
+        self.shared.stopping();
         if let Some(group) = group {
             group.leave().await;
         }
