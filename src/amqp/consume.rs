@@ -69,13 +69,16 @@ pub(crate) type Deliveries = mpsc::Sender<Result<Delivery, AmqpError>>;
 /// cannot be restored within the reconnect timeout.
 pub(crate) async fn consume(shared: Arc<Shared>, c: Consumption, tx: Deliveries) {
     let name = c.queue.name.clone();
+    // One consumer active at a time (a partition, or a queue declared so): it gives back by its
+    // channel's close, and is closed rather than cancelled at a stop.
+    let one_active = c.queue.single_active || c.partition.is_some();
     // One record per exchange and routing key, shared by the unsettled deliveries.
     let mut vias = Vias::new(
         &name,
         c.queue.kind == QueueKind::Stream,
         c.queue.effective_delivery_limit(),
         c.partition.as_ref().map(|(i, _)| *i),
-        c.queue.single_active || c.partition.is_some(),
+        one_active,
     );
     let mut c = c;
     // A first subscription that fails (the connection dropped while the channel opened, say)
@@ -108,7 +111,7 @@ pub(crate) async fn consume(shared: Arc<Shared>, c: Consumption, tx: Deliveries)
         }
         match resubscribe(&shared, &c, &tx).await {
             Ok((channel, consumer)) if shared.is_stopping() => {
-                if c.queue.single_active || c.partition.is_some() {
+                if one_active {
                     // Closed, not cancelled: a cancel would make the next consumer active while
                     // this channel still holds what it was given (see `Shared::cancel_consumers`).
                     let _ = channel.close(200, "prereq: stopping".into()).await;
@@ -443,7 +446,9 @@ async fn forward(
         // Active on a partition another instance owns, or kept until now for its copies: give
         // it up with what was set aside.
         match hand_over(shared, c, &channel, &acks, consumer, vias, kept).await {
-            Ok(handed) => (channel, consumer, acks) = handed,
+            Ok(Some(handed)) => (channel, consumer, acks) = handed,
+            // Handed over as the transport stops: no standby.
+            Ok(None) => return Ended::Cancelled,
             Err(e) => return Ended::Failed(e),
         }
     }
@@ -602,7 +607,7 @@ async fn move_on(
 /// Hand a partition over: the consumer gives back what it holds of it and lets its handlers
 /// finish; meanwhile new deliveries are kept aside; then the channel is closed and the
 /// partition consumed again, on a new channel, as a standby (the broker makes it active again
-/// only when the active consumer goes).
+/// only when the active consumer goes). `None` when the transport stops: no standby then.
 ///
 /// What the consumer gives back is not requeued one by one ([`Shared::returned_by_close`]):
 /// closing the channel returns everything it was given and did not settle in one step, in the
@@ -615,9 +620,9 @@ async fn hand_over(
     mut consumer: Consumer,
     vias: &mut Vias,
     parked: Vec<LapinDelivery>,
-) -> Result<(Channel, Consumer, Arc<Acks>), AmqpError> {
+) -> Result<Option<(Channel, Consumer, Arc<Acks>)>, AmqpError> {
     let Some((partition, _)) = &c.partition else {
-        return Ok((channel.clone(), consumer, Arc::clone(acks)));
+        return Ok(Some((channel.clone(), consumer, Arc::clone(acks))));
     };
     let partition = *partition;
     let addr = shared.broker.addr();
@@ -676,16 +681,15 @@ async fn hand_over(
     shared.unrevoke(partition);
     if shared.is_stopping() {
         // Leaving: no standby (a consumer subscribed now could be made active and would be
-        // dropped, so cancelled, at the end of the run while holding what it was given). The
-        // caller ends, as the transport stops.
+        // dropped, so cancelled, at the end of the run while holding what it was given).
         info!(target: "prereq", queue = %name, given_back, "partition handed over at the stop");
-        return Err(AmqpError::Stale);
+        return Ok(None);
     }
     info!(target: "prereq", queue = %name, given_back, "partition handed over; standing by");
     let (channel, standby) = subscribe(shared, c).await?;
     shared.track(name, &channel, standby.tag());
     let acks = Acks::new(channel.clone());
-    Ok((channel, standby, acks))
+    Ok(Some((channel, standby, acks)))
 }
 
 /// Of the deliveries kept aside during a hand-over, copy those one return away from their

@@ -318,17 +318,17 @@ impl Shared {
         let consumers: Vec<(String, (Channel, ShortString))> =
             lock(&self.consumers).drain().collect();
         for (queue, (channel, tag)) in consumers {
-            let partition = self
+            let one_active = self
                 .route
                 .partitions
                 .as_ref()
-                .is_some_and(|p| p.index_of(&queue).is_some());
-            let single_active = self
-                .route
-                .consume
-                .iter()
-                .any(|q| q.name == queue && q.single_active);
-            if partition || single_active || !channel.status().connected() {
+                .is_some_and(|p| p.index_of(&queue).is_some())
+                || self
+                    .route
+                    .consume
+                    .iter()
+                    .any(|q| q.name == queue && q.single_active);
+            if one_active || !channel.status().connected() {
                 continue;
             }
             if let Err(e) = channel
