@@ -66,10 +66,7 @@ async fn members_see_each_other_and_a_leaver_is_gone_at_once() {
     let cleanup = support::Cleanup::new();
     let p = support::unique("members");
     let exchange = format!("{p}members");
-    cleanup.exchange(&exchange);
-    for m in ["a", "b", "c"] {
-        cleanup.queue(format!("{exchange}.{m}"));
-    }
+    cleanup.members(&exchange);
     let beat = Duration::from_secs(3);
     let mut members = Vec::new();
     for m in ["a", "b", "c"] {
@@ -126,14 +123,13 @@ async fn members_that_beat_at_different_rates_keep_each_other() {
     let cleanup = support::Cleanup::new();
     let p = support::unique("members-beats");
     let exchange = format!("{p}members");
-    cleanup.exchange(&exchange);
+    cleanup.members(&exchange);
     let beats = [
         ("fast", Duration::from_millis(50)),
         ("slow", Duration::from_millis(600)),
     ];
     let mut members = Vec::new();
     for (m, beat) in beats {
-        cleanup.queue(format!("{exchange}.{m}"));
         let broker = connect(support::addr(), &format!("{p}{m}")).await;
         let membership = Membership::join(&broker, &exchange, m.to_owned(), beat)
             .await
@@ -181,10 +177,7 @@ async fn a_member_that_left_is_seen_again_when_it_joins_again_under_its_name() {
     let cleanup = support::Cleanup::new();
     let p = support::unique("members-rejoin");
     let exchange = format!("{p}members");
-    cleanup.exchange(&exchange);
-    for m in ["a", "b"] {
-        cleanup.queue(format!("{exchange}.{m}"));
-    }
+    cleanup.members(&exchange);
     let beat = Duration::from_millis(200);
     let a_broker = connect(support::addr(), &format!("{p}a")).await;
     let a = Membership::join(&a_broker, &exchange, "a".into(), beat)
@@ -223,10 +216,7 @@ async fn a_member_that_dies_without_leaving_expires() {
     let cleanup = support::Cleanup::new();
     let p = support::unique("members-expire");
     let exchange = format!("{p}members");
-    cleanup.exchange(&exchange);
-    for m in ["a", "b", "c"] {
-        cleanup.queue(format!("{exchange}.{m}"));
-    }
+    cleanup.members(&exchange);
     let beat = Duration::from_millis(200);
     let mut members = Vec::new();
     for m in ["a", "b", "c"] {
@@ -270,10 +260,7 @@ async fn a_member_comes_back_after_its_connection_is_cut() {
     let cleanup = support::Cleanup::new();
     let p = support::unique("members-cut");
     let exchange = format!("{p}members");
-    cleanup.exchange(&exchange);
-    for m in ["a", "b", "d"] {
-        cleanup.queue(format!("{exchange}.{m}"));
-    }
+    cleanup.members(&exchange);
     let beat = Duration::from_millis(300);
     let proxy = support::Proxy::start(&support::addr()).await;
     let a_broker = connect(support::addr(), &format!("{p}a")).await;

@@ -78,12 +78,37 @@ async fn publish(publisher: &Publisher, queue: &str, seq: u64) {
         .expect("publish");
 }
 
+/// How instance A ends.
+#[derive(Clone, Copy, PartialEq)]
+enum End {
+    /// Its shutdown future resolves: a graceful stop.
+    Stop,
+    /// Its run future is dropped mid-way, the connection left open.
+    Drop,
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_standby_receives_what_the_stopping_consumer_held_before_later_messages() {
+    a_ends_while_payments_keep_coming(End::Stop).await;
+}
+
+/// The same when A's run is dropped instead (a `select!` or a timeout around `run`) and its
+/// connection stays open: its consumer is not cancelled before its channel closes, and the
+/// channel does close (the held payments do not wait for the connection's end).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_when_the_run_is_dropped_and_its_connection_stays_open() {
+    a_ends_while_payments_keep_coming(End::Drop).await;
+}
+
+async fn a_ends_while_payments_keep_coming(end: End) {
     let Some(_conn) = support::broker().await else {
         return;
     };
-    let p = support::unique("sac-stop");
+    let p = support::unique(if end == End::Stop {
+        "sac-stop"
+    } else {
+        "sac-drop"
+    });
     let queue = Queue::quorum(format!("{p}pay")).single_active_consumer();
     let route = Route::new(queue.clone());
     let cleanup = support::Cleanup::new();
@@ -138,7 +163,14 @@ async fn the_standby_receives_what_the_stopping_consumer_held_before_later_messa
         || sent.load(Ordering::SeqCst) >= before + 20,
     )
     .await;
-    a.stop().await;
+    // Kept open until the end: the held payments must not wait for the connection's close.
+    let a_connection = match end {
+        End::Stop => {
+            a.stop().await;
+            None
+        }
+        End::Drop => Some(a.abandon().await),
+    };
     let after = sent.load(Ordering::SeqCst);
     support::eventually(
         "payments published after A stopped",
@@ -157,6 +189,9 @@ async fn the_standby_receives_what_the_stopping_consumer_held_before_later_messa
     .await;
     b.stop().await;
     let _ = producer.close().await;
+    if let Some(a) = a_connection {
+        let _ = a.close().await;
+    }
 
     let seen = seen.lock().unwrap();
     let order: Vec<u64> = seen.handled.iter().map(|(s, _)| *s).collect();

@@ -27,6 +27,7 @@ use lapin::options::{BasicAckOptions, BasicNackOptions};
 use lapin::{Acker, Channel};
 use tokio::sync::{mpsc, oneshot};
 
+use super::broker::answered;
 use super::health::{Health, Retired};
 
 /// The most settlements one batch takes, so that one write stays reasonably sized.
@@ -213,26 +214,29 @@ async fn run(channel: Channel, mut asks: mpsc::UnboundedReceiver<Ask>, window: A
         }
     }
     if window.retired.get().is_some() && channel.status().connected() {
-        let _ = channel
-            .close(200, "prereq: every delivery of this channel settled".into())
-            .await;
+        let close = channel.close(200, "prereq: every delivery of this channel settled".into());
+        let _ = answered("closing a retired channel", close).await;
     }
 }
 
+/// Send one frame, bounded ([`answered`]): lapin never answers a call on a channel of a
+/// connection whose recovery stalled, and a settle waiting for it would never be reported.
 async fn send(channel: &Channel, frame: Frame) -> lapin::Result<()> {
     match frame {
         Frame::AckUpTo(tag) => {
-            channel
-                .basic_ack(tag, BasicAckOptions { multiple: true })
-                .await
+            let ack = channel.basic_ack(tag, BasicAckOptions { multiple: true });
+            answered("an acknowledgement", ack).await
         }
-        Frame::Ack(tag) => channel.basic_ack(tag, BasicAckOptions::default()).await,
+        Frame::Ack(tag) => {
+            let ack = channel.basic_ack(tag, BasicAckOptions::default());
+            answered("an acknowledgement", ack).await
+        }
         Frame::Requeue(tag) => {
             let options = BasicNackOptions {
                 requeue: true,
                 multiple: false,
             };
-            channel.basic_nack(tag, options).await
+            answered("a requeue", channel.basic_nack(tag, options)).await
         }
     }
 }

@@ -16,6 +16,7 @@ use tracing::{debug, info, warn};
 
 use super::acks::Acks;
 use super::away::Leave;
+use super::broker::answered;
 use super::declare::{declare_queue, short};
 use super::error::AmqpError;
 use super::group::Assignment;
@@ -114,11 +115,12 @@ pub(crate) async fn consume(shared: Arc<Shared>, c: Consumption, tx: Deliveries)
                 if one_active {
                     // Closed, not cancelled: a cancel would make the next consumer active while
                     // this channel still holds what it was given (see `Shared::cancel_consumers`).
-                    let _ = channel.close(200, "prereq: stopping".into()).await;
+                    let close = channel.close(200, "prereq: stopping".into());
+                    let _ = answered("closing a channel", close).await;
                 } else {
-                    let _ = channel
-                        .basic_cancel(consumer.tag(), BasicCancelOptions::default())
-                        .await;
+                    let cancel =
+                        channel.basic_cancel(consumer.tag(), BasicCancelOptions::default());
+                    let _ = answered("a consumer's cancel", cancel).await;
                 }
                 return;
             }
@@ -251,7 +253,7 @@ async fn resubscribe(
                         })?;
                 }
             }
-            let _ = declaring.close(200, "declared".into()).await;
+            let _ = answered("closing a channel", declaring.close(200, "declared".into())).await;
             subscribe(shared, c).await
         };
         match attempt.await {
@@ -321,6 +323,9 @@ async fn forward(
     // deferred from it are back and settled (see `super::away`).
     let mut leave = Leave::default();
     let partition = c.partition.as_ref().map(|(i, _)| *i);
+    // One consumer active at a time: it must not be cancelled while its channel holds what it
+    // was given (see `gone`).
+    let one_active = c.queue.single_active || partition.is_some();
     // Hand-overs since the group's assignment last changed: the broker made this consumer
     // active again after each (see `bounce_pause`).
     let mut bounces = 0u32;
@@ -366,7 +371,7 @@ async fn forward(
                 leave.end();
                 if owned(c) { Turn::Again } else { Turn::HandOver(Vec::new()) }
             }
-            () = tx.closed() => return Ended::Cancelled,
+            () = tx.closed() => return gone(&mut consumer, one_active).await,
         };
         let kept = match turn {
             Turn::Again => continue,
@@ -392,7 +397,7 @@ async fn forward(
                     // before the next one.
                     tokio::select! {
                         () = tokio::time::sleep(pause) => {}
-                        () = tx.closed() => return Ended::Cancelled,
+                        () = tx.closed() => return gone(&mut consumer, one_active).await,
                     }
                     hand = !owned(c) && !keeps(shared, partition, &mut leave, &name);
                 }
@@ -404,8 +409,8 @@ async fn forward(
                         vec![d]
                     }
                     Some(Ok(d)) => {
-                        if let Err(ended) = take(shared, c, vias, &acks, d, tx).await {
-                            return ended;
+                        if take(shared, c, vias, &acks, d, tx).await.is_err() {
+                            return gone(&mut consumer, one_active).await;
                         }
                         if may_move_on
                             && open >= MOVE_ON_AT
@@ -452,6 +457,19 @@ async fn forward(
             Err(e) => return Ended::Failed(e),
         }
     }
+}
+
+/// The transport's receiver is gone (the consumer's run was dropped mid-way): the consumer
+/// ends. One that is the only active consumer of its queue (a partition, a single-active queue)
+/// ends with its channel, which the dropped transport closes in the background: returning now
+/// would drop the consumer, and lapin cancels a consumer it drops, so the broker would make the
+/// next instance's consumer active while this channel still holds earlier messages of a key.
+/// Until the close, what still comes is left unsettled: the close returns it, in order.
+async fn gone(consumer: &mut Consumer, one_active: bool) -> Ended {
+    if one_active {
+        while let Some(Ok(_left_to_the_close)) = consumer.next().await {}
+    }
+    Ended::Cancelled
 }
 
 /// Does this consumer keep `partition`, which this instance no longer owns, because copies it
@@ -557,13 +575,11 @@ async fn move_on(
     let close = |reason: &'static str| {
         let fresh = fresh.clone();
         async move {
-            let _ = fresh.close(200, reason.into()).await;
+            let _ = answered("closing a channel", fresh.close(200, reason.into())).await;
         }
     };
-    if let Err(e) = channel
-        .basic_cancel(consumer.tag(), BasicCancelOptions::default())
-        .await
-    {
+    let cancel = channel.basic_cancel(consumer.tag(), BasicCancelOptions::default());
+    if let Err(e) = answered("a consumer's cancel", cancel).await {
         debug!(target: "prereq", queue = %name,
             error = %shared.broker.addr().scrub(&e.to_string()),
             "could not cancel the consumer to move it to a fresh channel; staying");
@@ -595,9 +611,8 @@ async fn move_on(
         .map_err(Ended::Failed)?;
     if shared.is_stopping() {
         // The stop cancelled the consumers it knew before this one was tracked.
-        let _ = fresh
-            .basic_cancel(next.tag(), BasicCancelOptions::default())
-            .await;
+        let cancel = fresh.basic_cancel(next.tag(), BasicCancelOptions::default());
+        let _ = answered("a consumer's cancel", cancel).await;
         return Err(Ended::Cancelled);
     }
     debug!(target: "prereq", queue = %name, "consuming on a fresh channel");
@@ -673,9 +688,8 @@ async fn hand_over(
     }
     let given_back = parked.len();
     refresh_near_limit(shared, vias, &mut parked).await;
-    let _ = channel
-        .close(200, "prereq: partition handed over".into())
-        .await;
+    let close = channel.close(200, "prereq: partition handed over".into());
+    let _ = answered("closing a channel", close).await;
     drop(parked);
     drop(consumer);
     shared.unrevoke(partition);

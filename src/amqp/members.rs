@@ -23,7 +23,11 @@
 //! expiring everyone would make it claim every partition); once reconnected it declares its
 //! queue again, consumes again, and gives every known member 3 fresh beats to be heard.
 //!
-//! The member's queue is named after the exchange and the member (`<exchange>.<member>`), is
+//! The member's queue is named after the exchange, the member and this join's incarnation
+//! (`<exchange>.<member>.<incarnation>`): two members under one name (a misconfiguration) each
+//! hear every heartbeat, the other's too, and are told (a queue named after the member alone
+//! was shared by the two, the broker handed its heartbeats to them in turn, and twins beating
+//! in step could each be handed only their own). It is
 //! auto-delete and expires when unused: not exclusive and not server-named, because lapin's
 //! connection recovery declares every queue again by name, and a server-named (`amq.gen-…`)
 //! name may not be declared by a client, nor an exclusive queue still held by a connection the
@@ -47,7 +51,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
-use super::broker::Broker;
+use super::broker::{Broker, answered};
 use super::declare::short;
 use super::error::AmqpError;
 
@@ -137,13 +141,14 @@ impl Membership {
         beat: Duration,
     ) -> Result<Self, AmqpError> {
         let beat = beat.max(Duration::from_millis(10));
+        let incarnation = super::unique_suffix();
         let group = Group {
             broker: broker.clone(),
             exchange: name.to_owned(),
-            queue: queue_name(name, &member),
+            queue: queue_name(name, &member, &incarnation),
             member: member.clone(),
             beat,
-            incarnation: super::unique_suffix(),
+            incarnation,
         };
         let session = group.open().await?;
         let members = Arc::new(watch::channel(BTreeSet::from([member])).0);
@@ -172,9 +177,10 @@ impl Membership {
     }
 }
 
-/// The member's queue: `<exchange>.<member>`, or a hash of both when that is too long for AMQP.
-fn queue_name(exchange: &str, member: &str) -> String {
-    let name = format!("{exchange}.{member}");
+/// The member's queue: `<exchange>.<member>.<incarnation>`, or hashes of the exchange and the
+/// member then the incarnation when that is too long for AMQP.
+fn queue_name(exchange: &str, member: &str, incarnation: &str) -> String {
+    let name = format!("{exchange}.{member}.{incarnation}");
     if name.len() <= 255 {
         return name;
     }
@@ -183,7 +189,20 @@ fn queue_name(exchange: &str, member: &str) -> String {
             (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
         })
     };
-    format!("prereq.members.{:016x}.{:016x}", fnv(exchange), fnv(member))
+    let name = format!(
+        "prereq.members.{:016x}.{:016x}.{incarnation}",
+        fnv(exchange),
+        fnv(member)
+    );
+    if name.len() <= 255 {
+        return name;
+    }
+    format!(
+        "prereq.members.{:016x}.{:016x}.{:016x}",
+        fnv(exchange),
+        fnv(member),
+        fnv(incarnation)
+    )
 }
 
 /// A channel consuming this member's queue.
@@ -360,8 +379,8 @@ impl Live {
                 if self.twins == 2 {
                     warn!(target: "prereq", member = %self.me,
                         "another member of the group beats under this member's name: names \
-                         must be unique in a group (the two share one queue, each hears only \
-                         part of the heartbeats, and the others count the two as one)");
+                         must be unique in a group (the others count the two as one, and the \
+                         two share one member's partitions)");
                 }
             }
             return;
@@ -531,7 +550,11 @@ async fn keep(
         if reopen {
             warn!(target: "prereq", group = %group.exchange,
                 "group heartbeats stopped; joining again");
-            let _ = channel.close(200, "prereq: reopening".into()).await;
+            let _ = answered(
+                "closing a channel",
+                channel.close(200, "prereq: reopening".into()),
+            )
+            .await;
             retry = Duration::from_millis(100).min(group.beat);
         }
     }
@@ -679,8 +702,13 @@ mod tests {
 
     #[test]
     fn queue_names_fit_amqp() {
-        assert_eq!(queue_name("g.members", "m-1"), "g.members.m-1");
-        let long = queue_name(&"x".repeat(200), &"y".repeat(100));
+        assert_eq!(queue_name("g.members", "m-1", "17.0"), "g.members.m-1.17.0");
+        let long = queue_name(&"x".repeat(200), &"y".repeat(100), "17.0");
         assert!(long.len() <= 255 && long.starts_with("prereq.members."));
+        assert!(long.ends_with(".17.0"), "the incarnation kept: {long}");
+        assert_ne!(long, queue_name(&"x".repeat(200), &"y".repeat(100), "17.1"));
+        let longer = queue_name("g", "m", &"z".repeat(300));
+        assert!(longer.len() <= 255 && longer.starts_with("prereq.members."));
+        assert_ne!(longer, queue_name("g", "m", &"z".repeat(301)));
     }
 }

@@ -180,7 +180,7 @@ where
                         Ok(()) | Err(Failed::Lost(_)) => {}
                         Err(Failed::Refused(e)) => return Err(e),
                     }
-                    let _ = channel.close(200, "router stopping".into()).await;
+                    let _ = answered("closing a channel", channel.close(200, "router stopping".into())).await;
                     return Ok(report);
                 }
                 Ok(()) = gone.changed() => {

@@ -14,7 +14,7 @@ use tokio::sync::{Notify, mpsc};
 
 use super::acks::Acks;
 use super::away::Away;
-use super::broker::Broker;
+use super::broker::{Broker, answered};
 use super::copies::{Arrival, Copies};
 use super::headers;
 use super::health::Health;
@@ -331,10 +331,8 @@ impl Shared {
             if one_active || !channel.status().connected() {
                 continue;
             }
-            if let Err(e) = channel
-                .basic_cancel(tag, BasicCancelOptions::default())
-                .await
-            {
+            let cancel = channel.basic_cancel(tag, BasicCancelOptions::default());
+            if let Err(e) = answered("a consumer's cancel", cancel).await {
                 tracing::debug!(target: "prereq", queue = %queue,
                     error = %self.broker.addr().scrub(&e.to_string()),
                     "could not cancel a consumer at stop");

@@ -148,53 +148,91 @@ impl AmqpTransport {
     /// channels close, then the consumers' tasks stop.
     pub async fn close(&self) -> Result<(), AmqpError> {
         self.shared.stopping();
-        let channels = std::mem::take(
-            &mut *self
-                .shared
-                .channels
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner),
-        );
-        let mut closed = Ok(());
-        for channel in channels.iter().chain([&self.shared.publisher]) {
-            if !channel.status().connected() {
-                continue;
-            }
-            let closing = channel.close(200, "prereq: closing".into());
-            if let Err(e) = answered("closing a channel", closing).await
-                && closed.is_ok()
-            {
-                closed = Err(self
-                    .shared
-                    .broker
-                    .addr()
-                    .broker_error("close a channel", &e));
-            }
+        let closed = close_channels(&self.shared).await;
+        for task in self.take_tasks() {
+            task.abort();
         }
-        self.stop();
+        self.take_group();
         closed
     }
 
-    fn stop(&self) {
-        self.group
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .take();
-        let tasks = std::mem::take(
+    /// The consumers' tasks, taken (none after a close).
+    fn take_tasks(&self) -> Vec<tokio::task::JoinHandle<()>> {
+        std::mem::take(
             &mut *self
                 .tasks
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner),
-        );
-        for task in tasks {
-            task.abort();
-        }
+        )
+    }
+
+    /// The group membership, taken (none after a stop, or for a route without partitions).
+    fn take_group(&self) -> Option<Group> {
+        self.group
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take()
     }
 }
 
+/// Close the transport's channels, each bounded (10 s), keeping the first error: the broker
+/// takes back every delivery it did not settle, in the order it delivered them.
+async fn close_channels(shared: &Shared) -> Result<(), AmqpError> {
+    let channels = std::mem::take(
+        &mut *shared
+            .channels
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner),
+    );
+    let mut closed = Ok(());
+    for channel in channels.iter().chain([&shared.publisher]) {
+        if !channel.status().connected() {
+            continue;
+        }
+        let closing = channel.close(200, "prereq: closing".into());
+        if let Err(e) = answered("closing a channel", closing).await
+            && closed.is_ok()
+        {
+            closed = Err(shared.broker.addr().broker_error("close a channel", &e));
+        }
+    }
+    closed
+}
+
 impl Drop for AmqpTransport {
+    /// Dropped before its close (the consumer's run future was dropped mid-way: a `select!` or
+    /// a timeout around `run`), it ends as [`AmqpTransport::close`] does, in the background:
+    /// it leaves the group, its channels close, then its consumers' tasks stop. Stopping the
+    /// tasks at once would drop their consumers first, and lapin cancels a consumer it drops:
+    /// on a partition's or another single-active-consumer queue the broker would make the next
+    /// instance active while this one's channel still held earlier messages of a key
+    /// (`tests/amqp_single_active_stop.rs`). Outside a runtime the tasks stop at once.
     fn drop(&mut self) {
-        self.stop();
+        let tasks = self.take_tasks();
+        let group = self.take_group();
+        if tasks.is_empty() && group.is_none() {
+            return;
+        }
+        self.shared.stopping();
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            for task in tasks {
+                task.abort();
+            }
+            return;
+        };
+        let shared = Arc::clone(&self.shared);
+        runtime.spawn(async move {
+            if let Some(group) = group {
+                group.leave().await;
+            }
+            if let Err(e) = close_channels(&shared).await {
+                tracing::debug!(target: "prereq", error = %e,
+                    "a channel did not close after the consumer's run was dropped");
+            }
+            for task in tasks {
+                task.abort();
+            }
+        });
     }
 }
 
@@ -281,11 +319,7 @@ impl Transport for AmqpTransport {
     /// messages before the held ones come back; its channel closes at the end of the run
     /// ([`Transport::finished`]), returning them first.
     async fn stop_receiving(&self) {
-        let group = self
-            .group
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .take();
+        let group = self.take_group();
         // Stopping from here on: the partitions handed over as the group hears of the leave are
         // not subscribed to again as a standby.
         self.shared.stopping();

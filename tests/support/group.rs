@@ -72,6 +72,14 @@ impl Instance {
         }
     }
 
+    /// Drop the consumer's run mid-way, as a `select!` or a timeout around `run` does (no
+    /// shutdown, no give-back by the engine); the connection stays open, returned.
+    pub async fn abandon(self) -> Broker {
+        self.run.abort();
+        let _ = self.run.await;
+        self.broker
+    }
+
     /// Stop the consumer (it gives back what it holds and leaves the group), then close the
     /// connection.
     pub async fn stop(self) {

@@ -74,14 +74,43 @@ pub const EXAMPLE_POLICY: prereq::Backoff =
 pub struct Cleanup {
     queues: Mutex<Vec<String>>,
     exchanges: Mutex<Vec<String>>,
-    /// Delay queue prefixes: every queue named `<prefix>.…` is deleted too (a jittered delay
-    /// makes names no list can foresee), where `rabbitmqctl` sees the broker under test.
-    delay_prefixes: Mutex<Vec<String>>,
+    /// Prefixes (delay queues' and members exchanges'): every queue named `<prefix>.…` is
+    /// deleted too (a jittered delay or an incarnation makes names not known in advance), where
+    /// `rabbitmqctl` sees the broker under test.
+    prefixes: Mutex<Vec<String>>,
 }
 
 /// The queues of the broker under test whose names start with one of `prefixes`, from
 /// `rabbitmqctl` (nothing where it cannot run, or talks to another broker than the local one).
 fn queues_named(prefixes: &[String]) -> Vec<String> {
+    if prefixes.is_empty() {
+        return Vec::new();
+    }
+    let Some(all) = listed_queues() else {
+        return Vec::new();
+    };
+    all.into_iter()
+        .filter(|name| prefixes.iter().any(|p| name.starts_with(&format!("{p}."))))
+        .collect()
+}
+
+/// The queues of the broker under test named `<prefix>.…`, from `rabbitmqctl`; `None` where it
+/// cannot run, or talks to another broker than the local one (the reason is printed).
+#[allow(dead_code, reason = "not every test binary looks")]
+pub fn queues_under(prefix: &str) -> Option<Vec<String>> {
+    let Some(all) = listed_queues() else {
+        eprintln!("rabbitmqctl does not see the broker under test: its queues are not listed");
+        return None;
+    };
+    Some(
+        all.into_iter()
+            .filter(|name| name.starts_with(&format!("{prefix}.")))
+            .collect(),
+    )
+}
+
+/// Every queue of the broker under test, where `rabbitmqctl` runs and talks to it.
+fn listed_queues() -> Option<Vec<String>> {
     // `rabbitmqctl` talks to the local node: only when that is the broker under test.
     let local = match std::env::var("AMQP_ADDR") {
         Err(_) => true,
@@ -90,21 +119,21 @@ fn queues_named(prefixes: &[String]) -> Vec<String> {
                 && u.port_or_known_default().unwrap_or(5672) == 5672
         }),
     };
-    if prefixes.is_empty() || !local {
-        return Vec::new();
+    if !local {
+        return None;
     }
-    let Ok(out) = std::process::Command::new("rabbitmqctl")
+    let out = std::process::Command::new("rabbitmqctl")
         .args(["list_queues", "-q", "--no-table-headers", "name"])
         .output()
-    else {
-        return Vec::new();
-    };
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(str::trim)
-        .filter(|name| prefixes.iter().any(|p| name.starts_with(&format!("{p}."))))
-        .map(str::to_owned)
-        .collect()
+        .ok()
+        .filter(|out| out.status.success())?;
+    Some(
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(str::trim)
+            .map(str::to_owned)
+            .collect(),
+    )
 }
 
 impl Cleanup {
@@ -119,6 +148,15 @@ impl Cleanup {
 
     pub fn exchange(&self, name: impl Into<String>) -> &Self {
         self.exchanges.lock().unwrap().push(name.into());
+        self
+    }
+
+    /// Register a group's members exchange and its members' queues
+    /// (`<exchange>.<member>.<incarnation>`; auto-delete, so gone with their consumers, unless a
+    /// test ends before its members left).
+    pub fn members(&self, exchange: &str) -> &Self {
+        self.exchange(exchange);
+        self.prefixes.lock().unwrap().push(exchange.to_owned());
         self
     }
 
@@ -148,7 +186,7 @@ impl Cleanup {
             }
         }
         self.exchange(route.delay_prefix());
-        self.delay_prefixes
+        self.prefixes
             .lock()
             .unwrap()
             .push(route.delay_prefix().to_owned());
@@ -162,12 +200,8 @@ impl Drop for Cleanup {
             std::mem::take(&mut *self.queues.lock().unwrap_or_else(|e| e.into_inner()));
         let mut exchanges =
             std::mem::take(&mut *self.exchanges.lock().unwrap_or_else(|e| e.into_inner()));
-        let prefixes = std::mem::take(
-            &mut *self
-                .delay_prefixes
-                .lock()
-                .unwrap_or_else(|e| e.into_inner()),
-        );
+        let prefixes =
+            std::mem::take(&mut *self.prefixes.lock().unwrap_or_else(|e| e.into_inner()));
         queues.extend(queues_named(&prefixes));
         queues.sort();
         queues.dedup();
