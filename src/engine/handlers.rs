@@ -11,8 +11,12 @@
 //! its [`Teller`]'s drop when its worker is aborted or dies (that worker is not used again).
 //! Either way with what the job had left undone, which its teller keeps (`Teller::unfinished`).
 
+use std::collections::VecDeque;
 use std::future::Future;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::task::Poll;
 
+use futures::task::AtomicWaker;
 use rustc_hash::FxHashMap;
 use tokio::sync::mpsc;
 use tokio::task::AbortHandle;
@@ -30,12 +34,33 @@ pub(super) enum Told<O, E> {
     Lost(u64, Option<E>),
 }
 
+/// What the jobs tell, in the order they tell it, until the loop takes it: a list behind a lock
+/// that the loop takes whole, one lock for everything waiting (a channel takes a few atomic
+/// steps for each item, and as many again to find itself empty; the loop looks after every
+/// turn). See docs/performance.md, round 13.
+struct Inbox<T> {
+    /// Told and not taken yet.
+    told: Mutex<VecDeque<T>>,
+    /// The loop, when it waits for what is told.
+    waker: AtomicWaker,
+}
+
+impl<T> Inbox<T> {
+    fn push(&self, told: T) {
+        self.told
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push_back(told);
+        self.waker.wake();
+    }
+}
+
 /// How a job tells the loop.
 pub(super) struct Teller<O, E> {
     /// The job's number.
     id: u64,
     /// To the loop's `Handlers`.
-    tx: mpsc::UnboundedSender<Told<O, E>>,
+    tx: Arc<Inbox<Told<O, E>>>,
     /// `Ended` was told (the drop tells `Lost` otherwise).
     ended: bool,
     /// What the job has not done yet, told with its end.
@@ -45,18 +70,18 @@ pub(super) struct Teller<O, E> {
 impl<O, E> Teller<O, E> {
     /// The job did `output`.
     pub(super) fn output(&self, output: O) {
-        let _ = self.tx.send(Told::Output(self.id, output));
+        self.tx.push(Told::Output(self.id, output));
     }
 
     /// The job runs nothing more.
     pub(super) fn returned(&self) {
-        let _ = self.tx.send(Told::Returned(self.id));
+        self.tx.push(Told::Returned(self.id));
     }
 
     /// The job ends, with what it has not done.
     pub(super) fn ended(mut self) {
         self.ended = true;
-        let _ = self.tx.send(Told::Ended(self.id, self.unfinished.take()));
+        self.tx.push(Told::Ended(self.id, self.unfinished.take()));
     }
 
     /// What the job has not done yet: it takes its work from here, and puts back what it
@@ -69,7 +94,7 @@ impl<O, E> Teller<O, E> {
 impl<O, E> Drop for Teller<O, E> {
     fn drop(&mut self) {
         if !self.ended {
-            let _ = self.tx.send(Told::Lost(self.id, self.unfinished.take()));
+            self.tx.push(Told::Lost(self.id, self.unfinished.take()));
         }
     }
 }
@@ -103,23 +128,25 @@ pub(super) struct Handlers<J, O, E, R> {
     /// Each running job by its number. The numbers come from no one outside: a fast hasher,
     /// not a DoS-resistant one.
     running: FxHashMap<u64, Running<R>>,
-    /// What the jobs tell.
-    told: mpsc::UnboundedReceiver<Told<O, E>>,
-    /// The sending side of `told`, for each job's teller.
-    tx: mpsc::UnboundedSender<Told<O, E>>,
+    /// What the jobs tell (each job's teller holds it too).
+    inbox: Arc<Inbox<Told<O, E>>>,
+    /// What the loop took from the inbox and has not handled yet, in order.
+    taken: VecDeque<Told<O, E>>,
     /// The number the next job gets.
     next_id: u64,
 }
 
 impl<J: Send + 'static, O: Send + 'static, E: Send + 'static, R> Handlers<J, O, E, R> {
     pub(super) fn new() -> Self {
-        let (tx, told) = mpsc::unbounded_channel();
         Self {
             workers: Vec::new(),
             idle: Vec::new(),
             running: FxHashMap::default(),
-            told,
-            tx,
+            inbox: Arc::new(Inbox {
+                told: Mutex::new(VecDeque::new()),
+                waker: AtomicWaker::new(),
+            }),
+            taken: VecDeque::new(),
             next_id: 0,
         }
     }
@@ -146,7 +173,7 @@ impl<J: Send + 'static, O: Send + 'static, E: Send + 'static, R> Handlers<J, O, 
             job,
             Teller {
                 id,
-                tx: self.tx.clone(),
+                tx: Arc::clone(&self.inbox),
                 ended: false,
                 unfinished: Some(work),
             },
@@ -201,17 +228,40 @@ impl<J: Send + 'static, O: Send + 'static, E: Send + 'static, R> Handlers<J, O, 
     }
 
     /// The next thing a job tells. Pending forever while no job runs (the loop guards it).
+    /// Cancel-safe: what is told stays in the inbox until taken.
     pub(super) async fn recv(&mut self) -> Told<O, E> {
-        match self.told.recv().await {
-            Some(told) => told,
-            // `self.tx` keeps the channel open.
-            None => std::future::pending().await,
-        }
+        std::future::poll_fn(|cx| {
+            if let Some(told) = self.try_recv() {
+                return Poll::Ready(told);
+            }
+            self.inbox.waker.register(cx.waker());
+            // Told between the look and the registration: its wake went to the waker before.
+            match self.try_recv() {
+                Some(told) => Poll::Ready(told),
+                None => Poll::Pending,
+            }
+        })
+        .await
     }
 
     /// What a job told, if anything is waiting.
     pub(super) fn try_recv(&mut self) -> Option<Told<O, E>> {
-        self.told.try_recv().ok()
+        if let Some(told) = self.taken.pop_front() {
+            return Some(told);
+        }
+        {
+            let mut told = self
+                .inbox
+                .told
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            if told.is_empty() {
+                return None;
+            }
+            // Everything waiting, in one step: the emptied list left behind keeps its capacity.
+            std::mem::swap(&mut *told, &mut self.taken);
+        }
+        self.taken.pop_front()
     }
 
     /// Cancel every worker; each running job tells its end (`None`) as it is dropped.
