@@ -180,7 +180,8 @@ where
                         Ok(()) | Err(Failed::Lost(_)) => {}
                         Err(Failed::Refused(e)) => return Err(e),
                     }
-                    let _ = answered("closing a channel", channel.close(200, "router stopping".into())).await;
+                    let close = channel.close(200, "router stopping".into());
+                    let _ = answered("closing a channel", close).await;
                     return Ok(report);
                 }
                 Ok(()) = gone.changed() => {
