@@ -24,7 +24,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use group::{Instance, Payment};
-use prereq::amqp::{Broker, BrokerOptions, DelayMode, Message, Partitions, Route};
+use prereq::amqp::{Message, Partitions, Route};
 use prereq::{Backoff, Decision, DependentConsumer, HoldBudget, MemoryKeys};
 use tokio::task::JoinHandle;
 
@@ -255,13 +255,7 @@ async fn a_group_rebalances_on_joins_and_leaves_and_every_payment_is_handled_onc
     // along the way.
     let publishing = Arc::new(AtomicBool::new(true));
     let producer: JoinHandle<u64> = {
-        let broker = Broker::connect(
-            BrokerOptions::new(support::addr())
-                .delay_mode(DelayMode::DelayQueues)
-                .connection_name(format!("{p}producer")),
-        )
-        .await
-        .expect("producer connection");
+        let broker = support::connect(format!("{p}producer")).await;
         broker.declare(&route).await.expect("declare");
         let publisher = broker.publisher().await.expect("publisher");
         let (partitions, keys, known, publishing) = (

@@ -20,7 +20,6 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use prereq::amqp::payment_demo::{self, PaymentNames};
-use prereq::amqp::{Broker, BrokerOptions, DelayMode};
 use prereq::{Backoff, Decision, HoldBudget};
 use support::payments::{Running, publish_payment, register};
 
@@ -47,16 +46,11 @@ async fn a_large_hold_stays_behind_on_its_channel_and_everything_runs_once_in_ke
     let route = payment_demo::route(&names);
     let cleanup = support::Cleanup::new();
     cleanup.route(&route);
-    let transport = Broker::connect(
-        BrokerOptions::new(support::addr())
-            .delay_mode(DelayMode::DelayQueues)
-            .connection_name(&conn_name),
-    )
-    .await
-    .expect("connect")
-    .transport(route)
-    .await
-    .expect("transport");
+    let transport = support::connect(&conn_name)
+        .await
+        .transport(route)
+        .await
+        .expect("transport");
     let health = transport.health();
     // The default budget (10 000 messages), with time enough that nothing expires here.
     let budget = HoldBudget::DEFAULT.max_time(Duration::from_secs(300));

@@ -8,7 +8,7 @@ mod support;
 
 use std::time::Duration;
 
-use prereq::amqp::{Broker, BrokerOptions, DelayMode, Membership};
+use prereq::amqp::Membership;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_members_under_one_name_are_warned_about() {
@@ -29,13 +29,7 @@ async fn two_members_under_one_name_are_warned_about() {
     let beats = [Duration::from_millis(100), Duration::from_millis(100)];
     let mut twins = Vec::new();
     for (i, beat) in beats.into_iter().enumerate() {
-        let broker = Broker::connect(
-            BrokerOptions::new(support::addr())
-                .delay_mode(DelayMode::DelayQueues)
-                .connection_name(format!("{p}{i}")),
-        )
-        .await
-        .expect("connect");
+        let broker = support::connect(format!("{p}{i}")).await;
         let membership = Membership::join(&broker, &exchange, name.clone(), beat)
             .await
             .expect("join");

@@ -21,7 +21,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use group::{Instance, Payment};
-use prereq::amqp::{Broker, BrokerOptions, DelayMode, Message, Publisher, Queue, Route};
+use prereq::amqp::{Message, Publisher, Queue, Route};
 use prereq::{Backoff, Decision, DependentConsumer, HoldBudget, MemoryKeys};
 
 /// The client whose payments are held, then released.
@@ -119,13 +119,7 @@ async fn a_ends_while_payments_keep_coming(end: End) {
     let seen: Arc<Mutex<Seen>> = Arc::default();
     let a = start(&format!("{p}instance-a"), &route, &keys, &seen).await;
 
-    let producer = Broker::connect(
-        BrokerOptions::new(support::addr())
-            .delay_mode(DelayMode::DelayQueues)
-            .connection_name(format!("{p}producer")),
-    )
-    .await
-    .expect("producer connection");
+    let producer = support::connect(format!("{p}producer")).await;
     let publisher = Arc::new(producer.publisher().await.expect("publisher"));
     let name = queue.name().to_owned();
     let sent = Arc::new(AtomicU64::new(0));
@@ -156,13 +150,7 @@ async fn a_ends_while_payments_keep_coming(end: End) {
         }
     });
     // Let some payments reach A before it stops.
-    let before = sent.load(Ordering::SeqCst);
-    support::eventually(
-        "payments published beside A",
-        Duration::from_secs(10),
-        || sent.load(Ordering::SeqCst) >= before + 20,
-    )
-    .await;
+    twenty_more(&sent, "payments published beside A").await;
     // Kept open until the end: the held payments must not wait for the connection's close.
     let a_connection = match end {
         End::Stop => {
@@ -171,13 +159,7 @@ async fn a_ends_while_payments_keep_coming(end: End) {
         }
         End::Drop => Some(a.abandon().await),
     };
-    let after = sent.load(Ordering::SeqCst);
-    support::eventually(
-        "payments published after A stopped",
-        Duration::from_secs(10),
-        || sent.load(Ordering::SeqCst) >= after + 20,
-    )
-    .await;
+    twenty_more(&sent, "payments published after A stopped").await;
     publishing.store(false, Ordering::SeqCst);
     more.await.expect("publisher task");
     let total = sent.load(Ordering::SeqCst);
@@ -204,4 +186,13 @@ async fn a_ends_while_payments_keep_coming(end: End) {
         seen.handled.iter().all(|(_, i)| i.ends_with("instance-b")),
         "the client became known after A stopped: B ran every payment"
     );
+}
+
+/// Until 20 more payments than now were published (`sent` counts them).
+async fn twenty_more(sent: &AtomicU64, what: &str) {
+    let from = sent.load(Ordering::SeqCst);
+    support::eventually(what, Duration::from_secs(10), || {
+        sent.load(Ordering::SeqCst) >= from + 20
+    })
+    .await;
 }

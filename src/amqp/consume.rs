@@ -70,9 +70,9 @@ pub(crate) type Deliveries = mpsc::Sender<Result<Delivery, AmqpError>>;
 /// cannot be restored within the reconnect timeout.
 pub(crate) async fn consume(shared: Arc<Shared>, c: Consumption, tx: Deliveries) {
     let name = c.queue.name.clone();
-    // One consumer active at a time (a partition, or a queue declared so): it gives back by its
-    // channel's close, and is closed rather than cancelled at a stop.
-    let one_active = c.queue.single_active || c.partition.is_some();
+    // One consumer active at a time (a queue declared so; every partition's is): it gives back
+    // by its channel's close, and is closed rather than cancelled at a stop.
+    let one_active = c.queue.single_active;
     // One record per exchange and routing key, shared by the unsettled deliveries.
     let mut vias = Vias::new(
         &name,
@@ -325,7 +325,7 @@ async fn forward(
     let partition = c.partition.as_ref().map(|(i, _)| *i);
     // One consumer active at a time: it must not be cancelled while its channel holds what it
     // was given (see `gone`).
-    let one_active = c.queue.single_active || partition.is_some();
+    let one_active = c.queue.single_active;
     // Hand-overs since the group's assignment last changed: the broker made this consumer
     // active again after each (see `bounce_pause`).
     let mut bounces = 0u32;

@@ -318,16 +318,12 @@ impl Shared {
         let consumers: Vec<(String, (Channel, ShortString))> =
             lock(&self.consumers).drain().collect();
         for (queue, (channel, tag)) in consumers {
+            // Every partition's queue is declared single-active too (`Partitions::queue`).
             let one_active = self
                 .route
-                .partitions
-                .as_ref()
-                .is_some_and(|p| p.index_of(&queue).is_some())
-                || self
-                    .route
-                    .consume
-                    .iter()
-                    .any(|q| q.name == queue && q.single_active);
+                .consume
+                .iter()
+                .any(|q| q.name == queue && q.single_active);
             if one_active || !channel.status().connected() {
                 continue;
             }

@@ -145,15 +145,10 @@ impl AmqpTransport {
     /// consumer active at once, which took later messages of a key before the earlier ones
     /// this channel held came back with its close (about one run in 50 of
     /// `tests/amqp_group_balance.rs`). So: no consumer is subscribed again from here on, the
-    /// channels close, then the consumers' tasks stop.
+    /// group is left (if a run's stop has not left it already), the channels close, then the
+    /// consumers' tasks stop.
     pub async fn close(&self) -> Result<(), AmqpError> {
-        self.shared.stopping();
-        let closed = close_channels(&self.shared).await;
-        for task in self.take_tasks() {
-            task.abort();
-        }
-        self.take_group();
-        closed
+        end(&self.shared, self.take_tasks(), self.take_group()).await
     }
 
     /// The consumers' tasks, taken (none after a close).
@@ -173,6 +168,25 @@ impl AmqpTransport {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .take()
     }
+}
+
+/// End a transport: stopping from here on (no consumer subscribes again), leave the group if
+/// still in it, close the channels, then stop the consumers' tasks (see
+/// [`AmqpTransport::close`]). The first channel that failed to close is the error.
+async fn end(
+    shared: &Shared,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    group: Option<Group>,
+) -> Result<(), AmqpError> {
+    shared.stopping();
+    if let Some(group) = group {
+        group.leave().await;
+    }
+    let closed = close_channels(shared).await;
+    for task in tasks {
+        task.abort();
+    }
+    closed
 }
 
 /// Close the transport's channels, each bounded (10 s), keeping the first error: the broker
@@ -222,15 +236,9 @@ impl Drop for AmqpTransport {
         };
         let shared = Arc::clone(&self.shared);
         runtime.spawn(async move {
-            if let Some(group) = group {
-                group.leave().await;
-            }
-            if let Err(e) = close_channels(&shared).await {
+            if let Err(e) = end(&shared, tasks, group).await {
                 tracing::debug!(target: "prereq", error = %e,
                     "a channel did not close after the consumer's run was dropped");
-            }
-            for task in tasks {
-                task.abort();
             }
         });
     }

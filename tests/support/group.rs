@@ -10,7 +10,7 @@ use futures::StreamExt as _;
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicCancelOptions, BasicConsumeOptions};
 use lapin::types::FieldTable;
-use prereq::amqp::{Broker, BrokerOptions, DelayMode, Membership, Partitions, Route};
+use prereq::amqp::{Broker, BrokerOptions, Membership, Partitions, Route};
 use prereq::{DependentConsumer, Key};
 use tokio::task::JoinHandle;
 
@@ -44,13 +44,7 @@ impl Instance {
         route: &Route,
         consumer: DependentConsumer<K, M>,
     ) -> Self {
-        let broker = Broker::connect(
-            BrokerOptions::new(crate::support::addr())
-                .delay_mode(DelayMode::DelayQueues)
-                .connection_name(name),
-        )
-        .await
-        .expect("connect");
+        let broker = crate::support::connect(name).await;
         let transport = broker.transport(route.clone()).await.expect("transport");
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let who = name.to_owned();

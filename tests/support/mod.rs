@@ -21,6 +21,21 @@ pub fn addr() -> AmqpAddr {
     AmqpAddr::from_env()
 }
 
+/// Connect prereq to the broker under test as `name` (its connection's name), with delay queues
+/// forced: the tests run on brokers with and without the delayed-message plugin. Panics if the
+/// broker refuses (call [`broker`] first, which skips or fails with the reason).
+#[allow(dead_code, reason = "not every test binary connects so")]
+pub async fn connect(name: impl Into<String>) -> prereq::amqp::Broker {
+    let name = name.into();
+    prereq::amqp::Broker::connect(
+        prereq::amqp::BrokerOptions::new(addr())
+            .delay_mode(prereq::amqp::DelayMode::DelayQueues)
+            .connection_name(name.as_str()),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("connect as {name}: {e}"))
+}
+
 /// Connect to the broker, or explain why the test is skipped. Under
 /// `PREREQ_REQUIRE_BROKER=1` an unreachable broker fails the test instead.
 pub async fn broker() -> Option<Connection> {
