@@ -48,6 +48,7 @@ use crate::context::Context;
 use crate::dead_letter::{DeadLetter, DeadLetterKind};
 use crate::error::{BoxError, HandlerError, RunError};
 use crate::event::{Decision, DeferCause, Event};
+use crate::hashed::{ByHash, Hashed};
 use crate::hold::Hold;
 use crate::keys::{Key, KeyError, SharedSource, Wake};
 use crate::pending::{Meta, Pending};
@@ -155,7 +156,7 @@ type Left<M> = VecDeque<Pending<M>>;
 /// A running handler job, as the engine knows it.
 struct Running<K> {
     /// The key it handles.
-    key: K,
+    key: Hashed<K>,
     /// The partition its messages came from.
     partition: Option<u32>,
     /// Its key's lane is still taken: the job runs handlers, or ended early (the lane is freed
@@ -180,7 +181,7 @@ enum Work<K> {
     Unrecorded { event: Event<K>, settle: Settle },
     /// The source answered about `key`.
     Looked {
-        key: K,
+        key: Hashed<K>,
         answer: Result<bool, KeyError<BoxError>>,
     },
 }
@@ -190,17 +191,20 @@ struct Engine<K, M, T> {
     cfg: Arc<Config<K, M>>,
     /// The broker.
     transport: Arc<T>,
+    /// Hashes keys for the cache, the hold, the lookups and the lanes, once for each message
+    /// (SipHash with random keys, as a `HashMap`'s own).
+    hasher: std::hash::RandomState,
     /// Keys known to be known: answered without asking the source.
     cache: KeyCache<K>,
     /// Messages whose key is unknown, or that wait behind a deferred message of their key.
-    hold: Hold<K, Pending<M>>,
+    hold: Hold<Hashed<K>, Pending<M>, ByHash>,
     /// Messages waiting for the source's answer about their key, in arrival order; a key is
     /// listed exactly while a lookup of it is in flight.
-    lookups: HashMap<K, Vec<Waiting<M>>>,
+    lookups: HashMap<Hashed<K>, Vec<Waiting<M>>, ByHash>,
     /// How many messages `lookups` holds.
     looking: usize,
     /// Messages whose key is known, waiting for a handler or running.
-    lanes: Lanes<K, Pending<M>>,
+    lanes: Lanes<Hashed<K>, Pending<M>, ByHash>,
     /// Deferred messages expected back, per key: later messages of the key wait behind them.
     away: Away<K>,
     /// Running handler jobs, and for each its key and partition, and whether it still holds
@@ -248,11 +252,12 @@ impl<K: Key, M: Send + 'static, T: Transport> Engine<K, M, T> {
         // hold to a lane, so it never blocks the registrations that would wake other keys.
         let backlog = cfg.concurrency.saturating_mul(4).max(16);
         Self {
+            hasher: std::hash::RandomState::new(),
             cache: KeyCache::new(cfg.cache_capacity),
-            hold: Hold::new(budget),
-            lookups: HashMap::new(),
+            hold: Hold::with_budget(budget),
+            lookups: HashMap::default(),
             looking: 0,
-            lanes: Lanes::new(),
+            lanes: Lanes::default(),
             away: Away::new(),
             handlers: Handlers::new(),
             in_jobs: 0,
@@ -386,7 +391,7 @@ impl<K: Key, M: Send + 'static, T: Transport> Engine<K, M, T> {
     /// Give every message in memory back to the transport, in the order it was received.
     fn give_back(&mut self) {
         self.stopping.cancel();
-        let mut all: Vec<(K, Pending<M>)> = self.hold.drain();
+        let mut all: Vec<(Hashed<K>, Pending<M>)> = self.hold.drain();
         all.extend(self.lanes.drain());
         for (key, waiting) in self.lookups.drain() {
             all.extend(waiting.into_iter().map(|w| (key.clone(), w.p)));
@@ -394,7 +399,7 @@ impl<K: Key, M: Send + 'static, T: Transport> Engine<K, M, T> {
         self.looking = 0;
         all.sort_unstable_by_key(|(_, p)| p.meta.id);
         for (key, p) in all {
-            let event = self.event_of(&p.meta, Some(key), Decision::Requeued);
+            let event = self.event_of(&p.meta, Some(key.into_key()), Decision::Requeued);
             self.settle(event, Settle::Requeue);
         }
     }
@@ -508,6 +513,7 @@ impl<K: Key, M: Send + 'static, T: Transport> Engine<K, M, T> {
             self.next_pos += 1;
             self.next_pos
         });
+        let key = self.hashed(key);
         self.route(key.clone(), p);
         if back.is_some() {
             self.release_ready(&key);
@@ -517,14 +523,14 @@ impl<K: Key, M: Send + 'static, T: Transport> Engine<K, M, T> {
     /// The source says `key` became known (by any path), or that notifications were lost.
     fn on_wake(&mut self, wake: Wake<K>) {
         match wake {
-            Wake::Known(key) => self.known(key),
+            Wake::Known(key) => self.known(self.hashed(key)),
             Wake::Resync => self.recheck_held(),
         }
     }
 
     /// Ask the source again about every held key (none is in flight).
     fn recheck_held(&mut self) {
-        let keys: Vec<K> = self
+        let keys: Vec<Hashed<K>> = self
             .hold
             .keys()
             .filter(|k| !self.lookups.contains_key(*k))
@@ -543,7 +549,7 @@ impl<K: Key, M: Send + 'static, T: Transport> Engine<K, M, T> {
             Work::Recorded { key, registered } => {
                 self.emit(registered.clone());
                 self.settle_quietly(registered, Settle::Ack);
-                self.known(key);
+                self.known(self.hashed(key));
             }
             Work::Unrecorded { event, settle } => self.settle(event, settle),
             Work::Looked { key, answer } => self.on_answer(key, answer),
@@ -591,6 +597,7 @@ impl<K: Key, M: Send + 'static, T: Transport> Engine<K, M, T> {
                 if self.away.first(&key) == Some(meta.pos) {
                     // The key is blocked by this message now: what waited in its lane waits
                     // behind it.
+                    let key = self.hashed(key);
                     for (_, p) in self.lanes.take(&key) {
                         self.hold_or_defer(key.clone(), p, DeferCause::BehindDeferred);
                     }
@@ -612,7 +619,7 @@ impl<K: Key, M: Send + 'static, T: Transport> Engine<K, M, T> {
         for p in left {
             let key = running.key.clone();
             if p.meta.partition.is_some_and(|q| self.revoking.contains(&q)) {
-                let event = self.event_of(&p.meta, Some(key), Decision::Requeued);
+                let event = self.event_of(&p.meta, Some(key.into_key()), Decision::Requeued);
                 self.settle(event, Settle::Requeue);
             } else if self.transport.is_stale(p.meta.id) {
                 // Its channel failed since (a reconnect): the broker delivers it again, and
@@ -620,8 +627,8 @@ impl<K: Key, M: Send + 'static, T: Transport> Engine<K, M, T> {
                 let failed = Decision::SettleFailed {
                     error: STALE.to_owned(),
                 };
-                self.emit(event_of(&p.meta, Some(key.clone()), failed));
-                let event = event_of(&p.meta, Some(key), Decision::Requeued);
+                self.emit(event_of(&p.meta, Some(key.key().clone()), failed));
+                let event = event_of(&p.meta, Some(key.into_key()), Decision::Requeued);
                 self.settle_quietly(event, Settle::Requeue);
             } else {
                 self.enqueue_known(key, p);
@@ -638,9 +645,9 @@ impl<K: Key, M: Send + 'static, T: Transport> Engine<K, M, T> {
     fn on_revoked(&mut self, partition: u32) {
         self.revoking.insert(partition);
         let of = |p: &Pending<M>| p.meta.partition == Some(partition);
-        let mut back: Vec<(K, Pending<M>)> = self.hold.take_where(of);
+        let mut back: Vec<(Hashed<K>, Pending<M>)> = self.hold.take_where(of);
         back.extend(self.lanes.take_where(of));
-        let keys: Vec<K> = self.lookups.keys().cloned().collect();
+        let keys: Vec<Hashed<K>> = self.lookups.keys().cloned().collect();
         for key in keys {
             if let Some(waiting) = self.lookups.get_mut(&key) {
                 let (gone, kept): (Vec<_>, Vec<_>) = waiting.drain(..).partition(|w| of(&w.p));
@@ -653,7 +660,7 @@ impl<K: Key, M: Send + 'static, T: Transport> Engine<K, M, T> {
         tracing::info!(target: "prereq", partition, given_back = back.len(),
             "giving a partition up");
         for (key, p) in back {
-            let event = self.event_of(&p.meta, Some(key), Decision::Requeued);
+            let event = self.event_of(&p.meta, Some(key.into_key()), Decision::Requeued);
             self.settle(event, Settle::Requeue);
         }
         self.release_partition_if_idle(Some(partition));
@@ -673,7 +680,7 @@ impl<K: Key, M: Send + 'static, T: Transport> Engine<K, M, T> {
     }
 
     /// The source answered about `key`.
-    fn on_answer(&mut self, key: K, answer: Result<bool, KeyError<BoxError>>) {
+    fn on_answer(&mut self, key: Hashed<K>, answer: Result<bool, KeyError<BoxError>>) {
         match answer {
             Ok(true) => {
                 self.source_answers();
@@ -683,7 +690,8 @@ impl<K: Key, M: Send + 'static, T: Transport> Engine<K, M, T> {
                 self.source_answers();
                 for w in self.take_waiting(&key) {
                     if w.expired {
-                        self.defer(key.clone(), &w.p.meta, DeferCause::HoldExpired, None);
+                        let k = key.key().clone();
+                        self.defer(k, &w.p.meta, DeferCause::HoldExpired, None);
                     } else {
                         self.hold_or_defer(key.clone(), w.p, DeferCause::HoldFull);
                     }
@@ -693,7 +701,8 @@ impl<K: Key, M: Send + 'static, T: Transport> Engine<K, M, T> {
                 self.source_failed(&e);
                 for w in self.take_waiting(&key) {
                     if w.expired {
-                        self.defer(key.clone(), &w.p.meta, DeferCause::SourceUnavailable, None);
+                        let k = key.key().clone();
+                        self.defer(k, &w.p.meta, DeferCause::SourceUnavailable, None);
                     } else {
                         self.hold_or_defer(key.clone(), w.p, DeferCause::SourceUnavailable);
                     }
@@ -703,10 +712,10 @@ impl<K: Key, M: Send + 'static, T: Transport> Engine<K, M, T> {
                 for w in self.take_waiting(&key) {
                     let dl = DeadLetter::new(
                         DeadLetterKind::InvalidKey,
-                        format!("the key source refused key {key:?}: {reason}"),
+                        format!("the key source refused key {:?}: {reason}", key.key()),
                         w.p.meta.attempt,
                     );
-                    self.dead_letter(key.clone(), &w.p.meta, dl);
+                    self.dead_letter(key.key().clone(), &w.p.meta, dl);
                 }
             }
         }
@@ -724,7 +733,7 @@ impl<K: Key, M: Send + 'static, T: Transport> Engine<K, M, T> {
         }
         // A deferred message that did not come back in time stops blocking its key.
         while let Some(key) = self.away.pop_expired(now) {
-            self.release_ready(&key);
+            self.release_ready(&self.hashed(key));
         }
         let mut expired = Vec::new();
         while let Some(entry) = self.hold.pop_expired(now) {
@@ -733,7 +742,7 @@ impl<K: Key, M: Send + 'static, T: Transport> Engine<K, M, T> {
         for (key, p) in expired {
             if self.cache.contains(&key) {
                 // Its key is known: it waited behind a deferred message of its key.
-                self.defer(key, &p.meta, DeferCause::BehindDeferred, None);
+                self.defer(key.into_key(), &p.meta, DeferCause::BehindDeferred, None);
             } else if let Some(waiting) = self.lookups.get_mut(&key) {
                 waiting.push(Waiting { p, expired: true });
                 self.looking += 1;
@@ -748,7 +757,7 @@ impl<K: Key, M: Send + 'static, T: Transport> Engine<K, M, T> {
     // ---- Where a message goes ---------------------------------------------------------------
 
     /// A new (or returning) message of `key`.
-    fn route(&mut self, key: K, p: Pending<M>) {
+    fn route(&mut self, key: Hashed<K>, p: Pending<M>) {
         if self.cache.contains(&key) {
             self.enqueue_known(key, p);
         } else if let Some(waiting) = self.lookups.get_mut(&key) {
@@ -764,10 +773,10 @@ impl<K: Key, M: Send + 'static, T: Transport> Engine<K, M, T> {
     }
 
     /// `key` is known: to its lane, unless an earlier message of the key is deferred.
-    fn enqueue_known(&mut self, key: K, p: Pending<M>) {
+    fn enqueue_known(&mut self, key: Hashed<K>, p: Pending<M>) {
         if self
             .away
-            .first(&key)
+            .first(key.key())
             .is_some_and(|first| first < p.meta.pos)
         {
             self.hold_or_defer(key, p, DeferCause::BehindDeferred);
@@ -776,15 +785,20 @@ impl<K: Key, M: Send + 'static, T: Transport> Engine<K, M, T> {
         }
     }
 
+    /// `key` with its hash for the cache and the lanes.
+    fn hashed(&self, key: K) -> Hashed<K> {
+        Hashed::new(&self.hasher, key)
+    }
+
     /// `key` is known: remember it, and move what waited for it to its lane.
-    fn known(&mut self, key: K) {
+    fn known(&mut self, key: Hashed<K>) {
         self.cache.insert(key.clone());
         let now = Instant::now();
         for w in self.take_waiting(&key) {
             if w.expired {
                 // It was held until the re-check found its key.
                 let waited = self.hold.waited(w.p.meta.held_at, now);
-                self.emit(released(&w.p.meta, &key, waited, now));
+                self.emit(released(&w.p.meta, key.key(), waited, now));
             }
             self.enqueue_known(key.clone(), w.p);
         }
@@ -792,30 +806,30 @@ impl<K: Key, M: Send + 'static, T: Transport> Engine<K, M, T> {
     }
 
     /// Release the held messages of a known `key` that no deferred message precedes.
-    fn release_ready(&mut self, key: &K) {
+    fn release_ready(&mut self, key: &Hashed<K>) {
         if !self.hold.holds(key) || !self.cache.contains(key) {
             return;
         }
-        let limit = self.away.first(key).unwrap_or(u64::MAX);
+        let limit = self.away.first(key.key()).unwrap_or(u64::MAX);
         let now = Instant::now();
         let taken = self.hold.take_before(key, limit);
         for (_, p) in &taken {
             let waited = self.hold.waited(p.meta.held_at, now);
-            self.emit(released(&p.meta, key, waited, now));
+            self.emit(released(&p.meta, key.key(), waited, now));
         }
         self.lanes.extend(key, taken);
     }
 
     /// Hold `p`, or defer it for `cause` if the hold has no room.
-    fn hold_or_defer(&mut self, key: K, mut p: Pending<M>, cause: DeferCause) {
+    fn hold_or_defer(&mut self, key: Hashed<K>, mut p: Pending<M>, cause: DeferCause) {
         if !self.hold.fits(p.meta.size as usize) {
-            return self.defer(key, &p.meta, cause, None);
+            return self.defer(key.into_key(), &p.meta, cause, None);
         }
         let now = Instant::now();
         if p.meta.held_at.is_none() {
             p.meta.held_at = Some(self.hold.stamp(now));
         }
-        let event = event_at(&p.meta, Some(key.clone()), Decision::Held, now);
+        let event = event_at(&p.meta, Some(key.key().clone()), Decision::Held, now);
         let pos = p.meta.pos;
         self.hold.insert(key, pos, p, now);
         self.report.peak_held = self.report.peak_held.max(self.hold.len());
@@ -841,10 +855,10 @@ impl<K: Key, M: Send + 'static, T: Transport> Engine<K, M, T> {
     }
 
     /// Ask the source about `key` for the `waiting` messages (possibly none: a re-check).
-    fn start_lookup(&mut self, key: K, waiting: Vec<Waiting<M>>) {
+    fn start_lookup(&mut self, key: Hashed<K>, waiting: Vec<Waiting<M>>) {
         self.looking += waiting.len();
         self.lookups.insert(key.clone(), waiting);
-        let mut answer = self.cfg.source.contains(key.clone());
+        let mut answer = self.cfg.source.contains(key.key().clone());
         let slots = Arc::clone(&self.lookup_slots);
         match slots.clone().try_acquire_owned() {
             Ok(permit) => {
@@ -873,7 +887,7 @@ impl<K: Key, M: Send + 'static, T: Transport> Engine<K, M, T> {
     }
 
     /// The messages that waited for the lookup of `key`, which is over.
-    fn take_waiting(&mut self, key: &K) -> Vec<Waiting<M>> {
+    fn take_waiting(&mut self, key: &Hashed<K>) -> Vec<Waiting<M>> {
         let waiting = self.lookups.remove(key).unwrap_or_default();
         self.looking -= waiting.len();
         waiting
@@ -913,7 +927,7 @@ impl<K: Key, M: Send + 'static, T: Transport> Engine<K, M, T> {
                 unreported: batch.len(),
             };
             let (cfg, transport, draining) = (&self.cfg, &self.transport, &self.draining);
-            self.handlers.start(running, key, batch, |jobs| {
+            self.handlers.start(running, key.into_key(), batch, |jobs| {
                 worker(
                     Arc::clone(cfg),
                     Arc::clone(transport),
@@ -963,7 +977,7 @@ impl<K: Key, M: Send + 'static, T: Transport> Engine<K, M, T> {
         let failed = matches!(event.decision, Decision::SettleFailed { .. });
         self.emit(event);
         if failed && self.away.remove(&key, pos) {
-            self.release_ready(&key);
+            self.release_ready(&self.hashed(key));
         }
     }
 

@@ -6,7 +6,7 @@
 //! stale original's place).
 
 use std::collections::{HashMap, VecDeque};
-use std::hash::Hash;
+use std::hash::{BuildHasher, Hash, RandomState};
 use std::num::NonZeroU64;
 use std::sync::Arc;
 use std::time::Duration;
@@ -108,8 +108,9 @@ struct Entry<K, V> {
 
 /// The held messages, each under its *position*: a number the caller gives, increasing in
 /// arrival order (a message that comes back from a deferral keeps its first position, so it
-/// may be inserted before messages of its key that arrived later).
-pub(crate) struct Hold<K, V> {
+/// may be inserted before messages of its key that arrived later). `S` hashes the keys (the
+/// engine's come with their hash, `crate::hashed`).
+pub(crate) struct Hold<K, V, S = RandomState> {
     /// The limits: checked by [`Hold::fits`].
     budget: HoldBudget,
     /// The entries, by position. Boxed: the table keeps up to twice as many slots as entries,
@@ -117,7 +118,7 @@ pub(crate) struct Hold<K, V> {
     /// sequence, not outside input: a fast hasher, not a DoS-resistant one.
     entries: FxHashMap<u64, Box<Entry<K, V>>>,
     /// The positions held for each key, ascending: a key's messages leave in this order.
-    by_key: HashMap<K, VecDeque<u64>>,
+    by_key: HashMap<K, VecDeque<u64>, S>,
     /// Every entry by deadline (then position), ascending; the first is the next to expire.
     /// Deadlines are nanoseconds since `epoch` (half the size of an `Instant`). Every hold lasts
     /// the same `max_time`, so a new deadline goes last: a queue, not a tree. An entry removed
@@ -132,12 +133,20 @@ pub(crate) struct Hold<K, V> {
     bytes: usize,
 }
 
+#[cfg(test)]
 impl<K: Eq + Hash + Clone, V: Held> Hold<K, V> {
-    pub(crate) fn new(budget: HoldBudget) -> Self {
+    fn new(budget: HoldBudget) -> Self {
+        Self::with_budget(budget)
+    }
+}
+
+impl<K: Eq + Hash + Clone, V: Held, S: BuildHasher + Default> Hold<K, V, S> {
+    /// An empty hold with these limits.
+    pub(crate) fn with_budget(budget: HoldBudget) -> Self {
         Self {
             budget,
             entries: FxHashMap::default(),
-            by_key: HashMap::new(),
+            by_key: HashMap::default(),
             by_deadline: VecDeque::new(),
             epoch: Instant::now(),
             by_id: HashMap::new(),

@@ -31,6 +31,7 @@ mod engine;
 mod error;
 mod event;
 mod handler;
+mod hashed;
 mod hold;
 mod keys;
 pub mod memory;

@@ -474,6 +474,72 @@ impl Drop for MemoryTransport {
     }
 }
 
+impl MemoryTransport {
+    /// The next delivery for this transport if there is one now, or when to look again.
+    fn take(&self) -> Taken {
+        let mut s = self.broker.lock();
+        if s.closed {
+            return Taken::Ready(Ok(None));
+        }
+        if !s.delayed.is_empty() {
+            // The clock only when something waits for it (a read of it is not free where the
+            // clock can be paused).
+            s.promote_due(Instant::now());
+        }
+        let room = self
+            .broker
+            .prefetch
+            .is_none_or(|p| s.unacked_of(self.id) < p);
+        if room && let Some(m) = s.next_for(self.id) {
+            s.next_id += 1;
+            let tag = s.next_id;
+            s.stats.delivered += 1;
+            let d = Delivery {
+                id: DeliveryId(tag),
+                source: m.source,
+                body: m.body.clone(),
+                attempt: m.attempt,
+                max_attempts: m.max_attempts,
+                message_id: m.message_id.clone(),
+                redelivered: m.redelivered,
+                partition: m.partition,
+            };
+            s.deliver(tag, self.id, m);
+            return Taken::Ready(Ok(Some(d)));
+        }
+        Taken::Wait(s.delayed.keys().next().map(|(due, _)| *due))
+    }
+
+    /// `recv` when nothing was ready: wait for a change or the next delayed copy's due time,
+    /// then look again.
+    async fn wait(&self) -> Result<Option<Delivery>, MemoryError> {
+        loop {
+            // Only `notify_waiters` is used, which wakes every `Notified` made before it, polled
+            // or not: no need to register (`enable`, a lock) before looking.
+            let changed = self.broker.shared.changed.notified();
+            tokio::pin!(changed);
+            match self.take() {
+                Taken::Ready(got) => return got,
+                Taken::Wait(Some(due)) => {
+                    tokio::select! {
+                        _ = changed => {}
+                        _ = tokio::time::sleep_until(due) => {}
+                    }
+                }
+                Taken::Wait(None) => changed.await,
+            }
+        }
+    }
+}
+
+/// What `MemoryTransport::take` found.
+enum Taken {
+    /// What `recv` returns.
+    Ready(Result<Option<Delivery>, MemoryError>),
+    /// Nothing for now: look again on a change, or at this delayed copy's due time.
+    Wait(Option<Instant>),
+}
+
 impl Transport for MemoryTransport {
     type Error = MemoryError;
 
@@ -508,57 +574,14 @@ impl Transport for MemoryTransport {
     }
 
     /// Cancel-safe: a delivery is taken from the queue only when it is returned.
+    ///
+    /// A delivery that is ready is taken without waiting state: the future of a `recv` that
+    /// finds one at once holds no `Notified` and no timer (the engine moves it on each
+    /// delivery); only one that has to wait does (`wait`).
     async fn recv(&self) -> Result<Option<Delivery>, MemoryError> {
-        loop {
-            // Only `notify_waiters` is used, which wakes every `Notified` made before it, polled
-            // or not: no need to register (`enable`, a lock) before looking.
-            let changed = self.broker.shared.changed.notified();
-            tokio::pin!(changed);
-            let next_due = {
-                let mut s = self.broker.lock();
-                if s.closed {
-                    return Ok(None);
-                }
-                if !s.delayed.is_empty() {
-                    // The clock only when something waits for it (a read of it is not free
-                    // where the clock can be paused).
-                    s.promote_due(Instant::now());
-                }
-                let room = self
-                    .broker
-                    .prefetch
-                    .is_none_or(|p| s.unacked_of(self.id) < p);
-                if room {
-                    let next = s.next_for(self.id);
-                    if let Some(m) = next {
-                        s.next_id += 1;
-                        let tag = s.next_id;
-                        s.stats.delivered += 1;
-                        let d = Delivery {
-                            id: DeliveryId(tag),
-                            source: m.source,
-                            body: m.body.clone(),
-                            attempt: m.attempt,
-                            max_attempts: m.max_attempts,
-                            message_id: m.message_id.clone(),
-                            redelivered: m.redelivered,
-                            partition: m.partition,
-                        };
-                        s.deliver(tag, self.id, m);
-                        return Ok(Some(d));
-                    }
-                }
-                s.delayed.keys().next().map(|(due, _)| *due)
-            };
-            match next_due {
-                Some(due) => {
-                    tokio::select! {
-                        _ = changed => {}
-                        _ = tokio::time::sleep_until(due) => {}
-                    }
-                }
-                None => changed.await,
-            }
+        match self.take() {
+            Taken::Ready(got) => got,
+            Taken::Wait(_) => Box::pin(self.wait()).await,
         }
     }
 

@@ -5,7 +5,7 @@
 //! and *runnable* (listed once in `runnable`) while it has messages and nothing runs.
 
 use std::collections::{HashMap, VecDeque};
-use std::hash::Hash;
+use std::hash::{BuildHasher, Hash, RandomState};
 
 struct Lane<V> {
     /// Waiting messages by position, ascending.
@@ -16,10 +16,11 @@ struct Lane<V> {
     runnable: bool,
 }
 
-/// Per-key queues of messages whose key is known.
-pub(crate) struct Lanes<K, V> {
+/// Per-key queues of messages whose key is known; `S` hashes the keys (the engine's keys come
+/// with their hash, `crate::hashed`).
+pub(crate) struct Lanes<K, V, S = RandomState> {
     /// The queue of every key with waiting or running messages.
-    lanes: HashMap<K, Lane<V>>,
+    lanes: HashMap<K, Lane<V>, S>,
     /// Keys whose next message may start, in the order they became startable.
     runnable: VecDeque<K>,
     /// Messages waiting in all queues (not running).
@@ -32,16 +33,25 @@ pub(crate) struct Lanes<K, V> {
 /// Emptied lane queues kept for reuse.
 const SPARE_MAX: usize = 64;
 
+#[cfg(test)]
 impl<K: Eq + Hash + Clone, V> Lanes<K, V> {
-    pub(crate) fn new() -> Self {
+    fn new() -> Self {
+        Self::default()
+    }
+}
+
+impl<K, V, S: Default> Default for Lanes<K, V, S> {
+    fn default() -> Self {
         Self {
-            lanes: HashMap::new(),
+            lanes: HashMap::default(),
             runnable: VecDeque::new(),
             queued: 0,
             spare: Vec::new(),
         }
     }
+}
 
+impl<K: Eq + Hash + Clone, V, S: BuildHasher> Lanes<K, V, S> {
     /// Free `key`'s lane, keeping its (empty) queue for a new one.
     fn free(&mut self, key: &K) {
         if let Some(lane) = self.lanes.remove(key)
