@@ -33,18 +33,24 @@ use crate::transport::{Delivery, DeliveryId, Demand, Settle, Source, Transport};
 /// Consumption starts when the consumer runs ([`Transport::start`]).
 pub struct AmqpTransport {
     shared: Arc<Shared>,
-    /// Deliveries from every consumer (and their errors).
-    rx: Mutex<mpsc::Receiver<Result<Delivery, AmqpError>>>,
+    /// What `recv` waits on, behind one lock.
+    inputs: Mutex<Inputs>,
     /// The sending side, until consumption starts.
     tx: std::sync::Mutex<Option<mpsc::Sender<Result<Delivery, AmqpError>>>>,
-    /// The connection lost for good.
-    lost: Mutex<watch::Receiver<Option<AmqpError>>>,
     /// The consumers' tasks, stopped when the transport goes.
     tasks: std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>,
     /// Partitions to give back, for a partitioned route ([`Transport::revoked`]).
     revocations: Mutex<mpsc::UnboundedReceiver<u32>>,
     /// This instance's group membership, for a partitioned route.
     group: std::sync::Mutex<Option<Group>>,
+}
+
+/// What [`AmqpTransport::recv`](Transport::recv) waits on.
+struct Inputs {
+    /// Deliveries from every consumer (and their errors).
+    rx: mpsc::Receiver<Result<Delivery, AmqpError>>,
+    /// The connection lost for good.
+    lost: watch::Receiver<Option<AmqpError>>,
 }
 
 impl fmt::Debug for AmqpTransport {
@@ -88,9 +94,8 @@ impl AmqpTransport {
         let (revoke, revocations) = mpsc::unbounded_channel();
         Ok(Self {
             shared: Arc::new(Shared::new(broker, route, publisher, revoke)),
-            rx: Mutex::new(rx),
+            inputs: Mutex::new(Inputs { rx, lost }),
             tx: std::sync::Mutex::new(Some(tx)),
-            lost: Mutex::new(lost),
             tasks: std::sync::Mutex::new(Vec::new()),
             revocations: Mutex::new(revocations),
             group: std::sync::Mutex::new(None),
@@ -348,18 +353,29 @@ impl Transport for AmqpTransport {
     }
 
     async fn recv(&self) -> Result<Option<Delivery>, AmqpError> {
-        let mut rx = self.rx.lock().await;
-        let mut lost = self.lost.lock().await;
-        tokio::select! {
-            got = rx.recv() => match got {
-                Some(Ok(d)) => Ok(Some(d)),
-                Some(Err(e)) => Err(e),
-                None => Ok(None),
-            },
-            changed = lost.wait_for(Option::is_some) => match changed {
-                Ok(e) => Err(e.clone().unwrap_or(AmqpError::Stale)),
-                Err(_) => Ok(None),
-            },
+        let mut inputs = self.inputs.lock().await;
+        let Inputs { rx, lost } = &mut *inputs;
+        // A connection lost for good comes first: what is still buffered came on it, and could
+        // not be settled. Looked at once here, so that a delivery that is ready is taken
+        // without registering for news of the loss (and dropping the registration again).
+        if let Some(e) = lost.borrow().clone() {
+            return Err(e);
+        }
+        let got = tokio::select! {
+            biased;
+            got = rx.recv() => got,
+            changed = lost.wait_for(Option::is_some) => {
+                return match changed {
+                    Ok(e) => Err(e.clone().unwrap_or(AmqpError::Stale)),
+                    Err(_) => Ok(None),
+                };
+            }
+        };
+        match got {
+            Some(Ok(d)) => Ok(Some(d)),
+            Some(Err(e)) => Err(e),
+            // The consumers ended: because the connection was lost, if it was.
+            None => lost.borrow().clone().map_or(Ok(None), Err),
         }
     }
 
