@@ -53,6 +53,36 @@ struct Inputs {
     lost: watch::Receiver<Option<AmqpError>>,
 }
 
+impl Inputs {
+    /// The next delivery, the consumers' error, `None` once they ended (the transport closed),
+    /// or the connection's loss for good, which comes first: what is still buffered came on it,
+    /// and could not be settled.
+    async fn next(&mut self) -> Result<Option<Delivery>, AmqpError> {
+        let Self { rx, lost } = self;
+        // Looked at once here, so that a delivery that is ready is taken without registering
+        // for news of the loss (and dropping the registration again).
+        if let Some(e) = lost.borrow().clone() {
+            return Err(e);
+        }
+        let got = tokio::select! {
+            biased;
+            got = rx.recv() => got,
+            changed = lost.wait_for(Option::is_some) => {
+                return match changed {
+                    Ok(e) => Err(e.clone().unwrap_or(AmqpError::Stale)),
+                    Err(_) => Ok(None),
+                };
+            }
+        };
+        match got {
+            Some(Ok(d)) => Ok(Some(d)),
+            Some(Err(e)) => Err(e),
+            // The consumers ended: because the connection was lost, if it was.
+            None => lost.borrow().clone().map_or(Ok(None), Err),
+        }
+    }
+}
+
 impl fmt::Debug for AmqpTransport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let route = &self.shared.route;
@@ -353,30 +383,7 @@ impl Transport for AmqpTransport {
     }
 
     async fn recv(&self) -> Result<Option<Delivery>, AmqpError> {
-        let mut inputs = self.inputs.lock().await;
-        let Inputs { rx, lost } = &mut *inputs;
-        // A connection lost for good comes first: what is still buffered came on it, and could
-        // not be settled. Looked at once here, so that a delivery that is ready is taken
-        // without registering for news of the loss (and dropping the registration again).
-        if let Some(e) = lost.borrow().clone() {
-            return Err(e);
-        }
-        let got = tokio::select! {
-            biased;
-            got = rx.recv() => got,
-            changed = lost.wait_for(Option::is_some) => {
-                return match changed {
-                    Ok(e) => Err(e.clone().unwrap_or(AmqpError::Stale)),
-                    Err(_) => Ok(None),
-                };
-            }
-        };
-        match got {
-            Some(Ok(d)) => Ok(Some(d)),
-            Some(Err(e)) => Err(e),
-            // The consumers ended: because the connection was lost, if it was.
-            None => lost.borrow().clone().map_or(Ok(None), Err),
-        }
+        self.inputs.lock().await.next().await
     }
 
     async fn settle(&self, id: DeliveryId, settle: Settle) -> Result<(), AmqpError> {
@@ -397,5 +404,91 @@ impl Transport for AmqpTransport {
 
     fn released(&self, partition: u32) {
         self.shared.release(partition);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    type Sent = mpsc::Sender<Result<Delivery, AmqpError>>;
+
+    /// Inputs, and the consumers' and the connection's ends of them.
+    fn inputs() -> (Inputs, Sent, watch::Sender<Option<AmqpError>>) {
+        let (tx, rx) = mpsc::channel(8);
+        let (lose, lost) = watch::channel(None);
+        (Inputs { rx, lost }, tx, lose)
+    }
+
+    fn delivery(tag: u64) -> Delivery {
+        Delivery::message(DeliveryId(tag), b"{}".to_vec())
+    }
+
+    fn lost() -> AmqpError {
+        AmqpError::Broker {
+            operation: "test".to_owned(),
+            message: "connection lost for good".to_owned(),
+        }
+    }
+
+    fn is_lost(got: &Result<Option<Delivery>, AmqpError>) -> bool {
+        matches!(got, Err(AmqpError::Broker { message, .. }) if message.contains("for good"))
+    }
+
+    #[tokio::test]
+    async fn deliveries_come_in_order_then_the_end() {
+        let (mut i, tx, _lose) = inputs();
+        for tag in 1..=3 {
+            tx.send(Ok(delivery(tag))).await.expect("room");
+        }
+        drop(tx);
+        for tag in 1..=3 {
+            let got = i.next().await.expect("a delivery").expect("not the end");
+            assert_eq!(got.id, DeliveryId(tag));
+        }
+        assert!(matches!(i.next().await, Ok(None)), "the consumers ended");
+    }
+
+    #[tokio::test]
+    async fn a_loss_comes_before_what_is_still_buffered() {
+        let (mut i, tx, lose) = inputs();
+        tx.send(Ok(delivery(1))).await.expect("room");
+        lose.send_replace(Some(lost()));
+        assert!(is_lost(&i.next().await));
+        assert!(is_lost(&i.next().await), "and stays");
+    }
+
+    #[tokio::test]
+    async fn consumers_that_ended_with_the_loss_report_the_loss() {
+        let (mut i, tx, lose) = inputs();
+        drop(tx);
+        lose.send_replace(Some(lost()));
+        assert!(is_lost(&i.next().await), "not a clean end");
+    }
+
+    /// One thread: the spawned wait runs, and waits, before the loss is sent.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_loss_while_waiting_ends_the_wait() {
+        let (mut i, _tx, lose) = inputs();
+        let waiting = tokio::spawn(async move { i.next().await });
+        tokio::task::yield_now().await;
+        assert!(!waiting.is_finished(), "nothing to take yet");
+        lose.send_replace(Some(lost()));
+        let got = tokio::time::timeout(std::time::Duration::from_secs(10), waiting)
+            .await
+            .expect("the wait ends")
+            .expect("the task ran");
+        assert!(is_lost(&got));
+    }
+
+    #[tokio::test]
+    async fn the_consumers_error_is_returned_as_it_comes() {
+        let (mut i, tx, _lose) = inputs();
+        tx.send(Err(AmqpError::Config("bad".to_owned())))
+            .await
+            .expect("room");
+        tx.send(Ok(delivery(2))).await.expect("room");
+        assert!(matches!(i.next().await, Err(AmqpError::Config(_))));
+        assert!(matches!(i.next().await, Ok(Some(d)) if d.id == DeliveryId(2)));
     }
 }
