@@ -153,6 +153,12 @@ impl<K: Key, M: Send + 'static> DependentConsumer<K, M> {
     /// shutdown grace), give every held or waiting message back to the transport in the order
     /// it was received, and return what was done — also inside the error, if the transport
     /// failed.
+    ///
+    /// The consumer's loop runs in a task of its own on the current tokio runtime (so it runs
+    /// on the runtime's workers even where `run` is awaited in `block_on`); `shutdown` is polled
+    /// here, in the caller's future. Dropping the `run` future cancels the loop's task: what it
+    /// had not settled goes back to the broker as the transport is dropped. A panic in the loop
+    /// (an observer that panics) is a panic of `run`.
     pub async fn run<T, S>(self, transport: T, shutdown: S) -> Result<Report, RunError<T::Error>>
     where
         T: Transport,

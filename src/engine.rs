@@ -86,7 +86,63 @@ const STALE: &str = "the delivery predates a reconnect: the broker delivers it a
 const FALLBACK_DELAY: Duration = Duration::from_secs(1);
 
 /// Run a consumer on `transport` until `shutdown` completes, the transport closes or fails.
+///
+/// The loop runs in a task of its own on the runtime (`tokio::spawn`), not in the caller's
+/// future: a `run` awaited where no worker thread polls it (`block_on`, as in `#[tokio::main]`)
+/// would otherwise wake every handler job from outside the runtime's workers, through its
+/// shared queue, and be woken by them through a thread park; on two cores that thread also
+/// competes with both workers (docs/performance.md, round 15). `shutdown` stays in the caller's
+/// future (it need not be `'static`): once it completes, the loop is told to stop. Dropping
+/// `run` cancels the loop's task, which ends it as dropping the loop itself would.
 pub(crate) async fn run<K, M, T, S>(
+    cfg: Arc<Config<K, M>>,
+    transport: T,
+    shutdown: S,
+) -> Result<Report, RunError<T::Error>>
+where
+    K: Key,
+    M: Send + 'static,
+    T: Transport,
+    S: Future + Send,
+{
+    let stop = CancellationToken::new();
+    let task =
+        tokio::spawn(run_here(cfg, transport, stop.clone().cancelled_owned()).in_current_span());
+    let mut task = AbortOnDrop(task);
+    tokio::pin!(shutdown);
+    let joined = tokio::select! {
+        biased;
+        () = async { (&mut shutdown).await; } => {
+            stop.cancel();
+            (&mut task.0).await
+        }
+        joined = &mut task.0 => joined,
+    };
+    match joined {
+        Ok(result) => result,
+        Err(e) => match e.try_into_panic() {
+            // The loop panicked: so does `run`, as it did when the loop ran in it.
+            Ok(payload) => std::panic::resume_unwind(payload),
+            // Only a runtime shutting down cancels the task while `run` waits for it.
+            Err(e) => Err(RunError::Cancelled {
+                reason: e.to_string(),
+                report: Report::default(),
+            }),
+        },
+    }
+}
+
+/// A task aborted when its handle is dropped (a dropped `run` ends its loop).
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// The loop itself, in the task `run` spawns: until `shutdown`, the transport closes or fails.
+async fn run_here<K, M, T, S>(
     cfg: Arc<Config<K, M>>,
     transport: T,
     shutdown: S,

@@ -167,13 +167,23 @@ pub enum RunError<E: StdError + 'static> {
         /// What the consumer did before it stopped.
         report: Report,
     },
+    /// The runtime shut down under the consumer's loop while `run` waited for it (the loop
+    /// runs in a task of its own); what it held is with the broker again once the connection
+    /// closes, as after a crash.
+    #[error("the consumer's loop was cancelled: {reason}")]
+    Cancelled {
+        /// What the runtime said.
+        reason: String,
+        /// Nothing is known of what the loop did: empty.
+        report: Report,
+    },
 }
 
 impl<E: StdError + 'static> RunError<E> {
     /// What the consumer did before it stopped.
     pub fn report(&self) -> &Report {
         match self {
-            Self::Transport { report, .. } => report,
+            Self::Transport { report, .. } | Self::Cancelled { report, .. } => report,
         }
     }
 }

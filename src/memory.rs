@@ -32,6 +32,7 @@
 
 use std::collections::hash_map::Entry;
 use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use rustc_hash::FxHashMap;
@@ -137,7 +138,9 @@ struct State {
     delayed: BTreeMap<(Instant, u64), Stored>,
     /// Delivered and not settled, by delivery tag: the transport holding each, and the message.
     /// Tags and transport ids are the broker's own sequences: a fast hasher, not a
-    /// DoS-resistant one (and no order needed: what goes back is ordered in `requeued`).
+    /// DoS-resistant one (and no order needed: what goes back is ordered in `requeued`). (A
+    /// `BTreeMap`, whose consecutive tags sit together, was slower: docs/performance.md, round
+    /// 15.)
     unacked: FxHashMap<u64, (u64, Stored)>,
     /// How many of `unacked` each transport holds (the prefetch check runs on every `recv`).
     unacked_per_transport: FxHashMap<u64, usize>,
@@ -269,6 +272,10 @@ impl State {
 struct Shared {
     state: Mutex<State>,
     changed: Notify,
+    /// A partition was revoked at some time (set before the revocation, never cleared): until
+    /// then no delivery is stale, and `is_stale` answers without the lock that every `recv`
+    /// and settlement takes.
+    revoked_any: AtomicBool,
 }
 
 /// The in-memory broker. Clones share the same queues.
@@ -300,6 +307,7 @@ impl MemoryBroker {
             shared: Arc::new(Shared {
                 state: Mutex::new(State::default()),
                 changed: Notify::new(),
+                revoked_any: AtomicBool::new(false),
             }),
             prefetch: None,
             ack_timeout: None,
@@ -377,6 +385,7 @@ impl MemoryBroker {
     /// keeps it where it is.
     pub fn revoke(&self, partition: u32) {
         let mut s = self.lock();
+        self.shared.revoked_any.store(true, Ordering::Release);
         let ids: Vec<u64> = s.revocations.keys().copied().collect();
         if s.copies_out(partition) {
             s.leaving.insert(partition, ids.into_iter().collect());
@@ -560,6 +569,9 @@ impl Transport for MemoryTransport {
     }
 
     fn is_stale(&self, id: DeliveryId) -> bool {
+        if !self.broker.shared.revoked_any.load(Ordering::Acquire) {
+            return false;
+        }
         let s = self.broker.lock();
         // Nothing revoked from this transport (the usual case): nothing to look up.
         let Some(revoked) = s.revoked.get(&self.id) else {
