@@ -1222,12 +1222,21 @@ fn run_job<'a, K: Key, M: Send + 'static, T: Transport>(
     mut teller: Teller<Handled<K>, Left<M>>,
 ) -> impl Future<Output = ()> + Send + 'a {
     async move {
+        // Acknowledgements still on their way (made only when one does not complete at once).
+        let mut acks = None;
+        // The last outcome, when it came at once: told with what the job tells next (its end,
+        // most often: one look at the loop's inbox for both).
+        let mut last = None;
         // What is not run yet stays with the teller: if the job is cancelled, the loop gets it
         // back.
-        let mut acks = FuturesUnordered::new();
         while let Some(p) = teller.unfinished().and_then(VecDeque::pop_front) {
-            while !acks.is_empty()
-                && let Some(Some(done)) = acks.next().now_or_never()
+            if let Some(done) = last.take() {
+                teller.output(done);
+            }
+            while let Some(Some(done)) = acks
+                .as_mut()
+                .filter(|a: &&mut FuturesUnordered<_>| !a.is_empty())
+                .and_then(|a| a.next().now_or_never())
             {
                 teller.output(done);
             }
@@ -1245,7 +1254,16 @@ fn run_job<'a, K: Key, M: Send + 'static, T: Transport>(
                 Err(e) => Err(e),
             };
             match outcome {
-                Ok(()) => acks.push(acked(transport, key.clone(), meta)),
+                Ok(()) => {
+                    // Most acknowledgements complete at once (they are queued, not awaited):
+                    // looked at once here, without a waker; only one still on its way is kept.
+                    let mut ack = Box::pin(acked(transport, key.clone(), meta));
+                    let mut cx = TaskContext::from_waker(Waker::noop());
+                    match ack.as_mut().poll(&mut cx) {
+                        Poll::Ready(done) => last = Some(done),
+                        Poll::Pending => acks.get_or_insert_with(FuturesUnordered::new).push(ack),
+                    }
+                }
                 Err(e) => {
                     let retry = !e.is_permanent();
                     teller.output(Handled {
@@ -1259,9 +1277,13 @@ fn run_job<'a, K: Key, M: Send + 'static, T: Transport>(
                 }
             }
         }
-        while !acks.is_empty()
-            && let Some(Some(done)) = acks.next().now_or_never()
-        {
+        let Some(mut acks) = acks.filter(|a| !a.is_empty()) else {
+            return teller.ended_with(last);
+        };
+        if let Some(done) = last.take() {
+            teller.output(done);
+        }
+        while let Some(Some(done)) = acks.next().now_or_never() {
             teller.output(done);
         }
         let ran_all = teller.unfinished().is_none_or(|left| left.is_empty());

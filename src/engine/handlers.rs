@@ -47,10 +47,16 @@ struct Inbox<T> {
 
 impl<T> Inbox<T> {
     fn push(&self, told: T) {
-        self.told
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .push_back(told);
+        self.push_after(None, told);
+    }
+
+    /// `first`, if any, then `then`: one lock and one wake for both.
+    fn push_after(&self, first: Option<T>, then: T) {
+        {
+            let mut told = self.told.lock().unwrap_or_else(PoisonError::into_inner);
+            told.extend(first);
+            told.push_back(then);
+        }
         self.waker.wake();
     }
 }
@@ -79,9 +85,16 @@ impl<O, E> Teller<O, E> {
     }
 
     /// The job ends, with what it has not done.
-    pub(super) fn ended(mut self) {
+    pub(super) fn ended(self) {
+        self.ended_with(None);
+    }
+
+    /// The job did `output`, if any, then ends (one step for the loop's inbox).
+    pub(super) fn ended_with(mut self, output: Option<O>) {
         self.ended = true;
-        self.tx.push(Told::Ended(self.id, self.unfinished.take()));
+        let end = Told::Ended(self.id, self.unfinished.take());
+        self.tx
+            .push_after(output.map(|o| Told::Output(self.id, o)), end);
     }
 
     /// What the job has not done yet: it takes its work from here, and puts back what it
