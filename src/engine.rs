@@ -36,6 +36,7 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::AbortOnDropHandle;
 use tracing::Instrument;
 
 use self::away::Away;
@@ -106,17 +107,17 @@ where
     S: Future + Send,
 {
     let stop = CancellationToken::new();
-    let task =
-        tokio::spawn(run_here(cfg, transport, stop.clone().cancelled_owned()).in_current_span());
-    let mut task = AbortOnDrop(task);
+    let mut task = AbortOnDropHandle::new(tokio::spawn(
+        run_here(cfg, transport, stop.clone().cancelled_owned()).in_current_span(),
+    ));
     tokio::pin!(shutdown);
     let joined = tokio::select! {
         biased;
-        () = async { (&mut shutdown).await; } => {
+        _ = &mut shutdown => {
             stop.cancel();
-            (&mut task.0).await
+            (&mut task).await
         }
-        joined = &mut task.0 => joined,
+        joined = &mut task => joined,
     };
     match joined {
         Ok(result) => result,
@@ -129,15 +130,6 @@ where
                 report: Report::default(),
             }),
         },
-    }
-}
-
-/// A task aborted when its handle is dropped (a dropped `run` ends its loop).
-struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
-
-impl<T> Drop for AbortOnDrop<T> {
-    fn drop(&mut self) {
-        self.0.abort();
     }
 }
 
@@ -1223,7 +1215,7 @@ fn run_job<'a, K: Key, M: Send + 'static, T: Transport>(
 ) -> impl Future<Output = ()> + Send + 'a {
     async move {
         // Acknowledgements still on their way (made only when one does not complete at once).
-        let mut acks = None;
+        let mut acks: Option<FuturesUnordered<_>> = None;
         // The last outcome, when it came at once: told with what the job tells next (its end,
         // most often: one look at the loop's inbox for both).
         let mut last = None;
@@ -1233,12 +1225,10 @@ fn run_job<'a, K: Key, M: Send + 'static, T: Transport>(
             if let Some(done) = last.take() {
                 teller.output(done);
             }
-            while let Some(Some(done)) = acks
-                .as_mut()
-                .filter(|a: &&mut FuturesUnordered<_>| !a.is_empty())
-                .and_then(|a| a.next().now_or_never())
-            {
-                teller.output(done);
+            if let Some(acks) = acks.as_mut() {
+                while let Some(Some(done)) = acks.next().now_or_never() {
+                    teller.output(done);
+                }
             }
             if draining.is_cancelled() || transport.is_stale(p.meta.id) {
                 if let Some(unfinished) = teller.unfinished() {
