@@ -11,7 +11,7 @@ use std::num::NonZeroU64;
 use std::sync::Arc;
 use std::time::Duration;
 
-use rustc_hash::FxHashMap;
+use crate::seq_map::SeqMap;
 use tokio::time::Instant;
 
 /// Limits on holding. `Copy` and `const`, with documented defaults.
@@ -113,10 +113,10 @@ struct Entry<K, V> {
 pub(crate) struct Hold<K, V, S = RandomState> {
     /// The limits: checked by [`Hold::fits`].
     budget: HoldBudget,
-    /// The entries, by position. Boxed: the table keeps up to twice as many slots as entries,
-    /// and an empty slot then costs a pointer, not a whole entry. Positions are the engine's own
-    /// sequence, not outside input: a fast hasher, not a DoS-resistant one.
-    entries: FxHashMap<u64, Box<Entry<K, V>>>,
+    /// The entries, by position: the engine's own rising sequence, so slots indexed by it for
+    /// the most part (see `SeqMap`; docs/performance.md, round 16). Boxed: the window keeps up
+    /// to four slots per entry, and an empty slot then costs a pointer, not a whole entry.
+    entries: SeqMap<Box<Entry<K, V>>>,
     /// The positions held for each key, ascending: a key's messages leave in this order.
     by_key: HashMap<K, VecDeque<u64>, S>,
     /// Every entry by deadline (then position), ascending; the first is the next to expire.
@@ -145,7 +145,7 @@ impl<K: Eq + Hash + Clone, V: Held, S: BuildHasher + Default> Hold<K, V, S> {
     pub(crate) fn with_budget(budget: HoldBudget) -> Self {
         Self {
             budget,
-            entries: FxHashMap::default(),
+            entries: SeqMap::default(),
             by_key: HashMap::default(),
             by_deadline: VecDeque::new(),
             epoch: Instant::now(),
@@ -187,9 +187,14 @@ impl<K: Eq + Hash + Clone, V: Held, S: BuildHasher + Default> Hold<K, V, S> {
             self.by_id.insert(Arc::clone(id), pos);
         }
         let queue = self.by_key.entry(key.clone()).or_default();
-        // Usually the last; a message back from a deferral goes before later arrivals.
-        let at = queue.partition_point(|p| *p < pos);
-        queue.insert(at, pos);
+        // Usually the last (looked at first: a search of a long queue reads memory far apart);
+        // a message back from a deferral goes before later arrivals.
+        if queue.back().is_none_or(|last| *last < pos) {
+            queue.push_back(pos);
+        } else {
+            let at = queue.partition_point(|p| *p < pos);
+            queue.insert(at, pos);
+        }
         let deadline = self.since_epoch(now + self.budget.max_time);
         let due = (deadline, pos);
         if self.by_deadline.back().is_none_or(|last| *last < due) {
@@ -216,7 +221,12 @@ impl<K: Eq + Hash + Clone, V: Held, S: BuildHasher + Default> Hold<K, V, S> {
         let Some(queue) = self.by_key.get_mut(key) else {
             return Vec::new();
         };
-        let n = queue.partition_point(|p| *p < limit);
+        // Usually all of them (as in `insert`, the last is looked at first).
+        let n = if queue.back().is_none_or(|last| *last < limit) {
+            queue.len()
+        } else {
+            queue.partition_point(|p| *p < limit)
+        };
         let taken: Vec<u64> = queue.drain(..n).collect();
         if queue.is_empty() {
             self.by_key.remove(key);
@@ -238,7 +248,7 @@ impl<K: Eq + Hash + Clone, V: Held, S: BuildHasher + Default> Hold<K, V, S> {
         let Some(entry) = value
             .id()
             .and_then(|id| self.by_id.get(id))
-            .and_then(|pos| self.entries.get_mut(pos))
+            .and_then(|pos| self.entries.get_mut(*pos))
         else {
             return Err(value);
         };
@@ -249,7 +259,7 @@ impl<K: Eq + Hash + Clone, V: Held, S: BuildHasher + Default> Hold<K, V, S> {
     /// The value held under message id `id`.
     pub(crate) fn by_id(&self, id: &str) -> Option<&V> {
         let pos = self.by_id.get(id)?;
-        self.entries.get(pos).map(|e| &e.value)
+        self.entries.get(*pos).map(|e| &e.value)
     }
 
     /// When the next held message expires.
@@ -298,7 +308,7 @@ impl<K: Eq + Hash + Clone, V: Held, S: BuildHasher + Default> Hold<K, V, S> {
             .entries
             .iter()
             .filter(|(_, e)| pred(&e.value))
-            .map(|(pos, _)| *pos)
+            .map(|(pos, _)| pos)
             .collect();
         chosen.sort_unstable();
         let mut out = Vec::with_capacity(chosen.len());
@@ -322,14 +332,13 @@ impl<K: Eq + Hash + Clone, V: Held, S: BuildHasher + Default> Hold<K, V, S> {
         self.by_id.clear();
         self.by_deadline.clear();
         self.bytes = 0;
-        let mut all: Vec<(u64, Box<Entry<K, V>>)> = self.entries.drain().collect();
-        all.sort_unstable_by_key(|(pos, _)| *pos);
+        let all = self.entries.drain_sorted();
         all.into_iter().map(|(_, e)| (e.key, e.value)).collect()
     }
 
     /// Remove the entry at `pos` from every view but `by_key`.
     fn remove_entry(&mut self, pos: u64) -> Option<Entry<K, V>> {
-        let e = *self.entries.remove(&pos)?;
+        let e = *self.entries.remove(pos)?;
         self.forget_deadline();
         self.bytes -= e.value.size();
         if let Some(id) = e.value.id()
@@ -344,8 +353,8 @@ impl<K: Eq + Hash + Clone, V: Held, S: BuildHasher + Default> Hold<K, V, S> {
     /// compact the queue once most of it is such (amortised: each compaction follows at least
     /// as many removals as it keeps).
     fn forget_deadline(&mut self) {
-        let live = |entries: &FxHashMap<u64, Box<Entry<K, V>>>, (deadline, pos): (u64, u64)| {
-            entries.get(&pos).is_some_and(|e| e.deadline == deadline)
+        let live = |entries: &SeqMap<Box<Entry<K, V>>>, (deadline, pos): (u64, u64)| {
+            entries.get(pos).is_some_and(|e| e.deadline == deadline)
         };
         while let Some(&first) = self.by_deadline.front()
             && !live(&self.entries, first)

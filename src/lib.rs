@@ -43,6 +43,7 @@ mod pending;
 pub mod probe;
 mod report;
 mod retry;
+mod seq_map;
 #[cfg(any(feature = "sqlite", feature = "postgres"))]
 #[cfg_attr(docsrs, doc(cfg(any(feature = "sqlite", feature = "postgres"))))]
 pub mod sql;

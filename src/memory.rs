@@ -30,7 +30,6 @@
 //! # }
 //! ```
 
-use std::collections::hash_map::Entry;
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -40,6 +39,7 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use crate::DeadLetter;
+use crate::seq_map::SeqMap;
 use crate::transport::{Delivery, DeliveryId, Settle, Source, Transport};
 
 /// A message as stored by the in-memory broker.
@@ -137,11 +137,9 @@ struct State {
     requeued: BTreeMap<u64, Stored>,
     delayed: BTreeMap<(Instant, u64), Stored>,
     /// Delivered and not settled, by delivery tag: the transport holding each, and the message.
-    /// Tags and transport ids are the broker's own sequences: a fast hasher, not a
-    /// DoS-resistant one (and no order needed: what goes back is ordered in `requeued`). (A
-    /// `BTreeMap`, whose consecutive tags sit together, was slower: docs/performance.md, round
-    /// 15.)
-    unacked: FxHashMap<u64, (u64, Stored)>,
+    /// Tags rise and are settled in about that order: slots indexed by the tag, not a hash map
+    /// (docs/performance.md, round 16).
+    unacked: SeqMap<(u64, Stored)>,
     /// How many of `unacked` each transport holds (the prefetch check runs on every `recv`).
     unacked_per_transport: FxHashMap<u64, usize>,
     dead: Vec<DeadLettered>,
@@ -215,7 +213,7 @@ impl State {
         self.delayed.values().any(copy)
             || self.ready.iter().any(copy)
             || self.requeued.values().any(copy)
-            || self.unacked.values().any(|(_, m)| copy(m))
+            || self.unacked.iter().any(|(_, (_, m))| copy(m))
     }
 
     /// Take `partition` away from `transports` now.
@@ -255,13 +253,9 @@ impl State {
 
     /// Take back delivery `tag` if `transport` holds it.
     fn take_unacked(&mut self, tag: u64, transport: u64) -> Option<Stored> {
-        let Entry::Occupied(entry) = self.unacked.entry(tag) else {
-            return None;
-        };
-        if entry.get().0 != transport {
-            return None;
-        }
-        let (_, m) = entry.remove();
+        let (_, m) = self
+            .unacked
+            .remove_if(tag, |(owner, _)| *owner == transport)?;
         if let Some(n) = self.unacked_per_transport.get_mut(&transport) {
             *n -= 1;
         }
@@ -430,7 +424,7 @@ impl MemoryBroker {
         s.ready.iter().filter(|m| of(m)).count()
             + s.requeued.values().filter(|m| of(m)).count()
             + s.delayed.values().filter(|m| of(m)).count()
-            + s.unacked.values().filter(|(_, m)| of(m)).count()
+            + s.unacked.iter().filter(|(_, (_, m))| of(m)).count()
     }
 }
 
@@ -466,7 +460,7 @@ impl Drop for MemoryTransport {
             .unacked
             .iter()
             .filter(|(_, (t, _))| *t == self.id)
-            .map(|(k, _)| *k)
+            .map(|(tag, _)| tag)
             .collect();
         for tag in mine {
             if let Some(m) = s.take_unacked(tag, self.id) {
@@ -579,7 +573,7 @@ impl Transport for MemoryTransport {
         };
         let partition = s
             .unacked
-            .get(&id.0)
+            .get(id.0)
             .filter(|(owner, _)| *owner == self.id)
             .and_then(|(_, m)| m.partition);
         partition.is_some_and(|p| revoked.contains(&p))

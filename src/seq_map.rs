@@ -1,0 +1,270 @@
+//! [`SeqMap`]: values under a rising sequence number (the in-memory broker's delivery tags, the
+//! hold's positions), most of them removed in about the order they came.
+
+use std::collections::VecDeque;
+
+use rustc_hash::FxHashMap;
+
+/// Values by a number (a *tag*) handed out in rising order, removed in about that order: a
+/// window of slots from the oldest tag still in it, indexed by the tag (no hashing, neighbours
+/// side by side in memory), and a map for the stragglers and for a tag below the window (one
+/// inserted out of order is kept all the same).
+///
+/// A value left behind while later ones come and go would keep every slot after it alive; once
+/// the window is less than a quarter full (and more than `MIN_WINDOW` slots long), its oldest
+/// values move to the map until it is dense again, so the memory stays within a few slots per
+/// value.
+pub(crate) struct SeqMap<V> {
+    /// The tag of `window`'s first slot; every straggler's tag is below it.
+    base: u64,
+    /// One slot per tag from `base`; the first is never empty.
+    window: VecDeque<Option<V>>,
+    /// Values moved out of the window's front (see the type's doc). Tags are the broker's own
+    /// sequence: a fast hasher, not a DoS-resistant one.
+    stragglers: FxHashMap<u64, V>,
+    /// Values in the window.
+    in_window: usize,
+}
+
+/// A window this short is never thinned out.
+const MIN_WINDOW: usize = 64;
+
+impl<V> Default for SeqMap<V> {
+    fn default() -> Self {
+        Self {
+            base: 0,
+            window: VecDeque::new(),
+            stragglers: FxHashMap::default(),
+            in_window: 0,
+        }
+    }
+}
+
+impl<V> SeqMap<V> {
+    /// How many values are kept.
+    pub(crate) fn len(&self) -> usize {
+        self.in_window + self.stragglers.len()
+    }
+
+    /// Keep `value` under `tag` (in the window unless the tag is below it); a value already
+    /// under `tag` is replaced.
+    pub(crate) fn insert(&mut self, tag: u64, value: V) {
+        if self.window.is_empty() {
+            // Every straggler's tag stays below the window.
+            self.base = self.base.max(tag);
+        }
+        let Some(at) = self.index(tag) else {
+            self.stragglers.insert(tag, value);
+            return;
+        };
+        if let Some(slot) = self.window.get_mut(at) {
+            if slot.replace(value).is_none() {
+                self.in_window += 1;
+            }
+            return;
+        }
+        self.window.resize_with(at, || None);
+        self.window.push_back(Some(value));
+        self.in_window += 1;
+        self.thin_out();
+    }
+
+    /// The value under `tag`.
+    pub(crate) fn get(&self, tag: u64) -> Option<&V> {
+        match self.index(tag).and_then(|at| self.window.get(at)) {
+            Some(slot) => slot.as_ref(),
+            None => self.stragglers.get(&tag),
+        }
+    }
+
+    /// The value under `tag`, to change it.
+    pub(crate) fn get_mut(&mut self, tag: u64) -> Option<&mut V> {
+        match self.index(tag) {
+            Some(at) if at < self.window.len() => self.window.get_mut(at).and_then(Option::as_mut),
+            _ => self.stragglers.get_mut(&tag),
+        }
+    }
+
+    /// Remove and return the value under `tag`.
+    pub(crate) fn remove(&mut self, tag: u64) -> Option<V> {
+        self.remove_if(tag, |_| true)
+    }
+
+    /// Remove and return the value under `tag` if `take` says so.
+    pub(crate) fn remove_if(&mut self, tag: u64, take: impl FnOnce(&V) -> bool) -> Option<V> {
+        let Some(slot) = self.slot_mut(tag) else {
+            let value = self.stragglers.get(&tag)?;
+            return if take(value) {
+                self.stragglers.remove(&tag)
+            } else {
+                None
+            };
+        };
+        if !slot.as_ref().is_some_and(take) {
+            return None;
+        }
+        let value = slot.take();
+        self.in_window -= 1;
+        self.trim_front();
+        self.thin_out();
+        value
+    }
+
+    /// Every value with its tag, in no particular order.
+    pub(crate) fn iter(&self) -> impl Iterator<Item = (u64, &V)> {
+        let window = (self.base..)
+            .zip(&self.window)
+            .filter_map(|(tag, slot)| slot.as_ref().map(|v| (tag, v)));
+        window.chain(self.stragglers.iter().map(|(tag, v)| (*tag, v)))
+    }
+
+    /// Remove and return every value with its tag, in tag order.
+    pub(crate) fn drain_sorted(&mut self) -> Vec<(u64, V)> {
+        let mut all: Vec<(u64, V)> = self.stragglers.drain().collect();
+        let base = self.base;
+        all.extend(
+            (base..)
+                .zip(self.window.drain(..))
+                .filter_map(|(tag, slot)| slot.map(|v| (tag, v))),
+        );
+        self.in_window = 0;
+        all.sort_unstable_by_key(|(tag, _)| *tag);
+        all
+    }
+
+    /// The window's slot for `tag`, if the window spans it.
+    fn slot_mut(&mut self, tag: u64) -> Option<&mut Option<V>> {
+        self.index(tag).and_then(|at| self.window.get_mut(at))
+    }
+
+    /// Where `tag` goes in the window, if it is not before it.
+    fn index(&self, tag: u64) -> Option<usize> {
+        tag.checked_sub(self.base)
+            .and_then(|at| usize::try_from(at).ok())
+    }
+
+    /// Move the oldest values to `stragglers` while the window is long and mostly empty: on
+    /// return it holds at most `MIN_WINDOW` slots or is at least a quarter full.
+    fn thin_out(&mut self) {
+        while self.window.len() > MIN_WINDOW && self.in_window * 4 < self.window.len() {
+            if let Some(Some(value)) = self.window.pop_front() {
+                self.stragglers.insert(self.base, value);
+                self.in_window -= 1;
+            }
+            self.base += 1;
+            self.trim_front();
+        }
+    }
+
+    /// Drop the empty slots at the window's front.
+    fn trim_front(&mut self) {
+        while let Some(None) = self.window.front() {
+            self.window.pop_front();
+            self.base += 1;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use proptest::prelude::*;
+
+    use super::*;
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        /// Insert under the next tag, this far above the last one.
+        Insert(u64),
+        /// Remove the value under this tag (an index into the tags inserted so far), if the
+        /// value is even or `any`.
+        Remove(usize, bool),
+        /// Add this to the value under this tag, if there is one.
+        Change(usize, u64),
+        /// Insert again under a tag inserted before (the value is its tag plus this).
+        Again(usize, u64),
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            (1..4u64).prop_map(Op::Insert),
+            (any::<usize>(), any::<bool>()).prop_map(|(i, any)| Op::Remove(i, any)),
+            (any::<usize>(), 0..100u64).prop_map(|(i, d)| Op::Change(i, d)),
+            (any::<usize>(), 0..100u64).prop_map(|(i, d)| Op::Again(i, d)),
+        ]
+    }
+
+    proptest! {
+        /// Whatever the order of removals, changes and insertions out of order, it keeps exactly
+        /// what a map would, and its window stays within four slots per value; a drain gives
+        /// everything in tag order.
+        #[test]
+        fn it_behaves_as_a_map_within_bounded_memory(ops in prop::collection::vec(op(), 0..600)) {
+            let mut u = SeqMap::default();
+            let mut model = BTreeMap::new();
+            let mut tags = Vec::new();
+            let mut next = 0u64;
+            for op in ops {
+                match op {
+                    Op::Insert(gap) => {
+                        next += gap;
+                        u.insert(next, next);
+                        model.insert(next, next);
+                        tags.push(next);
+                    }
+                    Op::Remove(i, any) if !tags.is_empty() => {
+                        let tag = tags[i % tags.len()];
+                        let take = |v: &u64| any || v.is_multiple_of(2);
+                        let want = model.get(&tag).copied().filter(take);
+                        if want.is_some() {
+                            model.remove(&tag);
+                        }
+                        prop_assert_eq!(u.remove_if(tag, take), want);
+                    }
+                    Op::Change(i, d) if !tags.is_empty() => {
+                        let tag = tags[i % tags.len()];
+                        if let Some(v) = u.get_mut(tag) {
+                            *v += d;
+                        }
+                        if let Some(v) = model.get_mut(&tag) {
+                            *v += d;
+                        }
+                    }
+                    Op::Again(i, d) if !tags.is_empty() => {
+                        let tag = tags[i % tags.len()];
+                        u.insert(tag, tag + d);
+                        model.insert(tag, tag + d);
+                    }
+                    Op::Remove(..) | Op::Change(..) | Op::Again(..) => {}
+                }
+                prop_assert_eq!(u.len(), model.len());
+                for (tag, v) in &model {
+                    prop_assert_eq!(u.get(*tag), Some(v));
+                }
+                let mut all: Vec<(u64, u64)> = u.iter().map(|(t, v)| (t, *v)).collect();
+                all.sort_unstable();
+                prop_assert_eq!(all, model.iter().map(|(t, v)| (*t, *v)).collect::<Vec<_>>());
+                prop_assert!(u.window.front().is_none_or(Option::is_some));
+                prop_assert!(
+                    u.window.len() <= MIN_WINDOW.max(4 * u.in_window),
+                    "window of {} slots for {} values", u.window.len(), u.in_window
+                );
+            }
+            let drained = u.drain_sorted();
+            prop_assert_eq!(drained, model.into_iter().collect::<Vec<_>>());
+            prop_assert_eq!(u.len(), 0);
+        }
+    }
+
+    #[test]
+    fn a_tag_below_the_window_is_kept_all_the_same() {
+        let mut u = SeqMap::default();
+        u.insert(10, "a");
+        u.insert(5, "b");
+        assert_eq!(u.get(5), Some(&"b"));
+        assert_eq!(u.remove_if(5, |_| true), Some("b"));
+        assert_eq!(u.remove_if(10, |_| false), None);
+        assert_eq!(u.len(), 1);
+    }
+}
