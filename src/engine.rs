@@ -1216,15 +1216,9 @@ fn run_job<'a, K: Key, M: Send + 'static, T: Transport>(
     async move {
         // Acknowledgements still on their way (made only when one does not complete at once).
         let mut acks: Option<FuturesUnordered<_>> = None;
-        // The last outcome, when it came at once: told with what the job tells next (its end,
-        // most often: one look at the loop's inbox for both).
-        let mut last = None;
         // What is not run yet stays with the teller: if the job is cancelled, the loop gets it
-        // back.
+        // back. What the job did is told before it waits (`Teller::flush`) and with its end.
         while let Some(p) = teller.unfinished().and_then(VecDeque::pop_front) {
-            if let Some(done) = last.take() {
-                teller.output(done);
-            }
             if let Some(acks) = acks.as_mut() {
                 while let Some(Some(done)) = acks.next().now_or_never() {
                     teller.output(done);
@@ -1238,9 +1232,19 @@ fn run_job<'a, K: Key, M: Send + 'static, T: Transport>(
             }
             let Pending { msg, meta } = p;
             let outcome = match call(cfg, &key, msg, &meta) {
-                Ok(running) => running
-                    .await
-                    .unwrap_or_else(|payload| Err(panicked(&*payload))),
+                Ok(mut running) => {
+                    // Most handlers of a fast path complete at once: looked at once without a
+                    // waker; one that has to wait is awaited after the loop was told.
+                    let first = running.poll_unpin(&mut TaskContext::from_waker(Waker::noop()));
+                    let done = match first {
+                        Poll::Ready(done) => done,
+                        Poll::Pending => {
+                            teller.flush();
+                            running.await
+                        }
+                    };
+                    done.unwrap_or_else(|payload| Err(panicked(&*payload)))
+                }
                 Err(e) => Err(e),
             };
             match outcome {
@@ -1250,7 +1254,7 @@ fn run_job<'a, K: Key, M: Send + 'static, T: Transport>(
                     let mut ack = Box::pin(acked(transport, key.clone(), meta));
                     let mut cx = TaskContext::from_waker(Waker::noop());
                     match ack.as_mut().poll(&mut cx) {
-                        Poll::Ready(done) => last = Some(done),
+                        Poll::Ready(done) => teller.output(done),
                         Poll::Pending => acks.get_or_insert_with(FuturesUnordered::new).push(ack),
                     }
                 }
@@ -1268,11 +1272,8 @@ fn run_job<'a, K: Key, M: Send + 'static, T: Transport>(
             }
         }
         let Some(mut acks) = acks.filter(|a| !a.is_empty()) else {
-            return teller.ended_with(last);
+            return teller.ended();
         };
-        if let Some(done) = last.take() {
-            teller.output(done);
-        }
         while let Some(Some(done)) = acks.next().now_or_never() {
             teller.output(done);
         }
@@ -1281,8 +1282,10 @@ fn run_job<'a, K: Key, M: Send + 'static, T: Transport>(
             // The key's next message need not wait for the acknowledgements.
             teller.returned();
         }
+        teller.flush();
         while let Some(done) = acks.next().await {
             teller.output(done);
+            teller.flush();
         }
         teller.ended();
     }

@@ -5,8 +5,9 @@
 //! allocates, initialises and frees a task, and its handle; see docs/performance.md, round 6).
 //! Workers are started as needed, up to as many as jobs run at once.
 //!
-//! A job tells the loop through one channel: what it has done, as it goes (`Told::Output`),
-//! when it need not keep its place any more (`Told::Returned`, optional), and how it ended,
+//! A job tells the loop through one channel: what it has done (`Told::Output`: gathered while
+//! the job runs without waiting, told before it waits and with its end, one lock and one wake for
+//! all of it), when it need not keep its place any more (`Told::Returned`, optional), and how it ended,
 //! always exactly once and after everything else it tells: `Told::Ended`, or `Told::Lost` from
 //! its [`Teller`]'s drop when its worker is aborted or dies (that worker is not used again).
 //! Either way with what the job had left undone, which its teller keeps (`Teller::unfinished`).
@@ -46,16 +47,11 @@ struct Inbox<T> {
 }
 
 impl<T> Inbox<T> {
-    fn push(&self, told: T) {
-        self.push_after(None, told);
-    }
-
-    /// `first`, if any, then `then`: one lock and one wake for both.
-    fn push_after(&self, first: Option<T>, then: T) {
+    /// Everything in `all`, in order: one lock and one wake.
+    fn push_all(&self, all: impl IntoIterator<Item = T>) {
         {
             let mut told = self.told.lock().unwrap_or_else(PoisonError::into_inner);
-            told.extend(first);
-            told.push_back(then);
+            told.extend(all);
         }
         self.waker.wake();
     }
@@ -69,32 +65,43 @@ pub(super) struct Teller<O, E> {
     tx: Arc<Inbox<Told<O, E>>>,
     /// `Ended` was told (the drop tells `Lost` otherwise).
     ended: bool,
+    /// What the job did and has not told yet (see `Teller::flush`).
+    outputs: Vec<O>,
     /// What the job has not done yet, told with its end.
     unfinished: Option<E>,
 }
 
 impl<O, E> Teller<O, E> {
-    /// The job did `output`.
-    pub(super) fn output(&self, output: O) {
-        self.tx.push(Told::Output(self.id, output));
+    /// The job did `output`: told with what the job tells next (the job calls
+    /// [`Teller::flush`] before it waits for anything).
+    pub(super) fn output(&mut self, output: O) {
+        self.outputs.push(output);
+    }
+
+    /// Tell what the job did so far (before the job waits: the loop may be waiting for it).
+    pub(super) fn flush(&mut self) {
+        if !self.outputs.is_empty() {
+            self.tell(None);
+        }
     }
 
     /// The job runs nothing more.
-    pub(super) fn returned(&self) {
-        self.tx.push(Told::Returned(self.id));
+    pub(super) fn returned(&mut self) {
+        self.tell(Some(Told::Returned(self.id)));
     }
 
     /// The job ends, with what it has not done.
-    pub(super) fn ended(self) {
-        self.ended_with(None);
-    }
-
-    /// The job did `output`, if any, then ends (one step for the loop's inbox).
-    pub(super) fn ended_with(mut self, output: Option<O>) {
+    pub(super) fn ended(mut self) {
         self.ended = true;
         let end = Told::Ended(self.id, self.unfinished.take());
-        self.tx
-            .push_after(output.map(|o| Told::Output(self.id, o)), end);
+        self.tell(Some(end));
+    }
+
+    /// What the job did so far, then `then`, if any: one step for the loop's inbox.
+    fn tell(&mut self, then: Option<Told<O, E>>) {
+        let id = self.id;
+        let outputs = self.outputs.drain(..).map(|o| Told::Output(id, o));
+        self.tx.push_all(outputs.chain(then));
     }
 
     /// What the job has not done yet: it takes its work from here, and puts back what it
@@ -107,7 +114,8 @@ impl<O, E> Teller<O, E> {
 impl<O, E> Drop for Teller<O, E> {
     fn drop(&mut self) {
         if !self.ended {
-            self.tx.push(Told::Lost(self.id, self.unfinished.take()));
+            let lost = Told::Lost(self.id, self.unfinished.take());
+            self.tell(Some(lost));
         }
     }
 }
@@ -188,6 +196,7 @@ impl<J: Send + 'static, O: Send + 'static, E: Send + 'static, R> Handlers<J, O, 
                 id,
                 tx: Arc::clone(&self.inbox),
                 ended: false,
+                outputs: Vec::new(),
                 unfinished: Some(work),
             },
         );
@@ -300,12 +309,22 @@ impl<J, O, E, R> Drop for Handlers<J, O, E, R> {
 mod tests {
     use super::*;
 
-    /// Tells each job doubled and leaves no work undone; panics on 0; never ends on 1.
+    /// Tells each job doubled and leaves no work undone; panics on 0; never ends on 1; on 11,
+    /// does 1 and never ends; on 13, does 1, then waits, telling it first, and never ends.
     async fn worker(mut jobs: Jobs<u32, u32, u32>) {
         while let Some((job, mut teller)) = jobs.recv().await {
             match job {
                 0 => panic!("a worker dies"),
                 1 => std::future::pending::<()>().await,
+                11 => {
+                    teller.output(1);
+                    std::future::pending::<()>().await;
+                }
+                13 => {
+                    teller.output(1);
+                    teller.flush();
+                    std::future::pending::<()>().await;
+                }
                 n => {
                     teller.output(n * 2);
                     if let Some(work) = teller.unfinished() {
@@ -364,6 +383,42 @@ mod tests {
             h.workers.iter().flatten().count(),
             1,
             "the dead worker is not used again"
+        );
+    }
+
+    #[tokio::test]
+    async fn what_a_job_did_is_told_before_it_waits_and_before_it_is_lost() {
+        let mut h: Handlers<u32, u32, u32, &'static str> = Handlers::new();
+        h.start("waits", 13, 7, worker);
+        // Told before the job waits: it comes while the job still runs.
+        assert!(matches!(h.recv().await, Told::Output(_, 1)));
+        h.start("waits untold", 11, 7, worker);
+        // Let the second job run up to its wait: what it did is not told yet.
+        for _ in 0..100 {
+            tokio::task::yield_now().await;
+        }
+        assert!(
+            h.try_recv().is_none(),
+            "told only before a wait or with the end"
+        );
+        h.abort_all();
+        let mut told = Vec::new();
+        while !h.is_empty() {
+            match h.recv().await {
+                Told::Output(id, n) => told.push((id, Some(n))),
+                Told::Lost(id, left) => {
+                    assert_eq!(left, Some(7));
+                    told.push((id, None));
+                    h.remove(id, true);
+                }
+                Told::Returned(_) | Told::Ended(..) => panic!("neither returned nor ended"),
+            }
+        }
+        told.sort_by_key(|(id, _)| *id);
+        assert_eq!(
+            told,
+            [(1, None), (2, Some(1)), (2, None)],
+            "the job lost told what it had done, then its loss"
         );
     }
 
