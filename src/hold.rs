@@ -532,8 +532,9 @@ mod tests {
         /// Time passes (ms), then a message of key `key` arrives (or comes back from a
         /// deferral with an earlier position, when `back`).
         Insert { after_ms: u64, key: u8, back: bool },
-        /// A key becomes known: everything held for it leaves.
-        Release { key: u8 },
+        /// A key becomes known: what is held for it leaves, all of it or (as behind a deferred
+        /// message of the key) what is before position `before`.
+        Release { key: u8, before: Option<u64> },
         /// Time passes (ms), then everything due expires.
         Expire { after_ms: u64 },
     }
@@ -543,13 +544,15 @@ mod tests {
         prop_oneof![
             4 => (0u64..3, 0u8..6, proptest::bool::weighted(0.1))
                 .prop_map(|(after_ms, key, back)| Op::Insert { after_ms, key, back }),
-            2 => (0u8..6).prop_map(|key| Op::Release { key }),
+            2 => (0u8..6, proptest::option::of(990u64..1_200))
+                .prop_map(|(key, before)| Op::Release { key, before }),
             1 => (0u64..40).prop_map(|after_ms| Op::Expire { after_ms }),
         ]
     }
 
     proptest::proptest! {
-        /// Whatever is inserted, released and expired, the hold expires exactly what is due, in
+        /// Whatever is inserted, released (wholly or before a position) and expired, the hold
+        /// releases a key's messages in position order and expires exactly what is due, in
         /// deadline then position order, never a released message, and its next deadline is
         /// the earliest of what it holds; its deadline queue stays within a bound of its size.
         #[test]
@@ -575,16 +578,20 @@ mod tests {
                         h.insert(key, pos, v(n, 1), start + Duration::from_millis(now_ms));
                         model.insert((now_ms + MAX_MS, pos), (key, n));
                     }
-                    Op::Release { key } => {
+                    Op::Release { key, before } => {
+                        let limit = before.unwrap_or(u64::MAX);
+                        let leaves = |(_, pos): &(u64, u64), (k, _): &(u8, i32)| {
+                            *k == key && *pos < limit
+                        };
                         let mut want: Vec<(u64, i32)> = model
                             .iter()
-                            .filter(|(_, (k, _))| *k == key)
+                            .filter(|(d, kv)| leaves(d, kv))
                             .map(|((_, pos), (_, n))| (*pos, *n))
                             .collect();
                         want.sort_unstable();
-                        model.retain(|_, (k, _)| *k != key);
+                        model.retain(|d, kv| !leaves(d, kv));
                         let want: Vec<i32> = want.into_iter().map(|(_, n)| n).collect();
-                        proptest::prop_assert_eq!(nums(h.take_before(&key, u64::MAX)), want);
+                        proptest::prop_assert_eq!(nums(h.take_before(&key, limit)), want);
                     }
                     Op::Expire { after_ms } => {
                         now_ms += after_ms;
