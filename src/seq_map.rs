@@ -13,14 +13,14 @@ use rustc_hash::FxHashMap;
 /// A value left behind while later ones come and go would keep every slot after it alive; once
 /// the window is less than a quarter full (and more than `MIN_WINDOW` slots long), its oldest
 /// values move to the map until it is dense again, so the memory stays within a few slots per
-/// value.
+/// value; a tag so far ahead that the window would be mostly empty starts it again there.
 pub(crate) struct SeqMap<V> {
     /// The tag of `window`'s first slot; every straggler's tag is below it.
     base: u64,
     /// One slot per tag from `base`; the first is never empty.
     window: VecDeque<Option<V>>,
-    /// Values moved out of the window's front (see the type's doc). Tags are the broker's own
-    /// sequence: a fast hasher, not a DoS-resistant one.
+    /// Values moved out of the window (see the type's doc). Tags are the caller's own sequence,
+    /// not outside input: a fast hasher, not a DoS-resistant one.
     stragglers: FxHashMap<u64, V>,
     /// Values in the window.
     in_window: usize,
@@ -53,7 +53,7 @@ impl<V> SeqMap<V> {
             // Every straggler's tag stays below the window.
             self.base = self.base.max(tag);
         }
-        let Some(at) = self.index(tag) else {
+        let Some(mut at) = self.index(tag) else {
             self.stragglers.insert(tag, value);
             return;
         };
@@ -62,6 +62,18 @@ impl<V> SeqMap<V> {
                 self.in_window += 1;
             }
             return;
+        }
+        if at >= MIN_WINDOW && (self.in_window + 1) * 4 < at + 1 {
+            // So far ahead that the window would be mostly empty: what it holds goes to the
+            // stragglers and it starts again at `tag` (the gap is never allocated).
+            for (old, slot) in (self.base..).zip(self.window.drain(..)) {
+                if let Some(v) = slot {
+                    self.stragglers.insert(old, v);
+                }
+            }
+            self.in_window = 0;
+            self.base = tag;
+            at = 0;
         }
         self.window.resize_with(at, || None);
         self.window.push_back(Some(value));
@@ -188,10 +200,11 @@ mod tests {
 
     fn op() -> impl Strategy<Value = Op> {
         prop_oneof![
-            (1..4u64).prop_map(Op::Insert),
-            (any::<usize>(), any::<bool>()).prop_map(|(i, any)| Op::Remove(i, any)),
-            (any::<usize>(), 0..100u64).prop_map(|(i, d)| Op::Change(i, d)),
-            (any::<usize>(), 0..100u64).prop_map(|(i, d)| Op::Again(i, d)),
+            8 => (1..4u64).prop_map(Op::Insert),
+            1 => (4..300u64).prop_map(Op::Insert),
+            8 => (any::<usize>(), any::<bool>()).prop_map(|(i, any)| Op::Remove(i, any)),
+            2 => (any::<usize>(), 0..100u64).prop_map(|(i, d)| Op::Change(i, d)),
+            2 => (any::<usize>(), 0..100u64).prop_map(|(i, d)| Op::Again(i, d)),
         ]
     }
 
@@ -255,6 +268,17 @@ mod tests {
             prop_assert_eq!(drained, model.into_iter().collect::<Vec<_>>());
             prop_assert_eq!(u.len(), 0);
         }
+    }
+
+    #[test]
+    fn a_jump_far_ahead_allocates_no_gap() {
+        let mut u = SeqMap::default();
+        u.insert(1, "old");
+        u.insert(1_000_000_000, "new");
+        assert!(u.window.capacity() < 1_000, "{} slots", u.window.capacity());
+        assert_eq!(u.get(1), Some(&"old"));
+        assert_eq!(u.get(1_000_000_000), Some(&"new"));
+        assert_eq!(u.len(), 2);
     }
 
     #[test]

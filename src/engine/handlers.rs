@@ -6,11 +6,12 @@
 //! Workers are started as needed, up to as many as jobs run at once.
 //!
 //! A job tells the loop through one channel: what it has done (`Told::Output`: gathered while
-//! the job runs without waiting, told before it waits and with its end, one lock and one wake for
-//! all of it), when it need not keep its place any more (`Told::Returned`, optional), and how it ended,
-//! always exactly once and after everything else it tells: `Told::Ended`, or `Told::Lost` from
-//! its [`Teller`]'s drop when its worker is aborted or dies (that worker is not used again).
-//! Either way with what the job had left undone, which its teller keeps (`Teller::unfinished`).
+//! the job runs without waiting, told before it waits and with what it tells next, one lock and
+//! one wake for all of it), when it need not keep its place any more (`Told::Returned`,
+//! optional), and how it ended, always exactly once and after everything else it tells:
+//! `Told::Ended`, or `Told::Lost` from its [`Teller`]'s drop when its worker is aborted or dies
+//! (that worker is not used again). Either way with what the job had left undone, which its
+//! teller keeps (`Teller::unfinished`).
 
 use std::collections::VecDeque;
 use std::future::Future;
