@@ -27,7 +27,6 @@ use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
-use std::task::{Context as TaskContext, Poll, Waker};
 use std::time::Duration;
 
 use futures::stream::FuturesUnordered;
@@ -502,10 +501,9 @@ impl<K: Key, M: Send + 'static, T: Transport> Engine<K, M, T> {
         // after that. A source that records at once (in memory) is answered here.
         let event = self.event(&d, Some(key.clone()), Decision::Registered);
         let mut recording = record(self.cfg.source.clone(), key, event, self.stopping.clone());
-        let mut cx = TaskContext::from_waker(Waker::noop());
-        match recording.as_mut().poll(&mut cx) {
-            Poll::Ready(work) => self.on_work(work),
-            Poll::Pending => {
+        match (&mut recording).now_or_never() {
+            Some(work) => self.on_work(work),
+            None => {
                 self.work.spawn(recording);
             }
         }
@@ -911,8 +909,7 @@ impl<K: Key, M: Send + 'static, T: Transport> Engine<K, M, T> {
         match slots.clone().try_acquire_owned() {
             Ok(permit) => {
                 // A source that answers at once (in memory) is answered here, without a task.
-                let mut cx = TaskContext::from_waker(Waker::noop());
-                if let Poll::Ready(answer) = answer.as_mut().poll(&mut cx) {
+                if let Some(answer) = (&mut answer).now_or_never() {
                     drop(permit);
                     return self.on_answer(key, answer);
                 }
@@ -1235,10 +1232,9 @@ fn run_job<'a, K: Key, M: Send + 'static, T: Transport>(
                 Ok(mut running) => {
                     // Most handlers of a fast path complete at once: looked at once without a
                     // waker; one that has to wait is awaited after the loop was told.
-                    let first = running.poll_unpin(&mut TaskContext::from_waker(Waker::noop()));
-                    let done = match first {
-                        Poll::Ready(done) => done,
-                        Poll::Pending => {
+                    let done = match (&mut running).now_or_never() {
+                        Some(done) => done,
+                        None => {
                             teller.flush();
                             running.await
                         }
@@ -1252,10 +1248,9 @@ fn run_job<'a, K: Key, M: Send + 'static, T: Transport>(
                     // Most acknowledgements complete at once (they are queued, not awaited):
                     // looked at once here, without a waker; only one still on its way is kept.
                     let mut ack = Box::pin(acked(transport, key.clone(), meta));
-                    let mut cx = TaskContext::from_waker(Waker::noop());
-                    match ack.as_mut().poll(&mut cx) {
-                        Poll::Ready(done) => teller.output(done),
-                        Poll::Pending => acks.get_or_insert_with(FuturesUnordered::new).push(ack),
+                    match (&mut ack).now_or_never() {
+                        Some(done) => teller.output(done),
+                        None => acks.get_or_insert_with(FuturesUnordered::new).push(ack),
                     }
                 }
                 Err(e) => {

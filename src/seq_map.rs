@@ -66,12 +66,9 @@ impl<V> SeqMap<V> {
         if at >= MIN_WINDOW && (self.in_window + 1) * 4 < at + 1 {
             // So far ahead that the window would be mostly empty: what it holds goes to the
             // stragglers and it starts again at `tag` (the gap is never allocated).
-            for (old, slot) in (self.base..).zip(self.window.drain(..)) {
-                if let Some(v) = slot {
-                    self.stragglers.insert(old, v);
-                }
+            while !self.window.is_empty() {
+                self.spill_front();
             }
-            self.in_window = 0;
             self.base = tag;
             at = 0;
         }
@@ -159,13 +156,18 @@ impl<V> SeqMap<V> {
     /// return it holds at most `MIN_WINDOW` slots or is at least a quarter full.
     fn thin_out(&mut self) {
         while self.window.len() > MIN_WINDOW && self.in_window * 4 < self.window.len() {
-            if let Some(Some(value)) = self.window.pop_front() {
-                self.stragglers.insert(self.base, value);
-                self.in_window -= 1;
-            }
-            self.base += 1;
+            self.spill_front();
             self.trim_front();
         }
+    }
+
+    /// Move the window's first slot's value, if any, to `stragglers`; the window starts after it.
+    fn spill_front(&mut self) {
+        if let Some(Some(value)) = self.window.pop_front() {
+            self.stragglers.insert(self.base, value);
+            self.in_window -= 1;
+        }
+        self.base += 1;
     }
 
     /// Drop the empty slots at the window's front.
