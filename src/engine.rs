@@ -27,6 +27,7 @@ use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use futures::stream::FuturesUnordered;
@@ -262,8 +263,10 @@ struct Engine<K, M, T> {
     handlers: Handlers<K, Handled<K>, Left<M>, Running<K>>,
     /// Messages in running jobs besides the one each runs (counted in memory like a lane's).
     in_jobs: usize,
-    /// Cancelled when the consumer stops: jobs run no further message.
-    draining: CancellationToken,
+    /// Set when the consumer stops: jobs run no further message. Every job reads it before each
+    /// message: a flag, not a `CancellationToken`, whose look takes a lock that the workers
+    /// share (docs/performance.md, round 17).
+    draining: Arc<AtomicBool>,
     /// Partitions the transport revoked whose running handlers have not all finished: their
     /// messages are given back as they come.
     revoking: std::collections::HashSet<u32>,
@@ -308,7 +311,7 @@ impl<K: Key, M: Send + 'static, T: Transport> Engine<K, M, T> {
             away: Away::new(),
             handlers: Handlers::new(),
             in_jobs: 0,
-            draining: CancellationToken::new(),
+            draining: Arc::new(AtomicBool::new(false)),
             revoking: std::collections::HashSet::new(),
             work: JoinSet::new(),
             lookup_slots: Arc::new(Semaphore::new(MAX_LOOKUPS)),
@@ -412,7 +415,7 @@ impl<K: Key, M: Send + 'static, T: Transport> Engine<K, M, T> {
 
     /// Let running handlers finish (for up to the shutdown grace); start nothing new.
     async fn finish_handlers(&mut self) {
-        self.draining.cancel();
+        self.draining.store(true, Ordering::Release);
         let grace = tokio::time::sleep(self.cfg.shutdown_grace);
         tokio::pin!(grace);
         while !self.handlers.is_empty() {
@@ -976,7 +979,7 @@ impl<K: Key, M: Send + 'static, T: Transport> Engine<K, M, T> {
                 worker(
                     Arc::clone(cfg),
                     Arc::clone(transport),
-                    draining.clone(),
+                    Arc::clone(draining),
                     jobs,
                 )
             });
@@ -1184,7 +1187,7 @@ fn record<K: Key>(
 fn worker<K: Key, M: Send + 'static, T: Transport>(
     cfg: Arc<Config<K, M>>,
     transport: Arc<T>,
-    draining: CancellationToken,
+    draining: Arc<AtomicBool>,
     mut jobs: Jobs<K, Handled<K>, Left<M>>,
 ) -> impl Future<Output = ()> + Send + 'static {
     async move {
@@ -1206,7 +1209,7 @@ fn worker<K: Key, M: Send + 'static, T: Transport>(
 fn run_job<'a, K: Key, M: Send + 'static, T: Transport>(
     cfg: &'a Config<K, M>,
     transport: &'a T,
-    draining: &'a CancellationToken,
+    draining: &'a AtomicBool,
     key: K,
     mut teller: Teller<Handled<K>, Left<M>>,
 ) -> impl Future<Output = ()> + Send + 'a {
@@ -1221,7 +1224,7 @@ fn run_job<'a, K: Key, M: Send + 'static, T: Transport>(
                     teller.output(done);
                 }
             }
-            if draining.is_cancelled() || transport.is_stale(p.meta.id) {
+            if draining.load(Ordering::Acquire) || transport.is_stale(p.meta.id) {
                 if let Some(unfinished) = teller.unfinished() {
                     unfinished.push_front(p);
                 }
