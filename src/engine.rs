@@ -26,6 +26,7 @@ mod lanes;
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -1191,10 +1192,35 @@ fn worker<K: Key, M: Send + 'static, T: Transport>(
     mut jobs: Jobs<K, Handled<K>, Left<M>>,
 ) -> impl Future<Output = ()> + Send + 'static {
     async move {
+        let ack = |key: K, meta: Meta| acked(&*transport, key, meta);
+        // The box of the last acknowledgement that completed at once, for the next one.
+        let mut spare = None;
         while let Some((key, teller)) = jobs.recv().await {
-            run_job(&cfg, &*transport, &draining, key, teller).await;
+            let job = Job {
+                cfg: &cfg,
+                transport: &*transport,
+                draining: &draining,
+                ack: &ack,
+                spare: &mut spare,
+            };
+            run_job(job, key, teller).await;
         }
     }
+}
+
+/// What a worker's jobs share.
+struct Job<'a, K: Key, M, T, A, F> {
+    cfg: &'a Config<K, M>,
+    transport: &'a T,
+    /// Set when the consumer stops.
+    draining: &'a AtomicBool,
+    /// Acknowledges a message whose handler succeeded (`acked`).
+    ack: &'a F,
+    /// A box for the next acknowledgement: each that completes at once leaves its box here, so
+    /// that the next takes it rather than allocate one (one allocation and one free per
+    /// message less; docs/performance.md, round 17). A box, not the stack: one that does not
+    /// complete at once is kept (as it is) while the next handler runs.
+    spare: &'a mut Option<Pin<Box<A>>>,
 }
 
 /// Run a key's messages (kept by `teller`) in order, each handler after the one before returned;
@@ -1206,13 +1232,25 @@ fn worker<K: Key, M: Send + 'static, T: Transport>(
 /// each argument twice in its future (once as given, once as the body's local). For the same
 /// reason the handler is called in `call` (its context and span are not kept).
 #[allow(clippy::manual_async_fn)]
-fn run_job<'a, K: Key, M: Send + 'static, T: Transport>(
-    cfg: &'a Config<K, M>,
-    transport: &'a T,
-    draining: &'a AtomicBool,
+fn run_job<'a, K, M, T, A, F>(
+    job: Job<'a, K, M, T, A, F>,
     key: K,
     mut teller: Teller<Handled<K>, Left<M>>,
-) -> impl Future<Output = ()> + Send + 'a {
+) -> impl Future<Output = ()> + Send + 'a
+where
+    K: Key,
+    M: Send + 'static,
+    T: Transport,
+    A: Future<Output = Handled<K>> + Send + 'a,
+    F: Fn(K, Meta) -> A + Sync,
+{
+    let Job {
+        cfg,
+        transport,
+        draining,
+        ack,
+        spare,
+    } = job;
     async move {
         // Acknowledgements still on their way (made only when one does not complete at once).
         let mut acks: Option<FuturesUnordered<_>> = None;
@@ -1250,10 +1288,20 @@ fn run_job<'a, K: Key, M: Send + 'static, T: Transport>(
                 Ok(()) => {
                     // Most acknowledgements complete at once (they are queued, not awaited):
                     // looked at once here, without a waker; only one still on its way is kept.
-                    let mut ack = Box::pin(acked(transport, key.clone(), meta));
-                    match (&mut ack).now_or_never() {
-                        Some(done) => teller.output(done),
-                        None => acks.get_or_insert_with(FuturesUnordered::new).push(ack),
+                    let acking = ack(key.clone(), meta);
+                    let mut acking = match spare.take() {
+                        Some(mut boxed) => {
+                            boxed.set(acking);
+                            boxed
+                        }
+                        None => Box::pin(acking),
+                    };
+                    match (&mut acking).now_or_never() {
+                        Some(done) => {
+                            teller.output(done);
+                            *spare = Some(acking);
+                        }
+                        None => acks.get_or_insert_with(FuturesUnordered::new).push(acking),
                     }
                 }
                 Err(e) => {
