@@ -334,6 +334,12 @@ impl<K: Key, M: Send + 'static, T: Transport> Engine<K, M, T> {
         let mut wakes = self.cfg.source.subscribe();
         let mut wakes_open = true;
         tokio::pin!(shutdown);
+        // One timer for the loop's next deadline, kept across the turns and moved only when the
+        // deadline moves: a timer made in each turn is registered with the runtime's driver in
+        // each turn, and wakes the driver's thread each time (docs/performance.md, round 17).
+        let timer = tokio::time::sleep_until(Instant::now());
+        tokio::pin!(timer);
+        let mut timer_at = None;
         loop {
             self.start_handlers();
             let in_memory = self.in_memory();
@@ -341,6 +347,12 @@ impl<K: Key, M: Send + 'static, T: Transport> Engine<K, M, T> {
                 next_of(self.hold.next_deadline(), self.away.next_deadline()),
                 self.recheck.map(|(at, _)| at),
             );
+            if let Some(at) = deadline
+                && timer_at != Some(at)
+            {
+                timer.as_mut().reset(at);
+                timer_at = Some(at);
+            }
             tokio::select! {
                 biased;
                 _ = &mut shutdown => return Stop::Shutdown,
@@ -352,7 +364,7 @@ impl<K: Key, M: Send + 'static, T: Transport> Engine<K, M, T> {
                     Some(wake) => self.on_wake(wake),
                     None => wakes_open = false,
                 },
-                () = sleep_until_opt(deadline), if deadline.is_some() => self.expire(),
+                () = &mut timer, if deadline.is_some() => self.expire(),
                 Some(partition) = self.transport.revoked() => self.on_revoked(partition),
                 got = intake.next(), if in_memory < self.intake_limit => match got {
                     Ok(Some(d)) => self.on_delivery(d),
@@ -1482,13 +1494,6 @@ fn next_of(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
     match (a, b) {
         (Some(a), Some(b)) => Some(a.min(b)),
         (a, b) => a.or(b),
-    }
-}
-
-async fn sleep_until_opt(deadline: Option<Instant>) {
-    match deadline {
-        Some(t) => tokio::time::sleep_until(t).await,
-        None => std::future::pending().await,
     }
 }
 
