@@ -1222,7 +1222,9 @@ fn worker<K: Key, M: Send + 'static, T: Transport>(
 
 /// What a worker's jobs share.
 struct Job<'a, K: Key, M, T, A, F> {
+    /// The consumer's configuration: the handler.
     cfg: &'a Config<K, M>,
+    /// To ask whether a delivery went stale before its handler runs.
     transport: &'a T,
     /// Set when the consumer stops.
     draining: &'a AtomicBool,
