@@ -337,9 +337,9 @@ impl<K: Key, M: Send + 'static, T: Transport> Engine<K, M, T> {
         // One timer for the loop's next deadline, kept across the turns and moved only when the
         // deadline moves: a timer made in each turn is registered with the runtime's driver in
         // each turn, and wakes the driver's thread each time (docs/performance.md, round 17).
+        // Polled only while there is a deadline.
         let timer = tokio::time::sleep_until(Instant::now());
         tokio::pin!(timer);
-        let mut timer_at = None;
         loop {
             self.start_handlers();
             let in_memory = self.in_memory();
@@ -348,10 +348,9 @@ impl<K: Key, M: Send + 'static, T: Transport> Engine<K, M, T> {
                 self.recheck.map(|(at, _)| at),
             );
             if let Some(at) = deadline
-                && timer_at != Some(at)
+                && timer.deadline() != at
             {
                 timer.as_mut().reset(at);
-                timer_at = Some(at);
             }
             tokio::select! {
                 biased;

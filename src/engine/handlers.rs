@@ -325,8 +325,12 @@ impl<J, O, E, R> Drop for Handlers<J, O, E, R> {
 mod tests {
     use super::*;
 
+    /// Set when job 11 reached its wait (only one test runs job 11).
+    static JOB_11_WAITS: AtomicBool = AtomicBool::new(false);
+
     /// Tells each job doubled and leaves no work undone; panics on 0; never ends on 1; on 11,
-    /// does 1 and never ends; on 13, does 1, then waits, telling it first, and never ends.
+    /// does 1 and never ends (`JOB_11_WAITS`); on 13, does 1, then waits, telling it first, and
+    /// never ends.
     async fn worker(mut jobs: Jobs<u32, u32, u32>) {
         while let Some((job, mut teller)) = jobs.recv().await {
             match job {
@@ -334,6 +338,7 @@ mod tests {
                 1 => std::future::pending::<()>().await,
                 11 => {
                     teller.output(1);
+                    JOB_11_WAITS.store(true, Ordering::SeqCst);
                     std::future::pending::<()>().await;
                 }
                 13 => {
@@ -409,8 +414,8 @@ mod tests {
         // Told before the job waits: it comes while the job still runs.
         assert!(matches!(h.recv().await, Told::Output(_, 1)));
         h.start("waits untold", 11, 7, worker);
-        // Let the second job run up to its wait: what it did is not told yet.
-        for _ in 0..100 {
+        // Once the second job waits, what it did is not told yet.
+        while !JOB_11_WAITS.load(Ordering::SeqCst) {
             tokio::task::yield_now().await;
         }
         assert!(
