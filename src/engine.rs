@@ -189,12 +189,23 @@ struct Waiting<M> {
     expired: bool,
 }
 
-/// What a handler job reports: the message's key and description, and the handler's outcome
-/// (on success, the job acknowledged the message itself and reports the event).
+/// What a handler job reports: the message's key and description, and what became of it.
 struct Handled<K> {
     key: K,
     meta: Meta,
-    outcome: Result<Event<K>, HandlerError>,
+    outcome: Outcome,
+}
+
+/// What became of a message a job ran. The loop makes the event, dated when it took the news
+/// (`Handlers::taken_at`): the job does not read the clock for it (docs/performance.md, round
+/// 18).
+enum Outcome {
+    /// The handler succeeded and the job acknowledged the message.
+    Acked,
+    /// The handler succeeded; the acknowledgement failed (the transport's error).
+    AckFailed(String),
+    /// The handler failed.
+    Failed(HandlerError),
 }
 
 /// A handler job's messages (a key's, up to `JOB_MAX`, in order), kept by its teller: what it
@@ -647,13 +658,18 @@ impl<K: Key, M: Send + 'static, T: Transport> Engine<K, M, T> {
             running.unreported = running.unreported.saturating_sub(1);
         }
         let Handled { key, meta, outcome } = handled;
+        let at = self.handlers.taken_at();
         match outcome {
-            Ok(event) => self.emit(event),
-            Err(e) if e.is_permanent() => {
+            Outcome::Acked => self.emit(event_at(&meta, Some(key), Decision::Handled, at)),
+            Outcome::AckFailed(error) => {
+                let failed = Decision::SettleFailed { error };
+                self.emit(event_at(&meta, Some(key), failed, at));
+            }
+            Outcome::Failed(e) if e.is_permanent() => {
                 let dl = DeadLetter::new(DeadLetterKind::Rejected, e.chain(), meta.attempt);
                 self.dead_letter(key.clone(), &meta, dl);
             }
-            Err(e) => {
+            Outcome::Failed(e) => {
                 self.defer(key.clone(), &meta, DeferCause::HandlerRetry, Some(&e));
                 if self.away.first(&key) == Some(meta.pos) {
                     // The key is blocked by this message now: what waited in its lane waits
@@ -1322,7 +1338,7 @@ where
                     teller.output(Handled {
                         key: key.clone(),
                         meta,
-                        outcome: Err(e),
+                        outcome: Outcome::Failed(e),
                     });
                     if retry {
                         break;
@@ -1350,20 +1366,13 @@ where
     }
 }
 
-/// Acknowledge a message whose handler succeeded; its outcome.
+/// Acknowledge a message whose handler succeeded; what became of it.
 async fn acked<K: Key, T: Transport>(transport: &T, key: K, meta: Meta) -> Handled<K> {
-    let acked = transport.settle(meta.id, Settle::Ack).await;
-    let mut event = event_of(&meta, Some(key.clone()), Decision::Handled);
-    if let Err(e) = acked {
-        event.decision = Decision::SettleFailed {
-            error: e.to_string(),
-        };
-    }
-    Handled {
-        key,
-        meta,
-        outcome: Ok(event),
-    }
+    let outcome = match transport.settle(meta.id, Settle::Ack).await {
+        Ok(()) => Outcome::Acked,
+        Err(e) => Outcome::AckFailed(e.to_string()),
+    };
+    Handled { key, meta, outcome }
 }
 
 /// What a handler job awaits: the handler's future, in its span, a panic caught.
