@@ -14,7 +14,9 @@ use crate::transport::DeliveryId;
 /// One decision about one delivery.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Event<K> {
-    /// When (tokio's clock, so tests under a paused clock see virtual time).
+    /// When (tokio's clock, so tests under a paused clock see virtual time). A settlement's
+    /// event is dated once the transport answered; a handled message's when the engine learned
+    /// that its handler returned and its acknowledgement was made (never before either).
     pub at: Instant,
     /// The delivery the decision is about.
     pub delivery: DeliveryId,
