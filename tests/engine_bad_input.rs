@@ -19,10 +19,6 @@ fn dead(ev: &[Event<u64>]) -> usize {
     count(ev, |e| matches!(e.decision, Decision::DeadLettered(_)))
 }
 
-fn handled(ev: &[Event<u64>]) -> usize {
-    count(ev, |e| e.decision == Decision::Handled)
-}
-
 /// (what, body, source) of every hostile input.
 fn hostile() -> Vec<(&'static str, Vec<u8>, Source)> {
     let mut huge_string = Vec::with_capacity(TEN_MB + 2);

@@ -215,7 +215,6 @@ async fn the_next_message_of_a_key_does_not_wait_for_the_acknowledgement() {
         })
         .build()
     };
-    let handled = |ev: &[prereq::Event<u64>]| count(ev, |e| e.decision == Decision::Handled);
     let report = consumer
         .run(
             SlowAcks(broker.transport()),

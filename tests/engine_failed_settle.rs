@@ -16,9 +16,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::*;
+use prereq::Decision;
 use prereq::memory::{MemoryBroker, MemoryTransport};
 use prereq::transport::{Delivery, DeliveryId, Demand, Settle, Source, Transport};
-use prereq::{Decision, Event, HandlerError};
 
 /// When the broker delivers the message of a failed settlement again (the reconnect after a
 /// dropped connection).
@@ -89,25 +89,9 @@ async fn a_failed_deferral_does_not_block_its_key() {
     broker.publish(payment(1, 5));
     let rec = Recorder::new();
     let seen = Log::new();
-    let failed_once = Arc::new(AtomicBool::new(false));
-    let consumer = {
-        let seen = seen.clone();
-        builder(&rec, move |p: Payment| {
-            let fail = p.id == 1 && !failed_once.swap(true, Ordering::SeqCst);
-            if !fail {
-                seen.push(p.id);
-            }
-            async move {
-                if fail {
-                    Err(HandlerError::retry("busy"))
-                } else {
-                    Ok(())
-                }
-            }
-        })
+    let consumer = builder(&rec, fails_once(1, seen.clone()))
         .policy(linear(1, 3))
-        .build()
-    };
+        .build();
     let transport = FirstSettleFails::new(&broker, |s| matches!(s, Settle::Defer { .. }));
     let producer = {
         let broker = broker.clone();
@@ -117,7 +101,6 @@ async fn a_failed_deferral_does_not_block_its_key() {
             broker.publish(payment(2, 5));
         }
     };
-    let handled = |ev: &[Event<u64>]| count(ev, |e| e.decision == Decision::Handled);
     let (report, ()) = tokio::join!(
         consumer.run(transport, rec.until(move |ev| handled(ev) == 2)),
         producer
@@ -171,7 +154,6 @@ async fn a_failed_acknowledgement_is_reported_and_the_message_runs_again() {
         .build()
     };
     let transport = FirstSettleFails::new(&broker, |s| matches!(s, Settle::Ack));
-    let handled = |ev: &[Event<u64>]| count(ev, |e| e.decision == Decision::Handled);
     let report = consumer
         .run(transport, rec.until(move |ev| handled(ev) == 1))
         .await

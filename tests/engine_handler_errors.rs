@@ -25,10 +25,6 @@ fn dead(ev: &[Event<u64>]) -> usize {
     count(ev, |e| matches!(e.decision, Decision::DeadLettered(_)))
 }
 
-fn handled(ev: &[Event<u64>]) -> usize {
-    count(ev, |e| e.decision == Decision::Handled)
-}
-
 /// (offset from start, attempt, decision) for message `id`.
 fn timeline(rec: &Recorder<u64>, id: &str, start: Instant) -> Vec<(Duration, u32, Decision)> {
     rec.of(id)

@@ -133,10 +133,6 @@ fn consumer(
     .build()
 }
 
-fn handled(ev: &[prereq::Event<u64>]) -> usize {
-    count(ev, |e| e.decision == Decision::Handled)
-}
-
 #[tokio::test(start_paused = true)]
 async fn a_lookup_error_holds_and_the_message_runs_once_the_source_answers() {
     let source = TestSource::default().silent();

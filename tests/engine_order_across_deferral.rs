@@ -4,17 +4,11 @@
 
 mod common;
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use common::*;
 use prereq::memory::MemoryBroker;
-use prereq::{Decision, DeferCause, HandlerError, HoldBudget};
-
-fn handled(ev: &[prereq::Event<u64>]) -> usize {
-    count(ev, |e| e.decision == Decision::Handled)
-}
+use prereq::{Decision, DeferCause, HoldBudget};
 
 /// Payment 1 fails once (deferred 1 s); payment 2 of the same client arrives 100 ms later.
 async fn retry_then_later_message(keep_order: bool) -> Vec<u64> {
@@ -23,26 +17,10 @@ async fn retry_then_later_message(keep_order: bool) -> Vec<u64> {
     broker.publish(payment(1, 5));
     let rec = Recorder::new();
     let seen = Log::new();
-    let failed_once = Arc::new(AtomicBool::new(false));
-    let consumer = {
-        let seen = seen.clone();
-        builder(&rec, move |p: Payment| {
-            let fail = p.id == 1 && !failed_once.swap(true, Ordering::SeqCst);
-            if !fail {
-                seen.push(p.id);
-            }
-            async move {
-                if fail {
-                    Err(HandlerError::retry("busy"))
-                } else {
-                    Ok(())
-                }
-            }
-        })
+    let consumer = builder(&rec, fails_once(1, seen.clone()))
         .policy(linear(1, 3))
         .keep_key_order(keep_order)
-        .build()
-    };
+        .build();
     let producer = {
         let broker = broker.clone();
         async move {
@@ -126,27 +104,11 @@ async fn with_no_room_later_messages_are_deferred_in_turn_and_keep_their_order()
     }
     let rec = Recorder::new();
     let seen = Log::new();
-    let failed_once = Arc::new(AtomicBool::new(false));
-    let consumer = {
-        let seen = seen.clone();
-        builder(&rec, move |p: Payment| {
-            let fail = p.id == 1 && !failed_once.swap(true, Ordering::SeqCst);
-            if !fail {
-                seen.push(p.id);
-            }
-            async move {
-                if fail {
-                    Err(HandlerError::retry("busy"))
-                } else {
-                    Ok(())
-                }
-            }
-        })
+    let consumer = builder(&rec, fails_once(1, seen.clone()))
         .policy(linear(1, 3))
         .budget(HoldBudget::NONE)
         .concurrency(1)
-        .build()
-    };
+        .build();
     run_until(consumer, &broker, &rec, |ev| handled(ev) == 4).await;
     assert_eq!(seen.get(), vec![1, 2, 3, 4]);
     let behind = rec.count(|e| {

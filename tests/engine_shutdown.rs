@@ -14,10 +14,6 @@ use prereq::transport::{Settle, Transport};
 use prereq::{Decision, HandlerError, MemoryKeys};
 use tokio::sync::{oneshot, watch};
 
-fn handled(ev: &[prereq::Event<u64>]) -> usize {
-    count(ev, |e| e.decision == Decision::Handled)
-}
-
 /// A consumer whose handler logs each payment it starts, then runs `work`, with `grace` to stop;
 /// the log; and a shutdown that completes once a handler started (looked at every 10 ms of
 /// virtual time).

@@ -12,15 +12,19 @@
 //!   that completes when a condition over the events holds: use it as the `shutdown` of
 //!   [`DependentConsumer::run`] to run "until X happened", with no real-time waiting.
 //! - [`Log`]: a shared list for handlers to write what they saw.
+//! - [`fails_once`]: a handler that fails one payment once (retryably) and logs the others' runs.
 #![allow(dead_code)] // each test binary uses its own subset
 
 use std::fmt::Debug;
 use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use prereq::memory::MemoryBroker;
-use prereq::{Backoff, ConsumerBuilder, Decision, DependentConsumer, Event, Handler, Report};
+use prereq::{
+    Backoff, ConsumerBuilder, Decision, DependentConsumer, Event, Handler, HandlerError, Report,
+};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
@@ -70,6 +74,22 @@ pub fn builder<A>(
         .registrations(|c: &Client| c.id)
         .id(|p: &Payment| p.id.to_string())
         .on_event(rec.observer())
+}
+
+/// A handler that fails payment `id` the first time it runs (a retryable error: the engine
+/// defers it) and logs in `ran` the id of every payment it runs successfully.
+pub fn fails_once(
+    id: u64,
+    ran: Log<u64>,
+) -> impl Fn(Payment) -> std::future::Ready<Result<(), HandlerError>> + Send + Sync + 'static {
+    let failed = AtomicBool::new(false);
+    move |p: Payment| {
+        if p.id == id && !failed.swap(true, Ordering::SeqCst) {
+            return std::future::ready(Err(HandlerError::retry("busy")));
+        }
+        ran.push(p.id);
+        std::future::ready(Ok(()))
+    }
 }
 
 /// Run `consumer` on a fresh transport of `broker` until `cond` holds over the recorded events,
@@ -218,6 +238,11 @@ impl<K: Clone + Debug + Send + Sync + 'static> Recorder<K> {
 /// Counts events satisfying `pred` in a slice (for `until` conditions).
 pub fn count<K>(events: &[Event<K>], pred: impl Fn(&Event<K>) -> bool) -> usize {
     events.iter().filter(|e| pred(e)).count()
+}
+
+/// How many messages were handled in `events`: the usual condition of [`Recorder::until`].
+pub fn handled(events: &[Event<u64>]) -> usize {
+    count(events, |e| e.decision == Decision::Handled)
 }
 
 /// A list shared between handlers and the test. Clones share the same list.
