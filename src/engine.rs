@@ -472,7 +472,7 @@ impl<K: Key, M: Send + 'static, T: Transport> Engine<K, M, T> {
         self.looking = 0;
         all.sort_unstable_by_key(|(_, p)| p.meta.id);
         for (key, p) in all {
-            let event = self.event_of(&p.meta, Some(key.into_key()), Decision::Requeued);
+            let event = event_of(&p.meta, Some(key.into_key()), Decision::Requeued);
             self.settle(event, Settle::Requeue);
         }
     }
@@ -572,7 +572,7 @@ impl<K: Key, M: Send + 'static, T: Transport> Engine<K, M, T> {
                     // harmless on a dead channel, and consumes a live duplicate otherwise).
                     tracing::debug!(target: "prereq", message_id = stale.message_id.as_deref(),
                         "a redelivered copy replaced its held original");
-                    let event = self.event_of(&stale, Some(key), Decision::Held);
+                    let event = event_of(&stale, Some(key), Decision::Held);
                     self.settle_quietly(event, Settle::Ack);
                     return;
                 }
@@ -662,8 +662,12 @@ impl<K: Key, M: Send + 'static, T: Transport> Engine<K, M, T> {
         match outcome {
             Outcome::Acked => self.emit(event_at(&meta, Some(key), Decision::Handled, at)),
             Outcome::AckFailed(error) => {
-                let failed = Decision::SettleFailed { error };
-                self.emit(event_at(&meta, Some(key), failed, at));
+                self.emit(event_at(
+                    &meta,
+                    Some(key),
+                    Decision::SettleFailed { error },
+                    at,
+                ));
             }
             Outcome::Failed(e) if e.is_permanent() => {
                 let dl = DeadLetter::new(DeadLetterKind::Rejected, e.chain(), meta.attempt);
@@ -696,7 +700,7 @@ impl<K: Key, M: Send + 'static, T: Transport> Engine<K, M, T> {
         for p in left {
             let key = running.key.clone();
             if p.meta.partition.is_some_and(|q| self.revoking.contains(&q)) {
-                let event = self.event_of(&p.meta, Some(key.into_key()), Decision::Requeued);
+                let event = event_of(&p.meta, Some(key.into_key()), Decision::Requeued);
                 self.settle(event, Settle::Requeue);
             } else if self.transport.is_stale(p.meta.id) {
                 // Its channel failed since (a reconnect): the broker delivers it again, and
@@ -737,7 +741,7 @@ impl<K: Key, M: Send + 'static, T: Transport> Engine<K, M, T> {
         tracing::info!(target: "prereq", partition, given_back = back.len(),
             "giving a partition up");
         for (key, p) in back {
-            let event = self.event_of(&p.meta, Some(key.into_key()), Decision::Requeued);
+            let event = event_of(&p.meta, Some(key.into_key()), Decision::Requeued);
             self.settle(event, Settle::Requeue);
         }
         self.release_partition_if_idle(Some(partition));
@@ -1027,7 +1031,7 @@ impl<K: Key, M: Send + 'static, T: Transport> Engine<K, M, T> {
             _ => error.and_then(HandlerError::min_delay),
         };
         let (settle, decision) = deferral(&*self.cfg.policy, &key, meta, cause, min_delay, error);
-        let event = self.event_of(meta, Some(key.clone()), decision);
+        let event = event_of(meta, Some(key.clone()), decision);
         if let Settle::Defer { delay, .. } = &settle
             && self.cfg.keep_order
         {
@@ -1058,7 +1062,7 @@ impl<K: Key, M: Send + 'static, T: Transport> Engine<K, M, T> {
     }
 
     fn dead_letter(&mut self, key: K, meta: &Meta, dl: DeadLetter) {
-        let event = self.event_of(meta, Some(key), Decision::DeadLettered(dl.clone()));
+        let event = event_of(meta, Some(key), Decision::DeadLettered(dl.clone()));
         self.settle(event, Settle::DeadLetter(dl));
     }
 
@@ -1096,10 +1100,6 @@ impl<K: Key, M: Send + 'static, T: Transport> Engine<K, M, T> {
             attempt: d.attempt,
             decision,
         }
-    }
-
-    fn event_of(&self, meta: &Meta, key: Option<K>, decision: Decision) -> Event<K> {
-        event_of(meta, key, decision)
     }
 
     fn emit(&mut self, event: Event<K>) {
