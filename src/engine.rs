@@ -31,6 +31,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use futures::future::Either;
 use futures::stream::FuturesUnordered;
 use futures::{FutureExt, StreamExt};
 use tokio::sync::Semaphore;
@@ -1222,7 +1223,10 @@ fn worker<K: Key, M: Send + 'static, T: Transport>(
         let ack = |key: K, meta: Meta| acked(&*transport, key, meta);
         // The box of the last acknowledgement that completed at once, for the next one.
         let mut spare = None;
-        while let Some((key, teller)) = jobs.recv().await {
+        // The list the last job gathered its outcomes in, for the next one.
+        let mut outputs = Vec::new();
+        while let Some((key, mut teller)) = jobs.recv().await {
+            teller.gather_in(std::mem::take(&mut outputs));
             let job = Job {
                 cfg: &cfg,
                 transport: &*transport,
@@ -1230,7 +1234,7 @@ fn worker<K: Key, M: Send + 'static, T: Transport>(
                 ack: &ack,
                 spare: &mut spare,
             };
-            run_job(job, key, teller).await;
+            outputs = run_job(job, key, teller).await;
         }
     }
 }
@@ -1255,7 +1259,8 @@ struct Job<'a, K: Key, M, T, A, F> {
 /// Run a key's messages (kept by `teller`) in order, each handler after the one before returned;
 /// acknowledge each that succeeded (while the next runs). Tells the loop each outcome; stops
 /// after a retryable failure, at a stale delivery (a reconnect, a revoked partition: the loop
-/// gives it back), or once the consumer stops, and ends with the messages it did not run.
+/// gives it back), or once the consumer stops, and ends with the messages it did not run; returns
+/// the list it gathered its outcomes in ([`Teller::ended`]).
 ///
 /// A plain function returning an `async move` block, not an `async fn`: an `async fn` keeps
 /// each argument twice in its future (once as given, once as the body's local). For the same
@@ -1265,7 +1270,7 @@ fn run_job<'a, K, M, T, A, F>(
     job: Job<'a, K, M, T, A, F>,
     key: K,
     mut teller: Teller<Handled<K>, Left<M>>,
-) -> impl Future<Output = ()> + Send + 'a
+) -> impl Future<Output = Vec<Handled<K>>> + Send + 'a
 where
     K: Key,
     M: Send + 'static,
@@ -1362,7 +1367,7 @@ where
             teller.output(done);
             teller.flush();
         }
-        teller.ended();
+        teller.ended()
     }
 }
 
@@ -1375,9 +1380,11 @@ async fn acked<K: Key, T: Transport>(transport: &T, key: K, meta: Meta) -> Handl
     Handled { key, meta, outcome }
 }
 
-/// What a handler job awaits: the handler's future, in its span, a panic caught.
+/// What a handler job awaits: the handler's future, in its span where a subscriber wants one
+/// (else on its own: entering and leaving a span that is none still costs at each poll and at
+/// the drop; docs/performance.md, round 19), a panic caught.
 type Called = futures::future::CatchUnwind<
-    AssertUnwindSafe<tracing::instrument::Instrumented<HandlerFuture>>,
+    AssertUnwindSafe<Either<tracing::instrument::Instrumented<HandlerFuture>, HandlerFuture>>,
 >;
 
 /// The future a handler returns.
@@ -1397,25 +1404,28 @@ fn call<K: Key, M>(
         attempt: meta.attempt,
         redelivered: meta.redelivered,
     };
+    let called = |ctx| std::panic::catch_unwind(AssertUnwindSafe(|| (cfg.handler)(msg, ctx)));
     // No subscriber wants it: no span at all (a disabled one still writes `log` records when
-    // it is made, entered, left and dropped, where tracing's `log` feature is on).
-    let span = if tracing::enabled!(target: "prereq", tracing::Level::INFO) {
-        tracing::info_span!(
+    // it is made, entered, left and dropped, where tracing's `log` feature is on), and none
+    // to enter at each poll.
+    let called = if tracing::enabled!(target: "prereq", tracing::Level::INFO) {
+        let span = tracing::info_span!(
             target: "prereq",
             "handle",
             key = ?key,
             message_id = meta.message_id.as_deref(),
             attempt = meta.attempt
-        )
+        );
+        let called = {
+            let _entered = span.enter();
+            called(ctx)
+        };
+        called.map(|fut| Either::Left(fut.instrument(span)))
     } else {
-        tracing::Span::none()
-    };
-    let called = {
-        let _entered = span.enter();
-        std::panic::catch_unwind(AssertUnwindSafe(|| (cfg.handler)(msg, ctx)))
+        called(ctx).map(Either::Right)
     };
     match called {
-        Ok(fut) => Ok(AssertUnwindSafe(fut.instrument(span)).catch_unwind()),
+        Ok(fut) => Ok(AssertUnwindSafe(fut).catch_unwind()),
         Err(payload) => Err(panicked(&*payload)),
     }
 }

@@ -591,6 +591,13 @@ impl Transport for MemoryTransport {
         }
     }
 
+    fn try_recv(&self) -> Option<Result<Option<Delivery>, MemoryError>> {
+        match self.take() {
+            Taken::Ready(got) => Some(got),
+            Taken::Wait(_) => None,
+        }
+    }
+
     async fn settle(&self, id: DeliveryId, settle: Settle) -> Result<(), MemoryError> {
         let mut s = self.broker.lock();
         let mut m = s

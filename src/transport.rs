@@ -208,6 +208,17 @@ pub trait Transport: Send + Sync + 'static {
     /// out by a call dropped unfinished stays unsettled until the transport closes.
     fn recv(&self) -> impl Future<Output = Result<Option<Delivery>, Self::Error>> + Send;
 
+    /// The next delivery if one is ready now, as [`Transport::recv`] would give it, without
+    /// waiting; `None` when `recv` would wait, or when the transport cannot tell (the default).
+    ///
+    /// The consumer asks this first while no `recv` call of its own is in flight: a transport
+    /// whose deliveries wait in memory hands over a run of ready ones without a future made
+    /// and polled for each (docs/performance.md, round 19). It need not be implemented: `recv`
+    /// alone is enough.
+    fn try_recv(&self) -> Option<Result<Option<Delivery>, Self::Error>> {
+        None
+    }
+
     /// Carry out the engine's decision for a delivery.
     fn settle(
         &self,

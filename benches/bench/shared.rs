@@ -69,6 +69,10 @@ impl Transport for Shared {
         self.0.recv()
     }
 
+    fn try_recv(&self) -> Option<Result<Option<Delivery>, AmqpError>> {
+        self.0.try_recv()
+    }
+
     fn settle(
         &self,
         id: DeliveryId,

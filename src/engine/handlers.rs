@@ -100,11 +100,23 @@ impl<O, E> Teller<O, E> {
         self.tell(Some(Told::Returned(self.id)));
     }
 
-    /// The job ends, with what it has not done.
-    pub(super) fn ended(mut self) {
+    /// Gather what the job does in `outputs` (emptied, its capacity kept), a list the worker
+    /// keeps from job to job: a list of its own would grow anew for each job (two reallocations
+    /// a job of eight; docs/performance.md, round 19).
+    pub(super) fn gather_in(&mut self, mut outputs: Vec<O>) {
+        if self.outputs.is_empty() {
+            outputs.clear();
+            self.outputs = outputs;
+        }
+    }
+
+    /// The job ends, with what it has not done; the list it gathered in, emptied, for the
+    /// worker's next job ([`Teller::gather_in`]).
+    pub(super) fn ended(mut self) -> Vec<O> {
         self.ended = true;
         let end = Told::Ended(self.id, self.unfinished.take());
         self.tell(Some(end));
+        std::mem::take(&mut self.outputs)
     }
 
     /// What the job did so far, then `then`, if any: one step for the loop's inbox.
@@ -343,8 +355,12 @@ mod tests {
     /// Tells each job doubled and leaves no work undone; panics on 0; never ends on 1; on 11,
     /// does 1 and never ends (`JOB_11_WAITS`); on 13, does 1, then waits, telling it first, and
     /// never ends.
+    /// Gathers in one list from job to job, left with a stale entry each time (which
+    /// `gather_in` must not tell).
     async fn worker(mut jobs: Jobs<u32, u32, u32>) {
+        let mut kept = vec![999];
         while let Some((job, mut teller)) = jobs.recv().await {
+            teller.gather_in(std::mem::take(&mut kept));
             match job {
                 0 => panic!("a worker dies"),
                 1 => std::future::pending::<()>().await,
@@ -364,7 +380,10 @@ mod tests {
                         *work = 0;
                     }
                     teller.returned();
-                    teller.ended();
+                    kept = teller.ended();
+                    assert!(kept.is_empty(), "the list comes back emptied");
+                    assert!(kept.capacity() > 0, "with its capacity");
+                    kept.push(999);
                 }
             }
         }
@@ -378,7 +397,9 @@ mod tests {
         let mut output = None;
         loop {
             match h.recv().await {
-                Told::Output(_, n) => output = Some(n),
+                Told::Output(_, n) => {
+                    assert_eq!(output.replace(n), None, "one output, told once");
+                }
                 Told::Returned(_) => {}
                 Told::Ended(id, left) => {
                     let out = output.expect("the output, then the end");
