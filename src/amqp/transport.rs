@@ -58,12 +58,12 @@ impl Inputs {
     /// or the connection's loss for good, which comes first: what is still buffered came on it,
     /// and could not be settled.
     async fn next(&mut self) -> Result<Option<Delivery>, AmqpError> {
-        let Self { rx, lost } = self;
         // Looked at once here, so that a delivery that is ready is taken without registering
         // for news of the loss (and dropping the registration again).
-        if let Some(e) = lost.borrow().clone() {
-            return Err(e);
+        if let Some(got) = self.ready() {
+            return got;
         }
+        let Self { rx, lost } = self;
         let got = tokio::select! {
             biased;
             got = rx.recv() => got,
@@ -75,11 +75,26 @@ impl Inputs {
             }
         };
         match got {
-            Some(Ok(d)) => Ok(Some(d)),
-            Some(Err(e)) => Err(e),
-            // The consumers ended: because the connection was lost, if it was.
-            None => lost.borrow().clone().map_or(Ok(None), Err),
+            Some(got) => got.map(Some),
+            None => self.ended(),
         }
+    }
+
+    /// What [`Inputs::next`] gives if it would not wait; `None` where it would.
+    fn ready(&mut self) -> Option<Result<Option<Delivery>, AmqpError>> {
+        if let Some(e) = self.lost.borrow().clone() {
+            return Some(Err(e));
+        }
+        match self.rx.try_recv() {
+            Ok(got) => Some(got.map(Some)),
+            Err(mpsc::error::TryRecvError::Empty) => None,
+            Err(mpsc::error::TryRecvError::Disconnected) => Some(self.ended()),
+        }
+    }
+
+    /// The consumers ended: because the connection was lost, if it was.
+    fn ended(&self) -> Result<Option<Delivery>, AmqpError> {
+        self.lost.borrow().clone().map_or(Ok(None), Err)
     }
 }
 
@@ -386,6 +401,11 @@ impl Transport for AmqpTransport {
         self.inputs.lock().await.next().await
     }
 
+    /// A delivery already received, without waiting; `None` also while a `recv` waits.
+    fn try_recv(&self) -> Option<Result<Option<Delivery>, AmqpError>> {
+        self.inputs.try_lock().ok()?.ready()
+    }
+
     async fn settle(&self, id: DeliveryId, settle: Settle) -> Result<(), AmqpError> {
         self.shared.settle(id, settle).await
     }
@@ -479,6 +499,35 @@ mod tests {
             .expect("the wait ends")
             .expect("the task ran");
         assert!(is_lost(&got));
+    }
+
+    #[tokio::test]
+    async fn what_is_ready_is_taken_without_waiting_as_next_would_give_it() {
+        let (mut i, tx, _lose) = inputs();
+        assert!(i.ready().is_none(), "nothing yet: it would wait");
+        tx.send(Ok(delivery(1))).await.expect("room");
+        tx.send(Err(AmqpError::Config("bad".to_owned())))
+            .await
+            .expect("room");
+        tx.send(Ok(delivery(3))).await.expect("room");
+        assert!(matches!(i.ready(), Some(Ok(Some(d))) if d.id == DeliveryId(1)));
+        assert!(matches!(i.ready(), Some(Err(AmqpError::Config(_)))));
+        assert!(matches!(i.ready(), Some(Ok(Some(d))) if d.id == DeliveryId(3)));
+        assert!(i.ready().is_none());
+        drop(tx);
+        assert!(matches!(i.ready(), Some(Ok(None))), "the consumers ended");
+
+        let (mut i, tx, lose) = inputs();
+        tx.send(Ok(delivery(1))).await.expect("room");
+        lose.send_replace(Some(lost()));
+        let first = i.ready();
+        assert!(
+            first.is_some_and(|got| is_lost(&got)),
+            "the loss before what is buffered"
+        );
+        drop(tx);
+        let end = i.ready();
+        assert!(end.is_some_and(|got| is_lost(&got)), "and at the end");
     }
 
     #[tokio::test]

@@ -476,6 +476,58 @@ mod tests {
         );
     }
 
+    /// Counts its wakes.
+    struct Wakes(std::sync::atomic::AtomicUsize);
+
+    impl futures::task::ArcWake for Wakes {
+        fn wake_by_ref(this: &Arc<Self>) {
+            this.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    #[test]
+    fn the_loop_is_woken_for_what_is_told_or_sees_it_before_it_waits() {
+        let mut h: Handlers<u32, u32, u32, &'static str> = Handlers::new();
+        let inbox = Arc::clone(&h.inbox);
+        let wakes = Arc::new(Wakes(std::sync::atomic::AtomicUsize::new(0)));
+        let waker = futures::task::waker(Arc::clone(&wakes));
+        let mut cx = std::task::Context::from_waker(&waker);
+        let woken = || wakes.0.load(Ordering::SeqCst);
+        let told = |t: Option<Told<u32, u32>>| match t {
+            Some(Told::Returned(n)) => n,
+            _ => 0,
+        };
+        {
+            let recv = h.recv();
+            futures::pin_mut!(recv);
+            assert!(recv.as_mut().poll(&mut cx).is_pending());
+            inbox.push_all([Told::Returned(1)]);
+            assert_eq!(woken(), 1, "the waiting loop is woken");
+            inbox.push_all([Told::Returned(2)]);
+            let Poll::Ready(Told::Returned(1)) = recv.as_mut().poll(&mut cx) else {
+                panic!("the first told");
+            };
+        }
+        assert_eq!(told(h.try_recv()), 2, "then the second");
+        // Told while the loop was not waiting: seen when it next waits, without a wake.
+        inbox.push_all([Told::Returned(3)]);
+        {
+            let recv = h.recv();
+            futures::pin_mut!(recv);
+            let Poll::Ready(Told::Returned(3)) = recv.as_mut().poll(&mut cx) else {
+                panic!("told before the loop waited");
+            };
+        }
+        {
+            let recv = h.recv();
+            futures::pin_mut!(recv);
+            assert!(recv.as_mut().poll(&mut cx).is_pending());
+            inbox.push_all([Told::Returned(4)]);
+            assert_eq!(woken(), 2, "woken again, once it took everything");
+        }
+        assert_eq!(told(h.try_recv()), 4);
+    }
+
     #[tokio::test]
     async fn aborted_jobs_are_lost_with_what_they_left() {
         let mut h: Handlers<u32, u32, u32, &'static str> = Handlers::new();
