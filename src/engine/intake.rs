@@ -20,9 +20,9 @@ pub(super) struct Intake<T: Transport> {
     recv: Pin<Box<dyn Stream<Item = Got<T>> + Send>>,
     /// The transport, for [`Transport::try_recv`].
     transport: Arc<T>,
-    /// A `recv` of `recv`'s may be in flight (it was polled and has not given its delivery):
-    /// `try_recv` is asked only when none is, so that deliveries come in the transport's order
-    /// and none is handed out to a call that is not polled again.
+    /// The stream's `recv` call may be in flight (polled, its delivery not given yet):
+    /// `try_recv` is asked only when it is not, so that deliveries come in the transport's
+    /// order and none is handed to a call that is not polled again.
     in_flight: bool,
 }
 
