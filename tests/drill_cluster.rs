@@ -354,18 +354,30 @@ async fn a_partitioned_group_loses_nothing_when_a_cluster_node_stops_mid_run() {
     };
     let dead: Arc<Mutex<Vec<String>>> = Arc::default();
     let deferred: Arc<Mutex<HashSet<String>>> = Arc::default();
+    // Every decision about each client's payments, in order, to show what happened to a
+    // client whose payments run out of order.
+    let trails: Arc<Mutex<HashMap<u64, Vec<String>>>> = Arc::default();
     let consumer = {
         let dead = dead.clone();
         let deferred = deferred.clone();
+        let trails = trails.clone();
+        let since = Instant::now();
         payments::consumer(clients.clone(), handler)
-            .on_event(move |e| match &e.decision {
-                Decision::DeadLettered(_) => dead.lock().unwrap().push(e.to_string()),
-                Decision::Deferred { .. } => {
-                    if let Some(id) = &e.message_id {
-                        deferred.lock().unwrap().insert(id.clone());
-                    }
+            .on_event(move |e| {
+                if let Some(client) = e.key {
+                    let at = since.elapsed().as_secs_f64();
+                    let line = format!("{at:.3}s {e}");
+                    trails.lock().unwrap().entry(client).or_default().push(line);
                 }
-                _ => {}
+                match &e.decision {
+                    Decision::DeadLettered(_) => dead.lock().unwrap().push(e.to_string()),
+                    Decision::Deferred { .. } => {
+                        if let Some(id) = &e.message_id {
+                            deferred.lock().unwrap().insert(id.clone());
+                        }
+                    }
+                    _ => {}
+                }
             })
             .build()
     };
@@ -671,6 +683,12 @@ async fn a_partitioned_group_loses_nothing_when_a_cluster_node_stops_mid_run() {
         .iter()
         .filter(|(_, seqs)| seqs.windows(2).any(|w| w[0] > w[1]))
         .collect();
+    for (client, _) in out_of_order.iter().take(3) {
+        eprintln!("client {client}'s decisions:");
+        for line in trails.lock().unwrap().get(client).into_iter().flatten() {
+            eprintln!("  {line}");
+        }
+    }
     assert!(
         out_of_order.is_empty(),
         "{} clients' payments first ran out of order, e.g. {:?}",
