@@ -126,6 +126,9 @@ fn race() -> Vec<Ev> {
         .collect()
 }
 
+/// The decisions about one client's payments, each with its time.
+type Trail = Vec<(Instant, String)>;
+
 /// One handler run.
 #[derive(Clone, Copy, Debug)]
 struct Run {
@@ -354,19 +357,17 @@ async fn a_partitioned_group_loses_nothing_when_a_cluster_node_stops_mid_run() {
     };
     let dead: Arc<Mutex<Vec<String>>> = Arc::default();
     let deferred: Arc<Mutex<HashSet<String>>> = Arc::default();
-    // Every decision about each client's payments, in order, to show what happened to a
-    // client whose payments run out of order.
-    let trails: Arc<Mutex<HashMap<u64, Vec<String>>>> = Arc::default();
+    // Every decision about each client's payments, in order and dated, to show what happened
+    // to a client whose payments run out of order.
+    let trails: Arc<Mutex<HashMap<u64, Trail>>> = Arc::default();
     let consumer = {
         let dead = dead.clone();
         let deferred = deferred.clone();
         let trails = trails.clone();
-        let since = Instant::now();
         payments::consumer(clients.clone(), handler)
             .on_event(move |e| {
                 if let Some(client) = e.key {
-                    let at = since.elapsed().as_secs_f64();
-                    let line = format!("{at:.3}s {e}");
+                    let line = (e.at.into_std(), e.to_string());
                     trails.lock().unwrap().entry(client).or_default().push(line);
                 }
                 match &e.decision {
@@ -685,8 +686,9 @@ async fn a_partitioned_group_loses_nothing_when_a_cluster_node_stops_mid_run() {
         .collect();
     for (client, _) in out_of_order.iter().take(3) {
         eprintln!("client {client}'s decisions:");
-        for line in trails.lock().unwrap().get(client).into_iter().flatten() {
-            eprintln!("  {line}");
+        for (at, line) in trails.lock().unwrap().get(client).into_iter().flatten() {
+            // On the run's clock, as the node's stop and start are printed.
+            eprintln!("  {:?} {line}", at.saturating_duration_since(run_started));
         }
     }
     assert!(

@@ -355,6 +355,7 @@ mod tests {
     /// Tells each job doubled and leaves no work undone; panics on 0; never ends on 1; on 11,
     /// does 1 and never ends (`JOB_11_WAITS`); on 13, does 1, then waits, telling it first, and
     /// never ends.
+    ///
     /// Gathers in one list from job to job, left with a stale entry each time (which
     /// `gather_in` must not tell).
     async fn worker(mut jobs: Jobs<u32, u32, u32>) {
