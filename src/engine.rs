@@ -20,6 +20,7 @@
 
 mod away;
 mod handlers;
+mod here;
 mod intake;
 mod lanes;
 
@@ -42,7 +43,8 @@ use tokio_util::task::AbortOnDropHandle;
 use tracing::Instrument;
 
 use self::away::Away;
-use self::handlers::{Handlers, Jobs, Teller, Told};
+use self::handlers::{Assigned, Handlers, Jobs, Resumed, Teller, Told};
+use self::here::Here;
 use self::intake::Intake;
 use self::lanes::Lanes;
 use crate::cache::KeyCache;
@@ -274,6 +276,8 @@ struct Engine<K, M, T> {
     /// acknowledges (unless the acknowledgement is done at once): its key's next message may
     /// run while the acknowledgement travels.
     handlers: Handlers<K, Handled<K>, Left<M>, Running<K>>,
+    /// Whether the loop runs the next job itself (see `here`).
+    here: Here<Handled<K>>,
     /// Messages in running jobs besides the one each runs (counted in memory like a lane's).
     in_jobs: usize,
     /// Set when the consumer stops: jobs run no further message. Every job reads it before each
@@ -323,6 +327,7 @@ impl<K: Key, M: Send + 'static, T: Transport> Engine<K, M, T> {
             lanes: Lanes::default(),
             away: Away::new(),
             handlers: Handlers::new(),
+            here: Here::new(),
             in_jobs: 0,
             draining: Arc::new(AtomicBool::new(false)),
             revoking: std::collections::HashSet::new(),
@@ -1008,14 +1013,46 @@ impl<K: Key, M: Send + 'static, T: Transport> Engine<K, M, T> {
                 unreported: batch.len(),
             };
             let (cfg, transport, draining) = (&self.cfg, &self.transport, &self.draining);
-            self.handlers.start(running, key.into_key(), batch, |jobs| {
+            let worker = |jobs| {
                 worker(
                     Arc::clone(cfg),
                     Arc::clone(transport),
                     Arc::clone(draining),
                     jobs,
                 )
-            });
+            };
+            if !self.here.now() {
+                self.handlers.start(running, key.into_key(), batch, worker);
+                continue;
+            }
+            let mut teller = self.handlers.start_here(running, batch);
+            teller.gather_in(self.here.outputs());
+            let id = teller.job();
+            let started = std::time::Instant::now();
+            let mut job: Resumed<Handled<K>> = Box::pin(job_here(
+                Arc::clone(cfg),
+                Arc::clone(transport),
+                Arc::clone(draining),
+                key.into_key(),
+                teller,
+                started + here::BUDGET,
+            ));
+            // A panic outside the handler (which `call` catches), as a worker's death: the job
+            // is dropped, its teller tells it lost.
+            match std::panic::catch_unwind(AssertUnwindSafe(|| job.as_mut().now_or_never())) {
+                Ok(Some(outputs)) => self.here.ended(outputs, started.elapsed()),
+                Ok(None) => {
+                    self.here.handed_over();
+                    self.handlers.hand_over(id, job, worker);
+                }
+                Err(_) => {
+                    tracing::error!(
+                        target: "prereq",
+                        "a handler job panicked outside its handler: its messages run again"
+                    );
+                    self.here.handed_over();
+                }
+            }
         }
     }
 
@@ -1225,7 +1262,14 @@ fn worker<K: Key, M: Send + 'static, T: Transport>(
         let mut spare = None;
         // The list the last job gathered its outcomes in, for the next one.
         let mut outputs = Vec::new();
-        while let Some((key, mut teller)) = jobs.recv().await {
+        while let Some(assigned) = jobs.recv().await {
+            let (key, mut teller) = match assigned {
+                Assigned::Start(key, teller) => (key, teller),
+                Assigned::Resume(job) => {
+                    outputs = job.await;
+                    continue;
+                }
+            };
             teller.gather_in(std::mem::take(&mut outputs));
             let job = Job {
                 cfg: &cfg,
@@ -1233,9 +1277,36 @@ fn worker<K: Key, M: Send + 'static, T: Transport>(
                 draining: &draining,
                 ack: &ack,
                 spare: &mut spare,
+                until: None,
             };
             outputs = run_job(job, key, teller).await;
         }
+    }
+}
+
+/// A job the loop runs itself: owns what it needs, so that a worker can go on with it
+/// ([`Assigned::Resume`]) if it has to wait or runs out of its budget (`here::BUDGET`).
+#[allow(clippy::manual_async_fn)]
+fn job_here<K: Key, M: Send + 'static, T: Transport>(
+    cfg: Arc<Config<K, M>>,
+    transport: Arc<T>,
+    draining: Arc<AtomicBool>,
+    key: K,
+    teller: Teller<Handled<K>, Left<M>>,
+    until: std::time::Instant,
+) -> impl Future<Output = Vec<Handled<K>>> + Send + 'static {
+    async move {
+        let ack = |key: K, meta: Meta| acked(&*transport, key, meta);
+        let mut spare = None;
+        let job = Job {
+            cfg: &cfg,
+            transport: &*transport,
+            draining: &draining,
+            ack: &ack,
+            spare: &mut spare,
+            until: Some(until),
+        };
+        run_job(job, key, teller).await
     }
 }
 
@@ -1254,6 +1325,9 @@ struct Job<'a, K: Key, M, T, A, F> {
     /// message less; docs/performance.md, round 17). A box, not the stack: one that does not
     /// complete at once is kept (as it is) while the next handler runs.
     spare: &'a mut Option<Pin<Box<A>>>,
+    /// For a job the loop runs itself: when it goes on in a worker (it lets the loop go, once,
+    /// before its next message after this time).
+    until: Option<std::time::Instant>,
 }
 
 /// Run a key's messages (kept by `teller`) in order, each handler after the one before returned;
@@ -1284,6 +1358,7 @@ where
         draining,
         ack,
         spare,
+        mut until,
     } = job;
     async move {
         // Acknowledgements still on their way (made only when one does not complete at once).
@@ -1349,6 +1424,15 @@ where
                         break;
                     }
                 }
+            }
+            // A job on the loop past its budget lets the loop go; a worker goes on with it.
+            if let Some(at) = until
+                && teller.unfinished().is_some_and(|left| !left.is_empty())
+                && std::time::Instant::now() >= at
+            {
+                until = None;
+                teller.flush();
+                tokio::task::yield_now().await;
             }
         }
         let Some(mut acks) = acks.filter(|a| !a.is_empty()) else {

@@ -246,3 +246,99 @@ async fn the_next_message_of_a_key_does_not_wait_for_the_acknowledgement() {
     );
     assert_eq!(broker.pending(), 0, "nothing left unsettled");
 }
+
+/// Keep the thread busy for `d` (a handler that computes, not one that waits).
+fn compute_for(d: Duration) {
+    let t = std::time::Instant::now();
+    while t.elapsed() < d {
+        std::hint::spin_loop();
+    }
+}
+
+/// Run `consumer` on `broker` until `n` messages were handled (at most 60 s of real time).
+async fn run_real(
+    consumer: prereq::DependentConsumer<u64, Payment>,
+    broker: &MemoryBroker,
+    rec: &Recorder<u64>,
+    n: usize,
+) -> prereq::Report {
+    let run = consumer.run(broker.transport(), rec.until(move |ev| handled(ev) == n));
+    tokio::time::timeout(Duration::from_secs(60), run)
+        .await
+        .expect("every message handled within a minute")
+        .unwrap()
+}
+
+/// Handlers that compute (keep their thread busy) still run side by side on a runtime of
+/// several threads: the loop runs a job itself only while that is quick, and sends the next
+/// jobs to workers after one that took long (`engine::here`). Real time: the paused clock
+/// does not see a thread kept busy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn handlers_that_compute_run_side_by_side() {
+    let broker = MemoryBroker::new();
+    for key in 1..=16 {
+        broker.register(client(key));
+    }
+    for id in 1..=16 {
+        broker.publish(payment(id, id)); // sixteen keys, one message each
+    }
+    let rec = Recorder::new();
+    let (now, peak) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let (n, p) = (Arc::clone(&now), Arc::clone(&peak));
+    let consumer = builder(&rec, move |_p: Payment| {
+        let m = n.fetch_add(1, Ordering::SeqCst) + 1;
+        p.fetch_max(m, Ordering::SeqCst);
+        compute_for(Duration::from_millis(20));
+        n.fetch_sub(1, Ordering::SeqCst);
+        std::future::ready(Ok(()))
+    })
+    .concurrency(8)
+    .build();
+    let report = run_real(consumer, &broker, &rec, 16).await;
+    assert_eq!(report.handled, 16);
+    assert!(
+        peak.load(Ordering::SeqCst) >= 2,
+        "handlers that compute ran one at a time: the loop ran them all itself"
+    );
+}
+
+/// A job of handlers that compute does not hold the loop for all its messages: past its budget
+/// it goes on in a worker, and the loop starts the next key's job meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_of_handlers_that_compute_lets_the_loop_go() {
+    let broker = MemoryBroker::new();
+    for id in 1..=8 {
+        broker.publish(payment(id, 1)); // held, then released together: one job of key 1
+    }
+    broker.publish(payment(9, 2));
+    broker.register(client(1));
+    broker.register(client(2));
+    let rec = Recorder::new();
+    let t0 = std::time::Instant::now();
+    let ran: Log<(u64, Duration, Duration)> = Log::new();
+    let r = ran.clone();
+    let consumer = builder(&rec, move |p: Payment| {
+        let started = t0.elapsed();
+        compute_for(Duration::from_millis(5));
+        r.push((p.id, started, t0.elapsed()));
+        std::future::ready(Ok(()))
+    })
+    .concurrency(8)
+    .build();
+    let report = run_real(consumer, &broker, &rec, 9).await;
+    assert_eq!(report.handled, 9);
+    let ran = ran.get();
+    let of = |id| ran.iter().find(|(i, ..)| *i == id).copied().unwrap();
+    let (_, nine_started, _) = of(9);
+    let (_, _, eight_ended) = of(8);
+    assert!(
+        nine_started < eight_ended,
+        "key 2's message waited for key 1's whole job ({nine_started:?} ≥ {eight_ended:?}): {ran:?}"
+    );
+    let ids: Vec<u64> = ran
+        .iter()
+        .map(|(id, ..)| *id)
+        .filter(|id| *id != 9)
+        .collect();
+    assert_eq!(ids, (1..=8).collect::<Vec<_>>(), "key 1's in order");
+}

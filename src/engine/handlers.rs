@@ -3,7 +3,9 @@
 //! Handlers run in worker tasks (they may use every core), at most one job at a time each,
 //! kept between jobs: a job is a channel send to an idle worker, not a task spawned (a spawn
 //! allocates, initialises and frees a task, and its handle; see docs/performance.md, round 6).
-//! Workers are started as needed, up to as many as jobs run at once.
+//! Workers are started as needed, up to as many as jobs run at once. The loop may also run a
+//! job itself ([`Handlers::start_here`]); one that has to wait goes on in a worker
+//! ([`Handlers::hand_over`]).
 //!
 //! A job tells the loop through one channel: what it has done (`Told::Output`: gathered while
 //! the job runs without waiting, told before it waits and with what it tells next, one lock and
@@ -15,6 +17,7 @@
 
 use std::collections::VecDeque;
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::Poll;
@@ -82,6 +85,11 @@ pub(super) struct Teller<O, E> {
 }
 
 impl<O, E> Teller<O, E> {
+    /// The job's number.
+    pub(super) fn job(&self) -> u64 {
+        self.id
+    }
+
     /// The job did `output`: told with what the job tells next (the job calls
     /// [`Teller::flush`] before it waits for anything).
     pub(super) fn output(&mut self, output: O) {
@@ -142,21 +150,34 @@ impl<O, E> Drop for Teller<O, E> {
     }
 }
 
-/// What a worker receives: a job and how it tells the loop about it.
-pub(super) type Jobs<J, O, E> = mpsc::UnboundedReceiver<(J, Teller<O, E>)>;
+/// What a worker receives.
+pub(super) enum Assigned<J, O, E> {
+    /// A job, and how it tells the loop about it.
+    Start(J, Teller<O, E>),
+    /// A job the loop began itself and that has to wait: run it to its end.
+    Resume(Resumed<O>),
+}
+
+/// A job the loop began itself, as it is handed to a worker: it ends with the list it gathered
+/// its outcomes in ([`Teller::ended`]).
+pub(super) type Resumed<O> = Pin<Box<dyn Future<Output = Vec<O>> + Send>>;
+
+/// Where a worker receives its jobs.
+pub(super) type Jobs<J, O, E> = mpsc::UnboundedReceiver<Assigned<J, O, E>>;
 
 /// A worker task, as the loop knows it.
 struct Worker<J, O, E> {
     /// Its jobs.
-    jobs: mpsc::UnboundedSender<(J, Teller<O, E>)>,
+    jobs: mpsc::UnboundedSender<Assigned<J, O, E>>,
     /// To cancel it at the end of a shutdown's grace.
     abort: AbortHandle,
 }
 
 /// A running job, as the loop knows it.
 struct Running<R> {
-    /// The worker that runs it (an index into `Handlers::workers`).
-    worker: usize,
+    /// The worker that runs it (an index into `Handlers::workers`); `None` while the loop runs
+    /// it itself.
+    worker: Option<usize>,
     /// What the loop keeps about it.
     what: R,
 }
@@ -216,19 +237,65 @@ impl<J: Send + 'static, O: Send + 'static, E: Send + 'static, R> Handlers<J, O, 
     where
         F: Future<Output = ()> + Send + 'static,
     {
-        self.next_id += 1;
-        let id = self.next_id;
-        let mut sent = (
-            job,
-            Teller {
-                id,
-                tx: Arc::clone(&self.inbox),
-                ended: false,
-                outputs: Vec::new(),
-                unfinished: Some(work),
+        let teller = self.teller(work);
+        let id = teller.id;
+        let at = self.assign(Assigned::Start(job, teller), worker);
+        self.running.insert(
+            id,
+            Running {
+                worker: Some(at),
+                what,
             },
         );
-        let at = loop {
+    }
+
+    /// A job the loop runs itself: keep `what` about it; its teller, which keeps `work`. If it
+    /// has to wait, the loop hands it to a worker ([`Handlers::hand_over`]).
+    pub(super) fn start_here(&mut self, what: R, work: E) -> Teller<O, E> {
+        let teller = self.teller(work);
+        self.running
+            .insert(teller.id, Running { worker: None, what });
+        teller
+    }
+
+    /// Job `id`, which the loop began itself, goes on in a worker (an idle one, or a new one
+    /// that `worker` makes).
+    pub(super) fn hand_over<F>(
+        &mut self,
+        id: u64,
+        job: Resumed<O>,
+        worker: impl Fn(Jobs<J, O, E>) -> F,
+    ) where
+        F: Future<Output = ()> + Send + 'static,
+    {
+        let at = self.assign(Assigned::Resume(job), worker);
+        if let Some(r) = self.running.get_mut(&id) {
+            r.worker = Some(at);
+        }
+    }
+
+    /// The teller of a new job, which keeps `work`.
+    fn teller(&mut self, work: E) -> Teller<O, E> {
+        self.next_id += 1;
+        Teller {
+            id: self.next_id,
+            tx: Arc::clone(&self.inbox),
+            ended: false,
+            outputs: Vec::new(),
+            unfinished: Some(work),
+        }
+    }
+
+    /// Send `sent` to an idle worker, or to a new one that `worker` makes; the worker's index.
+    fn assign<F>(
+        &mut self,
+        mut sent: Assigned<J, O, E>,
+        worker: impl Fn(Jobs<J, O, E>) -> F,
+    ) -> usize
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
+        loop {
             let at = match self.idle.pop() {
                 Some(at) => at,
                 None => {
@@ -242,15 +309,14 @@ impl<J: Send + 'static, O: Send + 'static, E: Send + 'static, R> Handlers<J, O, 
                 continue;
             };
             match w.jobs.send(sent) {
-                Ok(()) => break at,
+                Ok(()) => return at,
                 // The worker is gone (it can only have died): never again, try another.
                 Err(mpsc::error::SendError(back)) => {
                     sent = back;
                     self.workers[at] = None;
                 }
             }
-        };
-        self.running.insert(id, Running { worker: at, what });
+        }
     }
 
     /// What the loop keeps about running job `id`.
@@ -262,12 +328,14 @@ impl<J: Send + 'static, O: Send + 'static, E: Send + 'static, R> Handlers<J, O, 
     /// without an outcome, its worker is not used again.
     pub(super) fn remove(&mut self, id: u64, lost: bool) -> Option<R> {
         let r = self.running.remove(&id)?;
-        if lost {
-            if let Some(w) = self.workers.get_mut(r.worker).and_then(Option::take) {
-                w.abort.abort();
+        if let Some(worker) = r.worker {
+            if lost {
+                if let Some(w) = self.workers.get_mut(worker).and_then(Option::take) {
+                    w.abort.abort();
+                }
+            } else {
+                self.idle.push(worker);
             }
-        } else {
-            self.idle.push(r.worker);
         }
         Some(r.what)
     }
@@ -360,7 +428,15 @@ mod tests {
     /// `gather_in` must not tell).
     async fn worker(mut jobs: Jobs<u32, u32, u32>) {
         let mut kept = vec![999];
-        while let Some((job, mut teller)) = jobs.recv().await {
+        while let Some(assigned) = jobs.recv().await {
+            let (job, mut teller) = match assigned {
+                Assigned::Start(job, teller) => (job, teller),
+                Assigned::Resume(job) => {
+                    kept = job.await;
+                    kept.push(999);
+                    continue;
+                }
+            };
             teller.gather_in(std::mem::take(&mut kept));
             match job {
                 0 => panic!("a worker dies"),
