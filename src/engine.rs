@@ -998,8 +998,11 @@ impl<K: Key, M: Send + 'static, T: Transport> Engine<K, M, T> {
 
     /// Start handlers for runnable lanes, up to the concurrency.
     fn start_handlers(&mut self) {
-        while self.handlers.len() < self.cfg.concurrency {
-            let Some((key, batch)) = self
+        // Jobs of one message run and settled here, which take no slot: as many as the slots,
+        // so that the loop looks at its other sources between them.
+        let mut at_once = 0;
+        while self.handlers.len() < self.cfg.concurrency && at_once < self.cfg.concurrency {
+            let Some((key, mut batch)) = self
                 .lanes
                 .start_batch(JOB_MAX, |a, b| a.meta.partition == b.meta.partition)
             else {
@@ -1025,6 +1028,13 @@ impl<K: Key, M: Send + 'static, T: Transport> Engine<K, M, T> {
                 self.handlers.start(running, key.into_key(), batch, worker);
                 continue;
             }
+            if batch.len() == 1
+                && let Some(p) = batch.pop_front()
+            {
+                at_once += 1;
+                self.run_one(running, key.into_key(), p);
+                continue;
+            }
             let mut teller = self.handlers.start_here(running, batch);
             teller.gather_in(self.here.outputs());
             let id = teller.job();
@@ -1036,6 +1046,7 @@ impl<K: Key, M: Send + 'static, T: Transport> Engine<K, M, T> {
                 key.into_key(),
                 teller,
                 started + here::BUDGET,
+                None,
             ));
             // A panic outside the handler (which `call` catches), as a worker's death: the job
             // is dropped, its teller tells it lost.
@@ -1054,6 +1065,90 @@ impl<K: Key, M: Send + 'static, T: Transport> Engine<K, M, T> {
                 }
             }
         }
+    }
+
+    /// A job of one message that the loop runs itself, and settles at once where it can: its
+    /// outcome is handled here, not told through the jobs' inbox. A handler that has to wait goes
+    /// on in a worker as a job the loop began (`run_job`'s `first`), an acknowledgement not done
+    /// at once too (the key's next message need not wait for it); what `run_job` does for each
+    /// message, for one that completes at once.
+    fn run_one(&mut self, running: Running<K>, key: K, p: Pending<M>) {
+        let id = self.handlers.start_direct(running);
+        if self.draining.load(Ordering::Acquire) || self.transport.is_stale(p.meta.id) {
+            // Given back or requeued as what a job did not run.
+            return self.on_told(Told::Ended(id, Some(VecDeque::from([p]))));
+        }
+        let started = std::time::Instant::now();
+        let Pending { msg, meta } = p;
+        let done = match call(&self.cfg, &key, msg, &meta) {
+            Ok(mut called) => match (&mut called).now_or_never() {
+                Some(done) => done,
+                None => {
+                    let teller = self.handlers.teller_of(id, VecDeque::new());
+                    let job = job_here(
+                        Arc::clone(&self.cfg),
+                        Arc::clone(&self.transport),
+                        Arc::clone(&self.draining),
+                        key,
+                        teller,
+                        started + here::BUDGET,
+                        Some((called, meta)),
+                    );
+                    return self.hand_over(id, Box::pin(job));
+                }
+            },
+            Err(e) => Ok(Err(e)),
+        };
+        let handled = match done.unwrap_or_else(|payload| Err(panicked(&*payload))) {
+            Ok(()) => {
+                let transport = Arc::clone(&self.transport);
+                let mut acking = Box::pin(async move { acked(&*transport, key, meta).await });
+                match std::panic::catch_unwind(AssertUnwindSafe(|| (&mut acking).now_or_never())) {
+                    Ok(Some(handled)) => handled,
+                    Ok(None) => {
+                        let mut teller = self.handlers.teller_of(id, VecDeque::new());
+                        teller.returned();
+                        let job = async move {
+                            let done = acking.await;
+                            teller.output(done);
+                            teller.ended()
+                        };
+                        return self.hand_over(id, Box::pin(job));
+                    }
+                    Err(_) => {
+                        tracing::error!(
+                            target: "prereq",
+                            "a handler job panicked outside its handler: its message runs again"
+                        );
+                        self.here.handed_over();
+                        return self.on_told(Told::Lost(id, None));
+                    }
+                }
+            }
+            Err(e) => Handled {
+                key,
+                meta,
+                outcome: Outcome::Failed(e),
+            },
+        };
+        self.here.took(started.elapsed());
+        self.handlers.taken_now();
+        self.on_told(Told::Output(id, handled));
+        self.on_told(Told::Ended(id, None));
+    }
+
+    /// Job `id`, which the loop began, goes on in a worker; so do the next jobs, for a while.
+    fn hand_over(&mut self, id: u64, job: Resumed<Handled<K>>) {
+        self.here.handed_over();
+        let (cfg, transport, draining) = (&self.cfg, &self.transport, &self.draining);
+        self.handlers.hand_over(id, job, |jobs| {
+            worker(
+                Arc::clone(cfg),
+                Arc::clone(transport),
+                Arc::clone(draining),
+                jobs,
+            )
+        });
     }
 
     // ---- Settling ---------------------------------------------------------------------------
@@ -1279,7 +1374,7 @@ fn worker<K: Key, M: Send + 'static, T: Transport>(
                 spare: &mut spare,
                 until: None,
             };
-            outputs = run_job(job, key, teller).await;
+            outputs = run_job(job, key, teller, None).await;
         }
     }
 }
@@ -1294,6 +1389,7 @@ fn job_here<K: Key, M: Send + 'static, T: Transport>(
     key: K,
     teller: Teller<Handled<K>, Left<M>>,
     until: std::time::Instant,
+    first: Option<(Called, Meta)>,
 ) -> impl Future<Output = Vec<Handled<K>>> + Send + 'static {
     async move {
         let ack = |key: K, meta: Meta| acked(&*transport, key, meta);
@@ -1306,7 +1402,7 @@ fn job_here<K: Key, M: Send + 'static, T: Transport>(
             spare: &mut spare,
             until: Some(until),
         };
-        run_job(job, key, teller).await
+        run_job(job, key, teller, first).await
     }
 }
 
@@ -1344,6 +1440,7 @@ fn run_job<'a, K, M, T, A, F>(
     job: Job<'a, K, M, T, A, F>,
     key: K,
     mut teller: Teller<Handled<K>, Left<M>>,
+    first: Option<(Called, Meta)>,
 ) -> impl Future<Output = Vec<Handled<K>>> + Send + 'a
 where
     K: Key,
@@ -1363,37 +1460,45 @@ where
     async move {
         // Acknowledgements still on their way (made only when one does not complete at once).
         let mut acks: Option<FuturesUnordered<_>> = None;
+        let mut first = first;
         // What is not run yet stays with the teller: if the job is cancelled, the loop gets it
         // back. What the job did is told before it waits (`Teller::flush`) and with its end.
-        while let Some(p) = teller.unfinished().and_then(VecDeque::pop_front) {
-            if let Some(acks) = acks.as_mut() {
-                while let Some(Some(done)) = acks.next().now_or_never() {
-                    teller.output(done);
-                }
-            }
-            if draining.load(Ordering::Acquire) || transport.is_stale(p.meta.id) {
-                if let Some(unfinished) = teller.unfinished() {
-                    unfinished.push_front(p);
-                }
-                break;
-            }
-            let Pending { msg, meta } = p;
-            let outcome = match call(cfg, &key, msg, &meta) {
-                Ok(mut running) => {
-                    // Most handlers of a fast path complete at once: looked at once without a
-                    // waker; one that has to wait is awaited after the loop was told.
-                    let done = match (&mut running).now_or_never() {
-                        Some(done) => done,
-                        None => {
-                            teller.flush();
-                            running.await
-                        }
+        loop {
+            let (done, meta) = match first.take() {
+                // A handler the loop called, which has to wait: the job goes on with it.
+                Some((running, meta)) => (running.await, meta),
+                None => {
+                    let Some(p) = teller.unfinished().and_then(VecDeque::pop_front) else {
+                        break;
                     };
-                    done.unwrap_or_else(|payload| Err(panicked(&*payload)))
+                    if let Some(acks) = acks.as_mut() {
+                        while let Some(Some(done)) = acks.next().now_or_never() {
+                            teller.output(done);
+                        }
+                    }
+                    if draining.load(Ordering::Acquire) || transport.is_stale(p.meta.id) {
+                        if let Some(unfinished) = teller.unfinished() {
+                            unfinished.push_front(p);
+                        }
+                        break;
+                    }
+                    let Pending { msg, meta } = p;
+                    let done = match call(cfg, &key, msg, &meta) {
+                        // Most handlers of a fast path complete at once: looked at once without
+                        // a waker; one that has to wait is awaited after the loop was told.
+                        Ok(mut running) => match (&mut running).now_or_never() {
+                            Some(done) => done,
+                            None => {
+                                teller.flush();
+                                running.await
+                            }
+                        },
+                        Err(e) => Ok(Err(e)),
+                    };
+                    (done, meta)
                 }
-                Err(e) => Err(e),
             };
-            match outcome {
+            match done.unwrap_or_else(|payload| Err(panicked(&*payload))) {
                 Ok(()) => {
                     // Most acknowledgements complete at once (they are queued, not awaited):
                     // looked at once here, without a waker; only one still on its way is kept.

@@ -247,6 +247,51 @@ async fn the_next_message_of_a_key_does_not_wait_for_the_acknowledgement() {
     assert_eq!(broker.pending(), 0, "nothing left unsettled");
 }
 
+/// As above, with handlers that return at once: the loop runs each itself (`engine::here`), and
+/// what waits is the acknowledgement alone. The key's next message still does not wait for it.
+#[tokio::test(start_paused = true)]
+async fn a_handler_done_at_once_does_not_make_the_next_message_wait_for_its_acknowledgement() {
+    let broker = MemoryBroker::new();
+    broker.register(client(7));
+    let rec = Recorder::new();
+    let t0 = Instant::now();
+    let started: Log<(u64, Duration)> = Log::new();
+    let log = started.clone();
+    let consumer = builder(&rec, move |p: Payment| {
+        log.push((p.id, t0.elapsed()));
+        std::future::ready(Ok(()))
+    })
+    .build();
+    let b = broker.clone();
+    // One at a time, so that each is a job of its own.
+    tokio::spawn(async move {
+        for id in 1..=3 {
+            b.publish(payment(id, 7));
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    });
+    let report = consumer
+        .run(
+            SlowAcks(broker.transport()),
+            rec.until(move |ev| handled(ev) == 3),
+        )
+        .await
+        .unwrap();
+    let started = started.get();
+    assert_eq!(
+        started.iter().map(|(id, _)| *id).collect::<Vec<_>>(),
+        vec![1, 2, 3],
+        "in order"
+    );
+    let last = started[2].1 - started[0].1;
+    assert!(
+        last < ACK_TRAVEL,
+        "the third started {last:?} after the first: it waited for acknowledgements"
+    );
+    assert_eq!(report.handled, 3, "{report:?}");
+    assert_eq!(broker.pending(), 0, "nothing left unsettled");
+}
+
 /// Keep the thread busy for `d` (a handler that computes, not one that waits).
 fn compute_for(d: Duration) {
     let t = std::time::Instant::now();

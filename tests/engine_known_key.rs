@@ -111,3 +111,43 @@ async fn registration_ack_is_reported_as_registered_only() {
     assert_eq!(rec.count(|e| e.decision == Decision::Registered), 2);
     assert_eq!(broker.stats().requeued, 0);
 }
+
+/// A message handled at once is reported when it was handled, not when the loop last heard from
+/// a handler job: its `Handled` event is dated no earlier than its handler's return, also when
+/// the loop ran the handler itself (`engine::here`) long after its last news from a job.
+#[tokio::test(start_paused = true)]
+async fn a_message_handled_at_once_is_dated_when_it_was_handled() {
+    let broker = MemoryBroker::new();
+    broker.register(client(1));
+    let rec = Recorder::new();
+    let returned = Log::new();
+    let log = returned.clone();
+    let consumer = builder(&rec, move |p: Payment| {
+        log.push((p.id, Instant::now()));
+        async { Ok(()) }
+    })
+    .build();
+    let b = broker.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+        b.publish(payment(10, 1));
+        tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+        b.publish(payment(11, 1));
+    });
+    run_until(consumer, &broker, &rec, |ev| {
+        count(ev, |e| e.decision == Decision::Handled) == 2
+    })
+    .await;
+    for (id, ran) in returned.get() {
+        let handled = rec
+            .of(&id.to_string())
+            .into_iter()
+            .find(|e| e.decision == Decision::Handled)
+            .expect("handled");
+        assert!(
+            handled.at >= ran,
+            "payment {id}: handled at {:?}, its handler returned at {ran:?}",
+            handled.at
+        );
+    }
+}

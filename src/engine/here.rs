@@ -56,6 +56,11 @@ impl<O> Here<O> {
     /// A job on the loop ended there after `took`, with the list it gathered in.
     pub(super) fn ended(&mut self, outputs: Vec<O>, took: Duration) {
         self.outputs = outputs;
+        self.took(took);
+    }
+
+    /// A job on the loop ended there after `took`.
+    pub(super) fn took(&mut self, took: Duration) {
         if took > BUDGET {
             self.handed_over();
         } else {
