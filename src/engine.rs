@@ -358,7 +358,9 @@ impl<K: Key, M: Send + 'static, T: Transport> Engine<K, M, T> {
         let timer = tokio::time::sleep_until(Instant::now());
         tokio::pin!(timer);
         loop {
-            self.start_handlers();
+            // Jobs the loop ran itself to the bound: more may be runnable, and nothing else may
+            // wake the loop for them (no job running tells anything): the turn does not wait.
+            let more = self.start_handlers(TAKE_READY) == TAKE_READY;
             let in_memory = self.in_memory();
             let deadline = next_of(
                 next_of(self.hold.next_deadline(), self.away.next_deadline()),
@@ -387,6 +389,7 @@ impl<K: Key, M: Send + 'static, T: Transport> Engine<K, M, T> {
                     Ok(None) => return Stop::Closed,
                     Err(e) => return Stop::Failed(e),
                 },
+                () = std::future::ready(()), if more => {}
             }
             if let Some(stop) = self.take_ready(&mut intake) {
                 return stop;
@@ -417,7 +420,7 @@ impl<K: Key, M: Send + 'static, T: Transport> Engine<K, M, T> {
                 }
                 left -= 1;
             }
-            self.start_handlers();
+            left -= self.start_handlers(left);
             // One delivery, then what the handlers told meanwhile: a free handler slot is
             // filled before the next delivery is decoded, as in the loop's own order.
             if left > 0 && self.in_memory() < self.intake_limit {
@@ -663,6 +666,11 @@ impl<K: Key, M: Send + 'static, T: Transport> Engine<K, M, T> {
             }
             running.unreported = running.unreported.saturating_sub(1);
         }
+        self.on_outcome(handled);
+    }
+
+    /// A message's outcome, from a job: emit it, or defer or dead-letter the message.
+    fn on_outcome(&mut self, handled: Handled<K>) {
         let Handled { key, meta, outcome } = handled;
         let at = self.handlers.taken_at();
         match outcome {
@@ -699,9 +707,13 @@ impl<K: Key, M: Send + 'static, T: Transport> Engine<K, M, T> {
     /// shutdown grace): the message it was running stays unsettled, and the broker delivers it
     /// again.
     fn on_job_end(&mut self, id: u64, left: Left<M>, lost: bool) {
-        let Some(running) = self.handlers.remove(id, lost) else {
-            return;
-        };
+        if let Some(running) = self.handlers.remove(id, lost) {
+            self.job_done(running, left);
+        }
+    }
+
+    /// A job (`running`) is done, `left` not run.
+    fn job_done(&mut self, running: Running<K>, left: Left<M>) {
         self.in_jobs -= running.unreported.saturating_sub(1);
         for p in left {
             let key = running.key.clone();
@@ -996,25 +1008,32 @@ impl<K: Key, M: Send + 'static, T: Transport> Engine<K, M, T> {
         }
     }
 
-    /// Start handlers for runnable lanes, up to the concurrency.
-    fn start_handlers(&mut self) {
-        // Jobs of one message run and settled here, which take no slot: as many as the slots,
-        // so that the loop looks at its other sources between them.
-        let mut at_once = 0;
-        while self.handlers.len() < self.cfg.concurrency && at_once < self.cfg.concurrency {
-            let Some((key, mut batch)) = self
+    /// Start handlers for runnable lanes, up to the concurrency; of the jobs of one message the
+    /// loop runs and settles itself (which take no slot), at most `at_once`, so that it looks at
+    /// its other sources between them. How many of those it ran.
+    fn start_handlers(&mut self, at_once: usize) -> usize {
+        let mut ran = 0;
+        while self.handlers.len() < self.cfg.concurrency && ran < at_once {
+            let Some((key, first, mut batch)) = self
                 .lanes
                 .start_batch(JOB_MAX, |a, b| a.meta.partition == b.meta.partition)
             else {
-                return;
+                return ran;
             };
-            self.in_jobs += batch.len().saturating_sub(1);
+            self.in_jobs += batch.len();
             let running = Running {
                 key: key.clone(),
-                partition: batch.front().and_then(|p| p.meta.partition),
+                partition: first.meta.partition,
                 lane: true,
-                unreported: batch.len(),
+                unreported: batch.len() + 1,
             };
+            let here = self.here.now();
+            if here && batch.is_empty() {
+                ran += 1;
+                self.run_one(running, key.into_key(), first);
+                continue;
+            }
+            batch.push_front(first);
             let (cfg, transport, draining) = (&self.cfg, &self.transport, &self.draining);
             let worker = |jobs| {
                 worker(
@@ -1024,15 +1043,8 @@ impl<K: Key, M: Send + 'static, T: Transport> Engine<K, M, T> {
                     jobs,
                 )
             };
-            if !self.here.now() {
+            if !here {
                 self.handlers.start(running, key.into_key(), batch, worker);
-                continue;
-            }
-            if batch.len() == 1
-                && let Some(p) = batch.pop_front()
-            {
-                at_once += 1;
-                self.run_one(running, key.into_key(), p);
                 continue;
             }
             let mut teller = self.handlers.start_here(running, batch);
@@ -1065,6 +1077,7 @@ impl<K: Key, M: Send + 'static, T: Transport> Engine<K, M, T> {
                 }
             }
         }
+        ran
     }
 
     /// A job of one message that the loop runs itself, and settles at once where it can: its
@@ -1073,10 +1086,9 @@ impl<K: Key, M: Send + 'static, T: Transport> Engine<K, M, T> {
     /// at once too (the key's next message need not wait for it); what `run_job` does for each
     /// message, for one that completes at once.
     fn run_one(&mut self, running: Running<K>, key: K, p: Pending<M>) {
-        let id = self.handlers.start_direct(running);
         if self.draining.load(Ordering::Acquire) || self.transport.is_stale(p.meta.id) {
             // Given back or requeued as what a job did not run.
-            return self.on_told(Told::Ended(id, Some(VecDeque::from([p]))));
+            return self.job_done(running, VecDeque::from([p]));
         }
         let started = std::time::Instant::now();
         let Pending { msg, meta } = p;
@@ -1084,6 +1096,7 @@ impl<K: Key, M: Send + 'static, T: Transport> Engine<K, M, T> {
             Ok(mut called) => match (&mut called).now_or_never() {
                 Some(done) => done,
                 None => {
+                    let id = self.handlers.start_direct(running);
                     let teller = self.handlers.teller_of(id, VecDeque::new());
                     let job = job_here(
                         Arc::clone(&self.cfg),
@@ -1106,6 +1119,7 @@ impl<K: Key, M: Send + 'static, T: Transport> Engine<K, M, T> {
                 match std::panic::catch_unwind(AssertUnwindSafe(|| (&mut acking).now_or_never())) {
                     Ok(Some(handled)) => handled,
                     Ok(None) => {
+                        let id = self.handlers.start_direct(running);
                         let mut teller = self.handlers.teller_of(id, VecDeque::new());
                         teller.returned();
                         let job = async move {
@@ -1121,7 +1135,7 @@ impl<K: Key, M: Send + 'static, T: Transport> Engine<K, M, T> {
                             "a handler job panicked outside its handler: its message runs again"
                         );
                         self.here.handed_over();
-                        return self.on_told(Told::Lost(id, None));
+                        return self.job_done(running, VecDeque::new());
                     }
                 }
             }
@@ -1133,8 +1147,8 @@ impl<K: Key, M: Send + 'static, T: Transport> Engine<K, M, T> {
         };
         self.here.took(started.elapsed());
         self.handlers.taken_now();
-        self.on_told(Told::Output(id, handled));
-        self.on_told(Told::Ended(id, None));
+        self.on_outcome(handled);
+        self.job_done(running, VecDeque::new());
     }
 
     /// Job `id`, which the loop began, goes on in a worker; so do the next jobs, for a while.

@@ -411,3 +411,25 @@ async fn a_resync_rechecks_every_held_key() {
         "at the resync, not at the hold's expiry"
     );
 }
+
+/// Many keys answered at once (lookups in flight that end at the same instant) make many
+/// messages runnable at once, with no job running and nothing more to deliver: the loop runs
+/// them all, in as many turns as it takes, and does not wait for news that will not come.
+#[tokio::test(start_paused = true)]
+async fn many_keys_answered_at_once_all_run() {
+    const N: u64 = 300;
+    let source = TestSource::default().slow(Duration::from_millis(50));
+    let broker = MemoryBroker::new();
+    for key in 0..N {
+        source.add_quietly(key);
+        broker.publish(payment(key, key));
+    }
+    let rec = Recorder::new();
+    let seen = Log::new();
+    let report = run_until(consumer(&rec, &source, &seen), &broker, &rec, |ev| {
+        handled(ev) == N as usize
+    })
+    .await;
+    assert_eq!(report.handled, N, "{report:?}");
+    assert_eq!(seen.len(), N as usize);
+}

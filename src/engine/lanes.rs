@@ -148,27 +148,30 @@ impl<K: Eq + Hash + Clone, V, S: BuildHasher> Lanes<K, V, S> {
     }
 
     /// The next message that may start and up to `max - 1` more of its key that `same` takes
-    /// with it (compared with the first), in order; its key's lane now running.
+    /// with it (compared with the first), in order: the first, and the others in a list with
+    /// room for the first in front (none made where there are no others: most jobs are of one
+    /// message where the loop runs them itself); its key's lane now running.
     pub(crate) fn start_batch(
         &mut self,
         max: usize,
         same: impl Fn(&V, &V) -> bool,
-    ) -> Option<(K, VecDeque<V>)> {
+    ) -> Option<(K, V, VecDeque<V>)> {
         let (key, first) = self.start_next()?;
-        let lane = self.lanes.get_mut(&key);
-        let more = lane.as_ref().map_or(0, |l| l.queue.len());
-        let mut batch = VecDeque::with_capacity(max.min(1 + more));
-        batch.push_back(first);
-        if let Some(lane) = lane {
-            while batch.len() < max
-                && lane.queue.front().is_some_and(|(_, v)| same(&batch[0], v))
+        let mut rest = VecDeque::new();
+        if let Some(lane) = self.lanes.get_mut(&key) {
+            let more = lane.queue.len();
+            while rest.len() + 1 < max
+                && lane.queue.front().is_some_and(|(_, v)| same(&first, v))
                 && let Some((_, v)) = lane.queue.pop_front()
             {
-                batch.push_back(v);
+                if rest.capacity() == 0 {
+                    rest.reserve_exact(max.min(1 + more));
+                }
+                rest.push_back(v);
             }
         }
-        self.queued -= batch.len() - 1;
-        Some((key, batch))
+        self.queued -= rest.len();
+        Some((key, first, rest))
     }
 
     /// The handler of `key` returned: its next message may start. The one place a lane is
@@ -250,7 +253,11 @@ mod tests {
         l.push("b", 5, 13);
         let same = |a: &i32, b: &i32| a / 10 == b / 10;
         let batch = |l: &mut Lanes<&'static str, i32>, max| {
-            l.start_batch(max, same).map(|(k, b)| (k, Vec::from(b)))
+            l.start_batch(max, same).map(|(k, first, rest)| {
+                let room = rest.capacity() > rest.len() || rest.is_empty();
+                assert!(room, "room for the first in front");
+                (k, std::iter::once(first).chain(rest).collect::<Vec<_>>())
+            })
         };
         assert_eq!(batch(&mut l, 8), Some(("a", vec![10, 11])));
         assert_eq!(l.queued(), 3);
