@@ -1034,50 +1034,52 @@ impl<K: Key, M: Send + 'static, T: Transport> Engine<K, M, T> {
                 continue;
             }
             batch.push_front(first);
-            let (cfg, transport, draining) = (&self.cfg, &self.transport, &self.draining);
-            let worker = |jobs| {
-                worker(
-                    Arc::clone(cfg),
-                    Arc::clone(transport),
-                    Arc::clone(draining),
-                    jobs,
-                )
-            };
-            if !here {
-                self.handlers.start(running, key.into_key(), batch, worker);
-                continue;
-            }
-            let mut teller = self.handlers.start_here(running, batch);
-            teller.gather_in(self.here.outputs());
-            let id = teller.job();
-            let started = std::time::Instant::now();
-            let mut job: Resumed<Handled<K>> = Box::pin(job_here(
-                Arc::clone(cfg),
-                Arc::clone(transport),
-                Arc::clone(draining),
-                key.into_key(),
-                teller,
-                started + here::BUDGET,
-                None,
-            ));
-            // A panic outside the handler (which `call` catches), as a worker's death: the job
-            // is dropped, its teller tells it lost.
-            match std::panic::catch_unwind(AssertUnwindSafe(|| job.as_mut().now_or_never())) {
-                Ok(Some(outputs)) => self.here.ended(outputs, started.elapsed()),
-                Ok(None) => {
-                    self.here.handed_over();
-                    self.handlers.hand_over(id, job, worker);
-                }
-                Err(_) => {
-                    tracing::error!(
-                        target: "prereq",
-                        "a handler job panicked outside its handler: its messages run again"
-                    );
-                    self.here.handed_over();
-                }
+            if here {
+                self.run_job_here(running, key.into_key(), batch);
+            } else {
+                let (cfg, transport, draining) = (&self.cfg, &self.transport, &self.draining);
+                self.handlers.start(running, key.into_key(), batch, |jobs| {
+                    worker(
+                        Arc::clone(cfg),
+                        Arc::clone(transport),
+                        Arc::clone(draining),
+                        jobs,
+                    )
+                });
             }
         }
         ran
+    }
+
+    /// A job of several messages that the loop runs itself, for up to `here::BUDGET`; one that
+    /// has to wait or runs past its budget goes on in a worker from where it stopped.
+    fn run_job_here(&mut self, running: Running<K>, key: K, batch: Left<M>) {
+        let mut teller = self.handlers.start_here(running, batch);
+        teller.gather_in(self.here.outputs());
+        let id = teller.job();
+        let started = std::time::Instant::now();
+        let mut job: Resumed<Handled<K>> = Box::pin(job_here(
+            Arc::clone(&self.cfg),
+            Arc::clone(&self.transport),
+            Arc::clone(&self.draining),
+            key,
+            teller,
+            started + here::BUDGET,
+            None,
+        ));
+        // A panic outside the handler (which `call` catches), as a worker's death: the job is
+        // dropped, its teller tells it lost.
+        match std::panic::catch_unwind(AssertUnwindSafe(|| job.as_mut().now_or_never())) {
+            Ok(Some(outputs)) => self.here.ended(outputs, started.elapsed()),
+            Ok(None) => self.hand_over(id, job),
+            Err(_) => {
+                tracing::error!(
+                    target: "prereq",
+                    "a handler job panicked outside its handler: its messages run again"
+                );
+                self.here.handed_over();
+            }
+        }
     }
 
     /// A job of one message that the loop runs itself, and settles at once where it can: its
