@@ -1058,15 +1058,7 @@ impl<K: Key, M: Send + 'static, T: Transport> Engine<K, M, T> {
         teller.gather_in(self.here.outputs());
         let id = teller.job();
         let started = std::time::Instant::now();
-        let mut job: Resumed<Handled<K>> = Box::pin(job_here(
-            Arc::clone(&self.cfg),
-            Arc::clone(&self.transport),
-            Arc::clone(&self.draining),
-            key,
-            teller,
-            started + here::BUDGET,
-            None,
-        ));
+        let mut job = self.job_here(key, teller, started, None);
         // A panic outside the handler (which `call` catches), as a worker's death: the job is
         // dropped, its teller tells it lost.
         match std::panic::catch_unwind(AssertUnwindSafe(|| job.as_mut().now_or_never())) {
@@ -1100,16 +1092,8 @@ impl<K: Key, M: Send + 'static, T: Transport> Engine<K, M, T> {
                 None => {
                     let id = self.handlers.start_direct(running);
                     let teller = self.handlers.teller_of(id, VecDeque::new());
-                    let job = job_here(
-                        Arc::clone(&self.cfg),
-                        Arc::clone(&self.transport),
-                        Arc::clone(&self.draining),
-                        key,
-                        teller,
-                        started + here::BUDGET,
-                        Some((called, meta)),
-                    );
-                    return self.hand_over(id, Box::pin(job));
+                    let job = self.job_here(key, teller, started, Some((called, meta)));
+                    return self.hand_over(id, job);
                 }
             },
             Err(e) => Ok(Err(e)),
@@ -1151,6 +1135,26 @@ impl<K: Key, M: Send + 'static, T: Transport> Engine<K, M, T> {
         self.handlers.taken_now();
         self.on_outcome(handled);
         self.job_done(running, VecDeque::new());
+    }
+
+    /// A job the loop runs itself, `started` now (see `job_here`), boxed so that a worker can
+    /// go on with it.
+    fn job_here(
+        &self,
+        key: K,
+        teller: Teller<Handled<K>, Left<M>>,
+        started: std::time::Instant,
+        first: Option<(Called, Meta)>,
+    ) -> Resumed<Handled<K>> {
+        Box::pin(job_here(
+            Arc::clone(&self.cfg),
+            Arc::clone(&self.transport),
+            Arc::clone(&self.draining),
+            key,
+            teller,
+            started + here::BUDGET,
+            first,
+        ))
     }
 
     /// Job `id`, which the loop began, goes on in a worker; so do the next jobs, for a while.
