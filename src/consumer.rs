@@ -264,6 +264,12 @@ impl<K: Key, M: Send + 'static> ConsumerBuilder<K, M> {
 
     /// How many handlers may run at once, across keys (one key never runs two). Zero is
     /// raised to 1.
+    ///
+    /// Handlers run in worker tasks, as many as run at once. Where they complete at once (and
+    /// their acknowledgements too, as on the in-memory transport), the consumer's own task runs
+    /// them itself, one after another, sparing the hand-over between threads; a handler that
+    /// has to wait or takes longer than 50 µs goes on in a worker, and the next ones start in
+    /// workers for a while (docs/design.md).
     pub fn concurrency(mut self, n: usize) -> Self {
         self.concurrency = n.max(1);
         self
