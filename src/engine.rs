@@ -666,13 +666,14 @@ impl<K: Key, M: Send + 'static, T: Transport> Engine<K, M, T> {
             }
             running.unreported = running.unreported.saturating_sub(1);
         }
-        self.on_outcome(handled);
+        let at = self.handlers.taken_at();
+        self.on_outcome(handled, at);
     }
 
-    /// A message's outcome, from a job: emit it, or defer or dead-letter the message.
-    fn on_outcome(&mut self, handled: Handled<K>) {
+    /// A message's outcome, known to the loop `at` (not before the handler returned): emit it,
+    /// or defer or dead-letter the message.
+    fn on_outcome(&mut self, handled: Handled<K>, at: Instant) {
         let Handled { key, meta, outcome } = handled;
-        let at = self.handlers.taken_at();
         match outcome {
             Outcome::Acked => self.emit(event_at(&meta, Some(key), Decision::Handled, at)),
             Outcome::AckFailed(error) => {
@@ -1080,8 +1081,9 @@ impl<K: Key, M: Send + 'static, T: Transport> Engine<K, M, T> {
     /// at once too (the key's next message need not wait for it); what `run_job` does for each
     /// message, for one that completes at once.
     fn run_one(&mut self, running: Running<K>, key: K, p: Pending<M>) {
-        if self.draining.load(Ordering::Acquire) || self.transport.is_stale(p.meta.id) {
-            // Given back or requeued as what a job did not run.
+        // (No job starts once the consumer drains: only the staleness is looked at.)
+        if self.transport.is_stale(p.meta.id) {
+            // Requeued as what a job did not run.
             return self.job_done(running, VecDeque::from([p]));
         }
         let started = std::time::Instant::now();
@@ -1090,8 +1092,8 @@ impl<K: Key, M: Send + 'static, T: Transport> Engine<K, M, T> {
             Ok(mut called) => match (&mut called).now_or_never() {
                 Some(done) => done,
                 None => {
-                    let id = self.handlers.start_direct(running);
-                    let teller = self.handlers.teller_of(id, VecDeque::new());
+                    let teller = self.handlers.start_here(running, VecDeque::new());
+                    let id = teller.job();
                     let job = self.job_here(key, teller, started, Some((called, meta)));
                     return self.hand_over(id, job);
                 }
@@ -1105,8 +1107,8 @@ impl<K: Key, M: Send + 'static, T: Transport> Engine<K, M, T> {
                 match std::panic::catch_unwind(AssertUnwindSafe(|| (&mut acking).now_or_never())) {
                     Ok(Some(handled)) => handled,
                     Ok(None) => {
-                        let id = self.handlers.start_direct(running);
-                        let mut teller = self.handlers.teller_of(id, VecDeque::new());
+                        let mut teller = self.handlers.start_here(running, VecDeque::new());
+                        let id = teller.job();
                         teller.returned();
                         let job = async move {
                             let done = acking.await;
@@ -1132,8 +1134,7 @@ impl<K: Key, M: Send + 'static, T: Transport> Engine<K, M, T> {
             },
         };
         self.here.took(started.elapsed());
-        self.handlers.taken_now();
-        self.on_outcome(handled);
+        self.on_outcome(handled, Instant::now());
         self.job_done(running, VecDeque::new());
     }
 

@@ -215,6 +215,25 @@ async fn the_next_message_of_a_key_does_not_wait_for_the_acknowledgement() {
         })
         .build()
     };
+    // Each starts once the one before returned (10 ms), not once its acknowledgement arrived
+    // (1 s later).
+    three_run_in_turn_without_waiting_for_acks(consumer, &broker, &rec, &started).await;
+    assert_eq!(
+        overlap.load(Ordering::SeqCst),
+        0,
+        "one handler of the key at a time"
+    );
+}
+
+/// Run `consumer` on `broker` through [`SlowAcks`] until key 7's three messages were handled:
+/// they started in order (as `started` logged them, with the time since the start), the third
+/// less than an acknowledgement's travel after the first, and every acknowledgement arrived.
+async fn three_run_in_turn_without_waiting_for_acks(
+    consumer: prereq::DependentConsumer<u64, Payment>,
+    broker: &MemoryBroker,
+    rec: &Recorder<u64>,
+    started: &Log<(u64, Duration)>,
+) {
     let report = consumer
         .run(
             SlowAcks(broker.transport()),
@@ -228,13 +247,6 @@ async fn the_next_message_of_a_key_does_not_wait_for_the_acknowledgement() {
         vec![1, 2, 3],
         "in order"
     );
-    assert_eq!(
-        overlap.load(Ordering::SeqCst),
-        0,
-        "one handler of the key at a time"
-    );
-    // Each starts once the one before returned (10 ms), not once its acknowledgement arrived
-    // (1 s later).
     let last = started[2].1 - started[0].1;
     assert!(
         last < ACK_TRAVEL,
@@ -270,26 +282,7 @@ async fn a_handler_done_at_once_does_not_make_the_next_message_wait_for_its_ackn
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     });
-    let report = consumer
-        .run(
-            SlowAcks(broker.transport()),
-            rec.until(move |ev| handled(ev) == 3),
-        )
-        .await
-        .unwrap();
-    let started = started.get();
-    assert_eq!(
-        started.iter().map(|(id, _)| *id).collect::<Vec<_>>(),
-        vec![1, 2, 3],
-        "in order"
-    );
-    let last = started[2].1 - started[0].1;
-    assert!(
-        last < ACK_TRAVEL,
-        "the third started {last:?} after the first: it waited for acknowledgements"
-    );
-    assert_eq!(report.handled, 3, "{report:?}");
-    assert_eq!(broker.pending(), 0, "nothing left unsettled");
+    three_run_in_turn_without_waiting_for_acks(consumer, &broker, &rec, &started).await;
 }
 
 /// Keep the thread busy for `d` (a handler that computes, not one that waits).

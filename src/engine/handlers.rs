@@ -258,33 +258,6 @@ impl<J: Send + 'static, O: Send + 'static, E: Send + 'static, R> Handlers<J, O, 
         teller
     }
 
-    /// A job the loop runs itself and settles at once, without a teller (one it may give it
-    /// later, [`Handlers::teller_of`]); keep `what` about it. Its number.
-    pub(super) fn start_direct(&mut self, what: R) -> u64 {
-        self.next_id += 1;
-        self.running
-            .insert(self.next_id, Running { worker: None, what });
-        self.next_id
-    }
-
-    /// A teller for job `id`, begun with [`Handlers::start_direct`], which keeps `work`: for
-    /// the worker that goes on with it.
-    pub(super) fn teller_of(&self, id: u64, work: E) -> Teller<O, E> {
-        Teller {
-            id,
-            tx: Arc::clone(&self.inbox),
-            ended: false,
-            outputs: Vec::new(),
-            unfinished: Some(work),
-        }
-    }
-
-    /// What the loop handles next of a job it ran at once is dated now (as what it takes from
-    /// the inbox is dated when taken: not before it was done).
-    pub(super) fn taken_now(&mut self) {
-        self.taken_at = Instant::now();
-    }
-
     /// Job `id`, which the loop began itself, goes on in a worker (an idle one, or a new one
     /// that `worker` makes).
     pub(super) fn hand_over<F>(
@@ -304,7 +277,13 @@ impl<J: Send + 'static, O: Send + 'static, E: Send + 'static, R> Handlers<J, O, 
     /// The teller of a new job, which keeps `work`.
     fn teller(&mut self, work: E) -> Teller<O, E> {
         self.next_id += 1;
-        self.teller_of(self.next_id, work)
+        Teller {
+            id: self.next_id,
+            tx: Arc::clone(&self.inbox),
+            ended: false,
+            outputs: Vec::new(),
+            unfinished: Some(work),
+        }
     }
 
     /// Send `sent` to an idle worker, or to a new one that `worker` makes; the worker's index.
