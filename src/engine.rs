@@ -361,6 +361,8 @@ impl<K: Key, M: Send + 'static, T: Transport> Engine<K, M, T> {
             // Jobs the loop ran itself to the bound: more may be runnable, and nothing else may
             // wake the loop for them (no job running tells anything): the turn does not wait.
             let more = self.start_handlers(TAKE_READY) == TAKE_READY;
+            // The loop may wait now: the next job it runs is timed from then.
+            self.here.waits();
             let in_memory = self.in_memory();
             let deadline = next_of(
                 next_of(self.hold.next_deadline(), self.away.next_deadline()),
@@ -859,7 +861,7 @@ impl<K: Key, M: Send + 'static, T: Transport> Engine<K, M, T> {
     /// A new (or returning) message of `key`.
     fn route(&mut self, key: Hashed<K>, p: Pending<M>) {
         if self.cache.contains(&key) {
-            self.enqueue_known(key, p);
+            self.run_or_enqueue(key, p);
         } else if let Some(waiting) = self.lookups.get_mut(&key) {
             waiting.push(Waiting { p, expired: false });
             self.looking += 1;
@@ -870,6 +872,28 @@ impl<K: Key, M: Send + 'static, T: Transport> Engine<K, M, T> {
         } else {
             self.start_lookup(key, vec![Waiting { p, expired: false }]);
         }
+    }
+
+    /// A new message of a known `key`: run by the loop at once where it could start at once
+    /// (nothing waits to start, no message of the key waits or runs, a handler is free, and
+    /// the loop runs jobs itself), else to its lane as `enqueue_known`. A lane is made only if
+    /// its handler has to wait: one look-up of the key's lane, not five (docs/performance.md,
+    /// round 21).
+    fn run_or_enqueue(&mut self, key: Hashed<K>, p: Pending<M>) {
+        if self.here.is_now()
+            && self.handlers.len() < self.cfg.concurrency
+            && self.lanes.is_clear(&key)
+            && self.away.first(key.key()).is_none()
+        {
+            let running = Running {
+                key: key.clone(),
+                partition: p.meta.partition,
+                lane: false,
+                unreported: 1,
+            };
+            return self.run_one(running, key.into_key(), p);
+        }
+        self.enqueue_known(key, p);
     }
 
     /// `key` is known: to its lane, unless an earlier message of the key is deferred.
@@ -1055,15 +1079,18 @@ impl<K: Key, M: Send + 'static, T: Transport> Engine<K, M, T> {
     /// A job of several messages that the loop runs itself, for up to `here::BUDGET`; one that
     /// has to wait or runs past its budget goes on in a worker from where it stopped.
     fn run_job_here(&mut self, running: Running<K>, key: K, batch: Left<M>) {
+        let started = self.here.started();
         let mut teller = self.handlers.start_here(running, batch);
         teller.gather_in(self.here.outputs());
         let id = teller.job();
-        let started = std::time::Instant::now();
         let mut job = self.job_here(key, teller, started, None);
         // A panic outside the handler (which `call` catches), as a worker's death: the job is
         // dropped, its teller tells it lost.
         match std::panic::catch_unwind(AssertUnwindSafe(|| job.as_mut().now_or_never())) {
-            Ok(Some(outputs)) => self.here.ended(outputs, started.elapsed()),
+            Ok(Some(outputs)) => {
+                let took = self.here.lap(Instant::now());
+                self.here.ended(outputs, took);
+            }
             Ok(None) => self.hand_over(id, job),
             Err(_) => {
                 tracing::error!(
@@ -1080,18 +1107,23 @@ impl<K: Key, M: Send + 'static, T: Transport> Engine<K, M, T> {
     /// on in a worker as a job the loop began (`run_job`'s `first`), an acknowledgement not done
     /// at once too (the key's next message need not wait for it); what `run_job` does for each
     /// message, for one that completes at once.
-    fn run_one(&mut self, running: Running<K>, key: K, p: Pending<M>) {
+    fn run_one(&mut self, mut running: Running<K>, key: K, p: Pending<M>) {
         // (No job starts once the consumer drains: only the staleness is looked at.)
         if self.transport.is_stale(p.meta.id) {
             // Requeued as what a job did not run.
             return self.job_done(running, VecDeque::from([p]));
         }
-        let started = std::time::Instant::now();
+        let started = self.here.started();
         let Pending { msg, meta } = p;
         let done = match call(&self.cfg, &key, msg, &meta) {
             Ok(mut called) => match (&mut called).now_or_never() {
                 Some(done) => done,
                 None => {
+                    if !running.lane {
+                        // Begun without its lane: the key's later messages wait for it.
+                        self.lanes.run(running.key.clone());
+                        running.lane = true;
+                    }
                     let teller = self.handlers.start_here(running, VecDeque::new());
                     let id = teller.job();
                     let job = self.job_here(key, teller, started, Some((called, meta)));
@@ -1133,8 +1165,11 @@ impl<K: Key, M: Send + 'static, T: Transport> Engine<K, M, T> {
                 outcome: Outcome::Failed(e),
             },
         };
-        self.here.took(started.elapsed());
-        self.on_outcome(handled, Instant::now());
+        // One look at the clock: the job's end (for its budget) and its outcome's date.
+        let at = Instant::now();
+        let took = self.here.lap(at);
+        self.here.took(took);
+        self.on_outcome(handled, at);
         self.job_done(running, VecDeque::new());
     }
 
@@ -1144,7 +1179,7 @@ impl<K: Key, M: Send + 'static, T: Transport> Engine<K, M, T> {
         &self,
         key: K,
         teller: Teller<Handled<K>, Left<M>>,
-        started: std::time::Instant,
+        started: Instant,
         first: Option<(Called, Meta)>,
     ) -> Resumed<Handled<K>> {
         Box::pin(job_here(
@@ -1409,7 +1444,7 @@ fn job_here<K: Key, M: Send + 'static, T: Transport>(
     draining: Arc<AtomicBool>,
     key: K,
     teller: Teller<Handled<K>, Left<M>>,
-    until: std::time::Instant,
+    until: Instant,
     first: Option<(Called, Meta)>,
 ) -> impl Future<Output = Vec<Handled<K>>> + Send + 'static {
     async move {
@@ -1444,7 +1479,7 @@ struct Job<'a, K: Key, M, T, A, F> {
     spare: &'a mut Option<Pin<Box<A>>>,
     /// For a job the loop runs itself: when it goes on in a worker (it lets the loop go, once,
     /// before its next message after this time).
-    until: Option<std::time::Instant>,
+    until: Option<Instant>,
 }
 
 /// Run a key's messages (kept by `teller`) in order, each handler after the one before returned;
@@ -1554,7 +1589,7 @@ where
             // A job on the loop past its budget lets the loop go; a worker goes on with it.
             if let Some(at) = until
                 && teller.unfinished().is_some_and(|left| !left.is_empty())
-                && std::time::Instant::now() >= at
+                && Instant::now() >= at
             {
                 until = None;
                 teller.flush();

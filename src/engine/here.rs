@@ -12,6 +12,8 @@
 
 use std::time::Duration;
 
+use tokio::time::Instant;
+
 /// The longest a job runs on the loop before it goes on in a worker: checked before each of
 /// its messages after the first (the handlers of a fast path take a microsecond or so).
 pub(super) const BUDGET: Duration = Duration::from_micros(50);
@@ -28,6 +30,10 @@ pub(super) struct Here<O> {
     next_pause: u32,
     /// The list the last job on the loop gathered its outcomes in, emptied, for the next one.
     outputs: Vec<O>,
+    /// The loop's last look at the clock since it last waited: the next job it runs is timed
+    /// from it (with the little the loop did in between), and a job's end is the next job's
+    /// start, so a job costs one look at the clock, not two (docs/performance.md, round 21).
+    mark: Option<Instant>,
 }
 
 impl<O> Here<O> {
@@ -36,7 +42,27 @@ impl<O> Here<O> {
             pause: 0,
             next_pause: PAUSE_FIRST,
             outputs: Vec::new(),
+            mark: None,
         }
+    }
+
+    /// When the next job on the loop starts, for its budget.
+    pub(super) fn started(&mut self) -> Instant {
+        *self.mark.get_or_insert_with(Instant::now)
+    }
+
+    /// A job on the loop ended at `at`: how long it took since it `started`. The next job is
+    /// timed from `at`.
+    pub(super) fn lap(&mut self, at: Instant) -> Duration {
+        let took = at.saturating_duration_since(self.mark.unwrap_or(at));
+        self.mark = Some(at);
+        took
+    }
+
+    /// The loop waits (or did something long): the next job is timed from a new look at the
+    /// clock.
+    pub(super) fn waits(&mut self) {
+        self.mark = None;
     }
 
     /// Does the loop run the next job itself? Counts a job sent to a worker otherwise.
@@ -46,6 +72,11 @@ impl<O> Here<O> {
         }
         self.pause -= 1;
         false
+    }
+
+    /// Would the loop run the next job itself? (Counts nothing.)
+    pub(super) fn is_now(&self) -> bool {
+        self.pause == 0
     }
 
     /// The list for a job the loop runs.
@@ -71,6 +102,7 @@ impl<O> Here<O> {
     /// A job on the loop had to wait or ran out of budget: it goes on in a worker, and so do
     /// the next jobs.
     pub(super) fn handed_over(&mut self) {
+        self.mark = None;
         self.pause = self.next_pause;
         self.next_pause = self.next_pause.saturating_mul(2).min(PAUSE_MAX);
     }

@@ -130,6 +130,25 @@ impl<K: Eq + Hash + Clone, V, S: BuildHasher> Lanes<K, V, S> {
         }
     }
 
+    /// Could a message of `key` start now, ahead of the lanes? Nothing waits to start (every
+    /// runnable lane started), and no message of the key waits or runs.
+    pub(crate) fn is_clear(&self, key: &K) -> bool {
+        self.runnable.is_empty() && !self.lanes.contains_key(key)
+    }
+
+    /// A message of `key` that started without its lane (see `is_clear`) goes on, and its
+    /// key's later messages wait for it: its lane is now running, freed by `finish`.
+    pub(crate) fn run(&mut self, key: K) {
+        let spare = &mut self.spare;
+        let lane = self.lanes.entry(key).or_insert_with(|| Lane {
+            queue: spare.pop().unwrap_or_default(),
+            last: 0,
+            running: false,
+            runnable: false,
+        });
+        lane.running = true;
+    }
+
     /// The next message that may start, its key's lane now running.
     pub(crate) fn start_next(&mut self) -> Option<(K, V)> {
         while let Some(key) = self.runnable.pop_front() {
@@ -437,5 +456,32 @@ mod tests {
         assert!(l.start_next().is_none());
         l.push("c", 5, 'q');
         assert_eq!(l.drain(), vec![("c", 'q')]);
+    }
+
+    #[test]
+    fn a_message_started_without_its_lane_holds_back_its_key_once_it_runs_on() {
+        let mut l = Lanes::new();
+        assert!(l.is_clear(&"a"), "nothing waits, nothing of a runs");
+        l.push("b", 1, 'x');
+        assert!(
+            !l.is_clear(&"a"),
+            "b waits to start: a new message goes behind it"
+        );
+        assert_eq!(l.start_next(), Some(("b", 'x')));
+        assert!(l.is_clear(&"a"), "b runs, a may start");
+        assert!(!l.is_clear(&"b"), "a message of b runs");
+        l.run("a");
+        assert!(!l.is_clear(&"a"));
+        l.push("a", 3, 'z');
+        l.push("a", 2, 'y');
+        assert_eq!(l.start_next(), None, "a runs: its next messages wait");
+        l.finish(&"a");
+        assert_eq!(l.start_next(), Some(("a", 'y')));
+        l.finish(&"a");
+        assert_eq!(l.start_next(), Some(("a", 'z')));
+        l.finish(&"a");
+        l.finish(&"b");
+        assert!(l.is_clear(&"a") && l.is_clear(&"b"), "every lane freed");
+        assert_eq!(l.queued(), 0);
     }
 }
