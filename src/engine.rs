@@ -936,12 +936,16 @@ impl<K: Key, M: Send + 'static, T: Transport> Engine<K, M, T> {
         }
         let limit = self.away.first(key.key()).unwrap_or(u64::MAX);
         let now = Instant::now();
+        let stamp = self.hold.stamp(now);
         let taken = self.hold.take_before(key, limit);
         for (_, p) in &taken {
-            let waited = self.hold.waited(p.meta.held_at, now);
+            let waited = stamp.since(p.meta.held_at);
             self.emit(released(&p.meta, key.key(), waited, now));
         }
         self.lanes.extend(key, taken);
+        // A release can take a while (an event for each message): the next job on the loop is
+        // timed from a new look at the clock, not from before it.
+        self.here.waits();
     }
 
     /// Hold `p`, or defer it for `cause` if the hold has no room.
@@ -950,12 +954,11 @@ impl<K: Key, M: Send + 'static, T: Transport> Engine<K, M, T> {
             return self.defer(key.into_key(), &p.meta, cause, None);
         }
         let now = Instant::now();
-        if p.meta.held_at.is_none() {
-            p.meta.held_at = Some(self.hold.stamp(now));
-        }
+        let stamp = self.hold.stamp(now);
+        p.meta.held_at.get_or_insert(stamp);
         let event = event_at(&p.meta, Some(key.key().clone()), Decision::Held, now);
         let pos = p.meta.pos;
-        self.hold.insert(key, pos, p, now);
+        self.hold.insert_at(key, pos, p, stamp);
         self.report.peak_held = self.report.peak_held.max(self.hold.len());
         self.emit(event);
     }

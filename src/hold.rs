@@ -90,6 +90,15 @@ impl HoldBudget {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct Stamp(NonZeroU64);
 
+impl Stamp {
+    /// How long before this moment `earlier` was stamped (zero without one).
+    pub(crate) fn since(self, earlier: Option<Stamp>) -> Duration {
+        earlier.map_or(Duration::ZERO, |e| {
+            Duration::from_nanos(self.0.get().saturating_sub(e.0.get()))
+        })
+    }
+}
+
 /// What the hold reads of a held value: its message id and its size are the value's own, not
 /// stored twice.
 pub(crate) trait Held {
@@ -182,7 +191,15 @@ impl<K: Eq + Hash + Clone, V: Held, S: BuildHasher + Default> Hold<K, V, S> {
 
     /// Hold `value` for `key` at position `pos`, until `now + max_time` at the latest. The
     /// caller checked [`Hold::fits`]; positions are unique.
+    #[cfg(test)]
     pub(crate) fn insert(&mut self, key: K, pos: u64, value: V, now: Instant) {
+        let now = self.stamp(now);
+        self.insert_at(key, pos, value, now);
+    }
+
+    /// As `insert`, `now` a stamp of the present (the engine stamps a message as it holds it:
+    /// one reading of the epoch's distance for both).
+    pub(crate) fn insert_at(&mut self, key: K, pos: u64, value: V, now: Stamp) {
         if let Some(id) = value.id() {
             self.by_id.insert(Arc::clone(id), pos);
         }
@@ -195,7 +212,8 @@ impl<K: Eq + Hash + Clone, V: Held, S: BuildHasher + Default> Hold<K, V, S> {
             let at = queue.partition_point(|p| *p < pos);
             queue.insert(at, pos);
         }
-        let deadline = self.since_epoch(now + self.budget.max_time);
+        let max_time = u64::try_from(self.budget.max_time.as_nanos()).unwrap_or(u64::MAX);
+        let deadline = (now.0.get() - 1).saturating_add(max_time);
         let due = (deadline, pos);
         if self.by_deadline.back().is_none_or(|last| *last < due) {
             self.by_deadline.push_back(due);
@@ -276,9 +294,7 @@ impl<K: Eq + Hash + Clone, V: Held, S: BuildHasher + Default> Hold<K, V, S> {
 
     /// How long ago, at `now`, `stamp` was taken (zero without one).
     pub(crate) fn waited(&self, stamp: Option<Stamp>, now: Instant) -> Duration {
-        stamp.map_or(Duration::ZERO, |s| {
-            Duration::from_nanos(self.since_epoch(now).saturating_sub(s.0.get() - 1))
-        })
+        self.stamp(now).since(stamp)
     }
 
     /// `t` in nanoseconds since the epoch (0 before it; 584 years fit).
@@ -409,8 +425,8 @@ mod tests {
 
     #[test]
     fn releases_a_key_in_position_order_and_frees_budget() {
-        let now = Instant::now();
         let mut h = Hold::new(budget(3, 100));
+        let now = Instant::now();
         h.insert("a", 5, v(1, 10), now);
         h.insert("b", 6, v(2, 10), now);
         h.insert("a", 2, v(3, 10), now); // back from a deferral: before 5
@@ -434,8 +450,8 @@ mod tests {
 
     #[test]
     fn expires_by_deadline_and_only_when_due() {
-        let now = Instant::now();
         let mut h = Hold::new(budget(10, 100));
+        let now = Instant::now();
         h.insert("a", 1, v(1, 1), now);
         h.insert("b", 0, v(2, 1), now + Duration::from_secs(1));
         assert_eq!(h.next_deadline(), Some(now + Duration::from_secs(10)));
@@ -452,8 +468,8 @@ mod tests {
 
     #[test]
     fn a_redelivered_copy_takes_the_place_of_the_stale_one() {
-        let now = Instant::now();
         let mut h = Hold::new(budget(10, 100));
+        let now = Instant::now();
         h.insert("a", 0, V(1, Some("m1".into()), 10), now);
         h.insert("a", 1, V(2, Some("m2".into()), 10), now);
         assert_eq!(h.by_id("m1").map(|v| v.0), Some(1));
@@ -478,8 +494,8 @@ mod tests {
 
     #[test]
     fn drain_is_in_position_order() {
-        let now = Instant::now();
         let mut h = Hold::new(budget(10, 100));
+        let now = Instant::now();
         h.insert("a", 3, v(3, 1), now);
         h.insert("b", 1, v(1, 1), now);
         h.insert("a", 2, v(2, 1), now);
@@ -488,8 +504,8 @@ mod tests {
 
     #[test]
     fn take_where_keeps_the_rest_in_place() {
-        let now = Instant::now();
         let mut h = Hold::new(budget(10, 100));
+        let now = Instant::now();
         h.insert("a", 1, v(10, 1), now);
         h.insert("a", 2, v(21, 1), now);
         h.insert("b", 3, v(30, 1), now);
@@ -508,8 +524,8 @@ mod tests {
 
     #[test]
     fn released_deadlines_do_not_pile_up() {
-        let now = Instant::now();
         let mut h = Hold::new(budget(10_000, usize::MAX));
+        let now = Instant::now();
         for pos in 0..2_000 {
             let key = if pos % 10 == 0 { "a" } else { "b" };
             h.insert(key, pos, v(0, 1), now + Duration::from_millis(pos));
@@ -558,13 +574,14 @@ mod tests {
         #[test]
         fn expiry_matches_a_reference(ops in proptest::collection::vec(op(), 1..300)) {
             const MAX_MS: u64 = 20;
-            let start = Instant::now();
             let mut h: Hold<u8, V> = Hold::new(
                 HoldBudget::DEFAULT
                     .max_messages(usize::MAX)
                     .max_bytes(usize::MAX)
                     .max_time(Duration::from_millis(MAX_MS)),
             );
+            // Not before the hold's start: moments before it count as its start.
+            let start = Instant::now();
             // The reference: (deadline ms, position) -> (key, value), and positions in use.
             let mut model: std::collections::BTreeMap<(u64, u64), (u8, i32)> = Default::default();
             let (mut now_ms, mut next_pos, mut n) = (0u64, 1_000u64, 0i32);
