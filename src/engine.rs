@@ -1268,7 +1268,7 @@ impl<K: Key, M: Send + 'static, T: Transport> Engine<K, M, T> {
     /// `SettleFailed` event if it did not.
     fn settle(&mut self, event: Event<K>, settle: Settle) {
         let transport = Arc::clone(&self.transport);
-        self.work.spawn(async move {
+        self.now_or_later(async move {
             Work::Settled(Some(settle_with(&*transport, event, settle).await))
         });
     }
@@ -1276,9 +1276,23 @@ impl<K: Key, M: Send + 'static, T: Transport> Engine<K, M, T> {
     /// Like [`Engine::settle`], but emit an event only if the transport failed.
     fn settle_quietly(&mut self, event: Event<K>, settle: Settle) {
         let transport = Arc::clone(&self.transport);
-        self.work.spawn(async move {
+        self.now_or_later(async move {
             Work::Settled(quiet(settle_with(&*transport, event, settle).await))
         });
+    }
+
+    /// `work` done here if it completes at once (a settlement the transport answers at once, as
+    /// the in-memory one does), else in a task of its own. A task spawned from the loop wakes
+    /// a parked runtime thread to take it: one registration's acknowledgement cost a thread's
+    /// wake-up and its return (docs/performance.md, round 21).
+    fn now_or_later(&mut self, work: impl Future<Output = Work<K>> + Send + 'static) {
+        let mut work = Box::pin(work);
+        match (&mut work).now_or_never() {
+            Some(done) => self.on_work(done),
+            None => {
+                self.work.spawn(work);
+            }
+        }
     }
 
     // ---- Events -----------------------------------------------------------------------------
