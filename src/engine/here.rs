@@ -118,6 +118,23 @@ mod tests {
     }
 
     #[test]
+    fn a_job_is_timed_from_the_loop_s_last_look_at_the_clock() {
+        let mut h = Here::<u32>::new();
+        let first = h.started();
+        assert_eq!(h.started(), first, "one look until a job ends");
+        let end = first + Duration::from_secs(3_600);
+        assert_eq!(h.lap(end), Duration::from_secs(3_600));
+        assert_eq!(h.started(), end, "the next job starts where the last ended");
+        let later = end + Duration::from_micros(30);
+        assert_eq!(h.lap(later), Duration::from_micros(30));
+        h.waits();
+        assert!(h.started() < end, "after a wait, a new look at the clock");
+        h.lap(later);
+        h.handed_over();
+        assert!(h.started() < end, "and after a hand-over");
+    }
+
+    #[test]
     fn jobs_go_to_workers_for_a_pause_that_doubles_while_jobs_on_the_loop_wait() {
         let mut h = Here::new();
         assert_eq!(here_of(&mut h, 10), 10, "every job on the loop at first");
