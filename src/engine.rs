@@ -537,13 +537,12 @@ impl<K: Key, M: Send + 'static, T: Transport> Engine<K, M, T> {
         // The key is known once the source recorded it; the registration is acknowledged
         // after that. A source that records at once (in memory) is answered here.
         let event = self.event(&d, Some(key.clone()), Decision::Registered);
-        let mut recording = record(self.cfg.source.clone(), key, event, self.stopping.clone());
-        match (&mut recording).now_or_never() {
-            Some(work) => self.on_work(work),
-            None => {
-                self.work.spawn(recording);
-            }
-        }
+        self.now_or_later(record(
+            self.cfg.source.clone(),
+            key,
+            event,
+            self.stopping.clone(),
+        ));
     }
 
     /// A dependent message: run it, hold it, or ask the source about its key.
@@ -1036,9 +1035,9 @@ impl<K: Key, M: Send + 'static, T: Transport> Engine<K, M, T> {
         }
     }
 
-    /// Start handlers for runnable lanes, up to the concurrency; of the jobs of one message the
-    /// loop runs and settles itself (which take no slot), at most `at_once`, so that it looks at
-    /// its other sources between them. How many of those it ran.
+    /// Start handlers for runnable lanes, up to the concurrency; of the jobs the loop runs
+    /// itself (which take no slot), at most `at_once`, so that it looks at its other sources
+    /// between them (keys released together are as many jobs). How many of those it ran.
     fn start_handlers(&mut self, at_once: usize) -> usize {
         let mut ran = 0;
         while self.handlers.len() < self.cfg.concurrency && ran < at_once {
@@ -1055,16 +1054,16 @@ impl<K: Key, M: Send + 'static, T: Transport> Engine<K, M, T> {
                 lane: true,
                 unreported: batch.len() + 1,
             };
-            let here = self.here.now();
-            if here && batch.is_empty() {
+            if self.here.now() {
                 ran += 1;
-                self.run_one(running, key.into_key(), first);
-                continue;
-            }
-            batch.push_front(first);
-            if here {
-                self.run_job_here(running, key.into_key(), batch);
+                if batch.is_empty() {
+                    self.run_one(running, key.into_key(), first);
+                } else {
+                    batch.push_front(first);
+                    self.run_job_here(running, key.into_key(), batch);
+                }
             } else {
+                batch.push_front(first);
                 let (cfg, transport, draining) = (&self.cfg, &self.transport, &self.draining);
                 self.handlers.start(running, key.into_key(), batch, |jobs| {
                     worker(
@@ -1090,10 +1089,7 @@ impl<K: Key, M: Send + 'static, T: Transport> Engine<K, M, T> {
         // A panic outside the handler (which `call` catches), as a worker's death: the job is
         // dropped, its teller tells it lost.
         match std::panic::catch_unwind(AssertUnwindSafe(|| job.as_mut().now_or_never())) {
-            Ok(Some(outputs)) => {
-                let took = self.here.lap(Instant::now());
-                self.here.ended(outputs, took);
-            }
+            Ok(Some(outputs)) => self.here.ended(outputs, Instant::now()),
             Ok(None) => self.hand_over(id, job),
             Err(_) => {
                 tracing::error!(
@@ -1170,8 +1166,7 @@ impl<K: Key, M: Send + 'static, T: Transport> Engine<K, M, T> {
         };
         // One look at the clock: the job's end (for its budget) and its outcome's date.
         let at = Instant::now();
-        let took = self.here.lap(at);
-        self.here.took(took);
+        self.here.done(at);
         self.on_outcome(handled, at);
         self.job_done(running, VecDeque::new());
     }
@@ -1268,25 +1263,25 @@ impl<K: Key, M: Send + 'static, T: Transport> Engine<K, M, T> {
     /// `SettleFailed` event if it did not.
     fn settle(&mut self, event: Event<K>, settle: Settle) {
         let transport = Arc::clone(&self.transport);
-        self.now_or_later(async move {
+        self.now_or_later(Box::pin(async move {
             Work::Settled(Some(settle_with(&*transport, event, settle).await))
-        });
+        }));
     }
 
     /// Like [`Engine::settle`], but emit an event only if the transport failed.
     fn settle_quietly(&mut self, event: Event<K>, settle: Settle) {
         let transport = Arc::clone(&self.transport);
-        self.now_or_later(async move {
+        self.now_or_later(Box::pin(async move {
             Work::Settled(quiet(settle_with(&*transport, event, settle).await))
-        });
+        }));
     }
 
     /// `work` done here if it completes at once (a settlement the transport answers at once, as
-    /// the in-memory one does), else in a task of its own. A task spawned from the loop wakes
-    /// a parked runtime thread to take it: one registration's acknowledgement cost a thread's
-    /// wake-up and its return (docs/performance.md, round 21).
-    fn now_or_later(&mut self, work: impl Future<Output = Work<K>> + Send + 'static) {
-        let mut work = Box::pin(work);
+    /// the in-memory one does; a key the source records at once), else in a task of its own. A
+    /// task spawned from the loop wakes a parked runtime thread to take it: one registration's
+    /// acknowledgement cost a thread's wake-up and its return (docs/performance.md, round 21).
+    /// Boxed by the caller (it is looked at once, then may move to its task).
+    fn now_or_later(&mut self, mut work: impl Future<Output = Work<K>> + Send + Unpin + 'static) {
         match (&mut work).now_or_never() {
             Some(done) => self.on_work(done),
             None => {

@@ -51,9 +51,9 @@ impl<O> Here<O> {
         *self.mark.get_or_insert_with(Instant::now)
     }
 
-    /// A job on the loop ended at `at`: how long it took since it `started`. The next job is
+    /// How long a job on the loop that ended at `at` took since it `started`. The next job is
     /// timed from `at`.
-    pub(super) fn lap(&mut self, at: Instant) -> Duration {
+    fn lap(&mut self, at: Instant) -> Duration {
         let took = at.saturating_duration_since(self.mark.unwrap_or(at));
         self.mark = Some(at);
         took
@@ -84,14 +84,16 @@ impl<O> Here<O> {
         std::mem::take(&mut self.outputs)
     }
 
-    /// A job on the loop ended there after `took`, with the list it gathered in.
-    pub(super) fn ended(&mut self, outputs: Vec<O>, took: Duration) {
+    /// A job on the loop ended there at `at`, with the list it gathered in.
+    pub(super) fn ended(&mut self, outputs: Vec<O>, at: Instant) {
         self.outputs = outputs;
-        self.took(took);
+        self.done(at);
     }
 
-    /// A job on the loop ended there after `took`.
-    pub(super) fn took(&mut self, took: Duration) {
+    /// A job on the loop ended there at `at` (the look at the clock that also dates its
+    /// outcome): one that took longer than the budget sends the next jobs to workers.
+    pub(super) fn done(&mut self, at: Instant) {
+        let took = self.lap(at);
         if took > BUDGET {
             self.handed_over();
         } else {
@@ -159,7 +161,8 @@ mod tests {
         h.handed_over();
         assert_eq!(here_of(&mut h, PAUSE_MAX), 0);
         assert!(h.now(), "never longer than the most");
-        h.ended(vec![7], BUDGET);
+        let t = h.started();
+        h.ended(vec![7], t + BUDGET);
         h.handed_over();
         assert_eq!(
             here_of(&mut h, PAUSE_FIRST),
@@ -168,8 +171,10 @@ mod tests {
         );
         assert!(h.now());
         assert_eq!(h.outputs(), [7], "the list a job ended with, for the next");
-        h.ended(Vec::new(), BUDGET);
-        h.ended(Vec::new(), BUDGET * 2);
+        let t = h.started();
+        h.ended(Vec::new(), t + BUDGET);
+        let t = h.started();
+        h.ended(Vec::new(), t + BUDGET * 2);
         assert_eq!(
             here_of(&mut h, PAUSE_FIRST),
             0,
