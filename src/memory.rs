@@ -31,6 +31,7 @@
 //! ```
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::num::NonZeroU64;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
@@ -39,8 +40,10 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use crate::DeadLetter;
-use crate::seq_map::SeqMap;
 use crate::transport::{Delivery, DeliveryId, Settle, Source, Transport};
+use unsettled::Unsettled;
+
+mod unsettled;
 
 /// A message as stored by the in-memory broker.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -137,26 +140,25 @@ struct State {
     requeued: BTreeMap<u64, Stored>,
     delayed: BTreeMap<(Instant, u64), Stored>,
     /// Delivered and not settled, by delivery tag: the transport holding each, and the message.
-    /// Tags rise and are settled in about that order: slots indexed by the tag, not a hash map
-    /// (docs/performance.md, round 16).
-    unacked: SeqMap<(u64, Stored)>,
+    unacked: Unsettled,
     /// How many of `unacked` each transport holds (the prefetch check runs on every `recv`).
-    unacked_per_transport: FxHashMap<u64, usize>,
+    unacked_per_transport: FxHashMap<NonZeroU64, usize>,
     dead: Vec<DeadLettered>,
     /// The partitions each transport no longer receives.
-    revoked: HashMap<u64, std::collections::HashSet<u32>>,
+    revoked: HashMap<NonZeroU64, std::collections::HashSet<u32>>,
     /// Where each transport hears of a revoked partition.
-    revocations: HashMap<u64, tokio::sync::mpsc::UnboundedSender<u32>>,
+    revocations: HashMap<NonZeroU64, tokio::sync::mpsc::UnboundedSender<u32>>,
     /// Partitions revoked and not released yet: nobody receives them meanwhile (as no other
     /// consumer of a single-active-consumer queue becomes active before the owner lets go).
     handover: std::collections::HashSet<u32>,
     /// Partitions to revoke once their deferred copies are back and settled, with the
     /// transports that keep receiving them (alone) until then.
-    leaving: BTreeMap<u32, std::collections::HashSet<u64>>,
+    leaving: BTreeMap<u32, std::collections::HashSet<NonZeroU64>>,
     /// The partitions consumers released, in order.
     released: Vec<u32>,
     stats: Stats,
     next_id: u64,
+    /// Transports made so far.
     next_transport: u64,
     closed: bool,
 }
@@ -179,7 +181,7 @@ impl State {
         self.requeued.insert(tag, m);
     }
 
-    fn unacked_of(&self, transport: u64) -> usize {
+    fn unacked_of(&self, transport: NonZeroU64) -> usize {
         self.unacked_per_transport
             .get(&transport)
             .copied()
@@ -189,7 +191,7 @@ impl State {
     /// The next message `transport` may receive: given-back ones first, in delivery order, then
     /// the ready ones; none of a partition revoked from it, or kept by others until its copies
     /// are back.
-    fn next_for(&mut self, transport: u64) -> Option<Stored> {
+    fn next_for(&mut self, transport: NonZeroU64) -> Option<Stored> {
         let revoked = self.revoked.get(&transport);
         let (handover, leaving) = (&self.handover, &self.leaving);
         let ours = |m: &Stored| {
@@ -213,11 +215,11 @@ impl State {
         self.delayed.values().any(copy)
             || self.ready.iter().any(copy)
             || self.requeued.values().any(copy)
-            || self.unacked.iter().any(|(_, (_, m))| copy(m))
+            || self.unacked.iter().any(|(_, _, m)| copy(m))
     }
 
     /// Take `partition` away from `transports` now.
-    fn revoke_now(&mut self, partition: u32, transports: impl IntoIterator<Item = u64>) {
+    fn revoke_now(&mut self, partition: u32, transports: impl IntoIterator<Item = NonZeroU64>) {
         self.handover.insert(partition);
         for id in transports {
             self.revoked.entry(id).or_default().insert(partition);
@@ -245,20 +247,34 @@ impl State {
         }
     }
 
-    /// Hand `m` to `transport` as delivery `tag`, unsettled.
-    fn deliver(&mut self, tag: u64, transport: u64, m: Stored) {
-        self.unacked.insert(tag, (transport, m));
+    /// Hand a copy of `m` to `transport` as delivery `tag`, unsettled.
+    fn deliver(&mut self, tag: u64, transport: NonZeroU64, m: Stored) -> Delivery {
+        let d = Delivery {
+            id: DeliveryId(tag),
+            source: m.source,
+            body: m.body.clone(),
+            attempt: m.attempt,
+            max_attempts: m.max_attempts,
+            message_id: m.message_id.clone(),
+            redelivered: m.redelivered,
+            partition: m.partition,
+        };
+        self.unacked.insert(tag, transport, m);
         *self.unacked_per_transport.entry(transport).or_default() += 1;
+        d
     }
 
-    /// Take back delivery `tag` if `transport` holds it.
-    fn take_unacked(&mut self, tag: u64, transport: u64) -> Option<Stored> {
-        let (_, m) = self
-            .unacked
-            .remove_if(tag, |(owner, _)| *owner == transport)?;
+    /// One fewer delivery held by `transport`.
+    fn settled_by(&mut self, transport: NonZeroU64) {
         if let Some(n) = self.unacked_per_transport.get_mut(&transport) {
             *n -= 1;
         }
+    }
+
+    /// Take back delivery `tag` if `transport` holds it.
+    fn take_unacked(&mut self, tag: u64, transport: NonZeroU64) -> Option<Stored> {
+        let m = self.unacked.take(tag, transport)?;
+        self.settled_by(transport);
         Some(m)
     }
 }
@@ -354,8 +370,8 @@ impl MemoryBroker {
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         let id = {
             let mut s = self.lock();
+            let id = NonZeroU64::MIN.saturating_add(s.next_transport);
             s.next_transport += 1;
-            let id = s.next_transport;
             s.revocations.insert(id, tx);
             id
         };
@@ -380,7 +396,7 @@ impl MemoryBroker {
     pub fn revoke(&self, partition: u32) {
         let mut s = self.lock();
         self.shared.revoked_any.store(true, Ordering::Release);
-        let ids: Vec<u64> = s.revocations.keys().copied().collect();
+        let ids: Vec<NonZeroU64> = s.revocations.keys().copied().collect();
         if s.copies_out(partition) {
             s.leaving.insert(partition, ids.into_iter().collect());
         } else {
@@ -424,7 +440,7 @@ impl MemoryBroker {
         s.ready.iter().filter(|m| of(m)).count()
             + s.requeued.values().filter(|m| of(m)).count()
             + s.delayed.values().filter(|m| of(m)).count()
-            + s.unacked.iter().filter(|(_, (_, m))| of(m)).count()
+            + s.unacked.iter().filter(|(_, _, m)| of(m)).count()
     }
 }
 
@@ -432,7 +448,7 @@ impl MemoryBroker {
 /// not settle.
 pub struct MemoryTransport {
     broker: MemoryBroker,
-    id: u64,
+    id: NonZeroU64,
     /// Partitions revoked from this transport, as they come.
     revocations: tokio::sync::Mutex<tokio::sync::mpsc::UnboundedReceiver<u32>>,
 }
@@ -459,8 +475,8 @@ impl Drop for MemoryTransport {
         let mine: Vec<u64> = s
             .unacked
             .iter()
-            .filter(|(_, (t, _))| *t == self.id)
-            .map(|(tag, _)| tag)
+            .filter(|(_, t, _)| *t == self.id)
+            .map(|(tag, _, _)| tag)
             .collect();
         for tag in mine {
             if let Some(m) = s.take_unacked(tag, self.id) {
@@ -497,18 +513,7 @@ impl MemoryTransport {
             s.next_id += 1;
             let tag = s.next_id;
             s.stats.delivered += 1;
-            let d = Delivery {
-                id: DeliveryId(tag),
-                source: m.source,
-                body: m.body.clone(),
-                attempt: m.attempt,
-                max_attempts: m.max_attempts,
-                message_id: m.message_id.clone(),
-                redelivered: m.redelivered,
-                partition: m.partition,
-            };
-            s.deliver(tag, self.id, m);
-            return Taken::Ready(Ok(Some(d)));
+            return Taken::Ready(Ok(Some(s.deliver(tag, self.id, m))));
         }
         Taken::Wait(s.delayed.keys().next().map(|(due, _)| *due))
     }
@@ -600,16 +605,27 @@ impl Transport for MemoryTransport {
 
     async fn settle(&self, id: DeliveryId, settle: Settle) -> Result<(), MemoryError> {
         let mut s = self.broker.lock();
-        let mut m = s
-            .take_unacked(id.0, self.id)
-            .ok_or(MemoryError::UnknownDelivery(id))?;
         // What a waiting `recv` could act on: a message to deliver again, a delayed copy, or
         // room under this transport's prefetch.
         let wake = self.broker.prefetch.is_some()
             || matches!(settle, Settle::Defer { .. } | Settle::Requeue);
-        match settle {
-            Settle::Ack => s.stats.acked += 1,
-            Settle::Defer { delay, attempt } => {
+        let mut m = if matches!(settle, Settle::Ack) {
+            // Not taken back: an acknowledged message is dropped as the window moves past it.
+            if !s.unacked.ack(id.0, self.id) {
+                return Err(MemoryError::UnknownDelivery(id));
+            }
+            s.settled_by(self.id);
+            None
+        } else {
+            let m = s
+                .take_unacked(id.0, self.id)
+                .ok_or(MemoryError::UnknownDelivery(id))?;
+            Some(m)
+        };
+        match (settle, m.take()) {
+            (Settle::Ack, _) => s.stats.acked += 1,
+            (_, None) => {}
+            (Settle::Defer { delay, attempt }, Some(mut m)) => {
                 m.attempt = attempt;
                 m.redelivered = false;
                 s.stats.deferred += 1;
@@ -618,7 +634,7 @@ impl Transport for MemoryTransport {
                 let seq = s.next_id;
                 s.delayed.insert((Instant::now() + delay, seq), m);
             }
-            Settle::DeadLetter(dead_letter) => {
+            (Settle::DeadLetter(dead_letter), Some(m)) => {
                 s.stats.dead_lettered += 1;
                 s.stats.acked += 1;
                 s.dead.push(DeadLettered {
@@ -626,7 +642,7 @@ impl Transport for MemoryTransport {
                     dead_letter,
                 });
             }
-            Settle::Requeue => s.requeue(id.0, m),
+            (Settle::Requeue, Some(m)) => s.requeue(id.0, m),
         }
         if !s.leaving.is_empty() {
             s.revoke_when_back();
