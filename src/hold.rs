@@ -124,7 +124,7 @@ pub(crate) struct Hold<K, V, S = RandomState> {
     budget: HoldBudget,
     /// The entries, by position: the engine's own rising sequence, so slots indexed by it for
     /// the most part (see `SeqMap`; docs/performance.md, round 16). Boxed: the window keeps up
-    /// to four slots per entry, and an empty slot then costs a pointer, not a whole entry.
+    /// to sixteen slots per entry, and an empty slot then costs a pointer, not a whole entry.
     entries: SeqMap<Box<Entry<K, V>>>,
     /// The positions held for each key, ascending: a key's messages leave in this order.
     by_key: HashMap<K, VecDeque<u64>, S>,

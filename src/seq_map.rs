@@ -11,8 +11,8 @@ use rustc_hash::FxHashMap;
 /// inserted out of order is kept all the same).
 ///
 /// A value left behind while later ones come and go would keep every slot after it alive; once
-/// the window is less than a quarter full (and more than `MIN_WINDOW` slots long), its oldest
-/// values move to the map until it is dense again, so the memory stays within a few slots per
+/// the window is less than `1 / SPARSE` full (and more than `MIN_WINDOW` slots long), its oldest
+/// values move to the map until it is dense again, so the memory stays within `SPARSE` slots per
 /// value; a tag so far ahead that the window would be mostly empty starts it again there.
 pub(crate) struct SeqMap<V> {
     /// The tag of `window`'s first slot; every straggler's tag is below it.
@@ -28,6 +28,11 @@ pub(crate) struct SeqMap<V> {
 
 /// A window this short is never thinned out.
 const MIN_WINDOW: usize = 64;
+/// A window longer than `MIN_WINDOW` keeps at most this many slots for each value in it: a slot
+/// is small (the hold's are pointers), and moving values to the map while a hold is released key
+/// by key (its window thins out evenly) costs more than the slots (docs/performance.md,
+/// round 22).
+const SPARSE: usize = 16;
 
 impl<V> Default for SeqMap<V> {
     fn default() -> Self {
@@ -63,7 +68,7 @@ impl<V> SeqMap<V> {
             }
             return;
         }
-        if at >= MIN_WINDOW && (self.in_window + 1) * 4 < at + 1 {
+        if at >= MIN_WINDOW && (self.in_window + 1) * SPARSE < at + 1 {
             // So far ahead that the window would be mostly empty: what it holds goes to the
             // stragglers and it starts again at `tag` (the gap is never allocated).
             while !self.window.is_empty() {
@@ -153,9 +158,9 @@ impl<V> SeqMap<V> {
     }
 
     /// Move the oldest values to `stragglers` while the window is long and mostly empty: on
-    /// return it holds at most `MIN_WINDOW` slots or is at least a quarter full.
+    /// return it holds at most `MIN_WINDOW` slots or is at least `1 / SPARSE` full.
     fn thin_out(&mut self) {
-        while self.window.len() > MIN_WINDOW && self.in_window * 4 < self.window.len() {
+        while self.window.len() > MIN_WINDOW && self.in_window * SPARSE < self.window.len() {
             self.spill_front();
             self.trim_front();
         }
@@ -212,7 +217,7 @@ mod tests {
 
     proptest! {
         /// Whatever the order of removals, changes and insertions out of order, it keeps exactly
-        /// what a map would, and its window stays within four slots per value; a drain gives
+        /// what a map would, and its window stays within `SPARSE` slots per value; a drain gives
         /// everything in tag order.
         #[test]
         fn it_behaves_as_a_map_within_bounded_memory(ops in prop::collection::vec(op(), 0..600)) {
@@ -262,7 +267,7 @@ mod tests {
                 prop_assert_eq!(all, model.iter().map(|(t, v)| (*t, *v)).collect::<Vec<_>>());
                 prop_assert!(u.window.front().is_none_or(Option::is_some));
                 prop_assert!(
-                    u.window.len() <= MIN_WINDOW.max(4 * u.in_window),
+                    u.window.len() <= MIN_WINDOW.max(SPARSE * u.in_window),
                     "window of {} slots for {} values", u.window.len(), u.in_window
                 );
             }
