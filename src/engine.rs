@@ -952,7 +952,7 @@ impl<K: Key, M: Send + 'static, T: Transport> Engine<K, M, T> {
         if !self.hold.fits(p.meta.size as usize) {
             return self.defer(key.into_key(), &p.meta, cause, None);
         }
-        let now = Instant::now();
+        let now = self.here.clock();
         let stamp = self.hold.stamp(now);
         p.meta.held_at.get_or_insert(stamp);
         let event = event_at(&p.meta, Some(key.key().clone()), Decision::Held, now);

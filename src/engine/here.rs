@@ -34,6 +34,10 @@ pub(super) struct Here<O> {
     /// from it (with the little the loop did in between), and a job's end is the next job's
     /// start, so a job costs one look at the clock, not two (docs/performance.md, round 21).
     mark: Option<Instant>,
+    /// The loop's last look at the clock since it last waited (or did something long), for the
+    /// moments it stamps: the messages it holds in one turn share one look, not one each
+    /// (docs/performance.md, round 22). Unlike `mark`, a hand-over keeps it.
+    seen: Option<Instant>,
 }
 
 impl<O> Here<O> {
@@ -43,12 +47,24 @@ impl<O> Here<O> {
             next_pause: PAUSE_FIRST,
             outputs: Vec::new(),
             mark: None,
+            seen: None,
         }
     }
 
     /// When the next job on the loop starts, for its budget.
     pub(super) fn started(&mut self) -> Instant {
-        *self.mark.get_or_insert_with(Instant::now)
+        if let Some(at) = self.mark {
+            return at;
+        }
+        let at = Instant::now();
+        self.mark = Some(at);
+        self.seen = Some(at);
+        at
+    }
+
+    /// A look at the clock: the loop's last since it waited, else a new one.
+    pub(super) fn clock(&mut self) -> Instant {
+        *self.seen.get_or_insert_with(Instant::now)
     }
 
     /// How long a job on the loop that ended at `at` took since it `started`. The next job is
@@ -56,6 +72,7 @@ impl<O> Here<O> {
     fn lap(&mut self, at: Instant) -> Duration {
         let took = at.saturating_duration_since(self.mark.unwrap_or(at));
         self.mark = Some(at);
+        self.seen = Some(at);
         took
     }
 
@@ -63,6 +80,7 @@ impl<O> Here<O> {
     /// clock.
     pub(super) fn waits(&mut self) {
         self.mark = None;
+        self.seen = None;
     }
 
     /// Does the loop run the next job itself? Counts a job sent to a worker otherwise.
