@@ -155,6 +155,23 @@ mod tests {
     }
 
     #[test]
+    fn what_the_loop_stamps_in_a_turn_shares_one_look_at_the_clock() {
+        let mut h = Here::<u32>::new();
+        let first = h.clock();
+        assert_eq!(h.clock(), first, "one look until the loop waits");
+        let end = first + Duration::from_secs(3_600);
+        h.started();
+        h.lap(end);
+        assert_eq!(h.clock(), end, "a job's end is a look at the clock");
+        h.handed_over();
+        assert_eq!(h.clock(), end, "a hand-over keeps it");
+        h.waits();
+        assert!(h.clock() < end, "after a wait, a new look");
+        let started = h.started();
+        assert_eq!(h.clock(), started, "so is a job's start");
+    }
+
+    #[test]
     fn jobs_go_to_workers_for_a_pause_that_doubles_while_jobs_on_the_loop_wait() {
         let mut h = Here::new();
         assert_eq!(here_of(&mut h, 10), 10, "every job on the loop at first");
