@@ -11,8 +11,11 @@ use std::num::NonZeroU64;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::seq_map::SeqMap;
 use tokio::time::Instant;
+
+use entries::Entries;
+
+mod entries;
 
 /// Limits on holding. `Copy` and `const`, with documented defaults.
 ///
@@ -123,9 +126,10 @@ pub(crate) struct Hold<K, V, S = RandomState> {
     /// The limits: checked by [`Hold::fits`].
     budget: HoldBudget,
     /// The entries, by position: the engine's own rising sequence, so slots indexed by it for
-    /// the most part (see `SeqMap`; docs/performance.md, round 16). Boxed: the window keeps up
-    /// to sixteen slots per entry, and an empty slot then costs a pointer, not a whole entry.
-    entries: SeqMap<Box<Entry<K, V>>>,
+    /// the most part (see `SeqMap`; docs/performance.md, round 16), each naming the entry's place
+    /// in chunks (`Entries`): the window keeps up to sixteen slots per entry, and an empty slot
+    /// then costs a number, not a whole entry.
+    entries: Entries<Entry<K, V>>,
     /// The positions held for each key, ascending: a key's messages leave in this order.
     by_key: HashMap<K, VecDeque<u64>, S>,
     /// Every entry by deadline (then position), ascending; the first is the next to expire.
@@ -154,7 +158,7 @@ impl<K: Eq + Hash + Clone, V: Held, S: BuildHasher + Default> Hold<K, V, S> {
     pub(crate) fn with_budget(budget: HoldBudget) -> Self {
         Self {
             budget,
-            entries: SeqMap::default(),
+            entries: Entries::default(),
             by_key: HashMap::default(),
             by_deadline: VecDeque::new(),
             epoch: Instant::now(),
@@ -175,6 +179,7 @@ impl<K: Eq + Hash + Clone, V: Held, S: BuildHasher + Default> Hold<K, V, S> {
     /// Would a message of `size` bytes fit?
     pub(crate) fn fits(&self, size: usize) -> bool {
         self.len() < self.budget.max_messages
+            && self.entries.has_room()
             && !self.budget.max_time.is_zero()
             && self.bytes.saturating_add(size) <= self.budget.max_bytes
     }
@@ -225,11 +230,11 @@ impl<K: Eq + Hash + Clone, V: Held, S: BuildHasher + Default> Hold<K, V, S> {
         self.bytes += value.size();
         self.entries.insert(
             pos,
-            Box::new(Entry {
+            Entry {
                 key,
                 deadline,
                 value,
-            }),
+            },
         );
     }
 
@@ -354,7 +359,7 @@ impl<K: Eq + Hash + Clone, V: Held, S: BuildHasher + Default> Hold<K, V, S> {
 
     /// Remove the entry at `pos` from every view but `by_key`.
     fn remove_entry(&mut self, pos: u64) -> Option<Entry<K, V>> {
-        let e = *self.entries.remove(pos)?;
+        let e = self.entries.remove(pos)?;
         self.forget_deadline();
         self.bytes -= e.value.size();
         if let Some(id) = e.value.id()
@@ -369,7 +374,7 @@ impl<K: Eq + Hash + Clone, V: Held, S: BuildHasher + Default> Hold<K, V, S> {
     /// compact the queue once most of it is such (amortised: each compaction follows at least
     /// as many removals as it keeps).
     fn forget_deadline(&mut self) {
-        let live = |entries: &SeqMap<Box<Entry<K, V>>>, (deadline, pos): (u64, u64)| {
+        let live = |entries: &Entries<Entry<K, V>>, (deadline, pos): (u64, u64)| {
             entries.get(pos).is_some_and(|e| e.deadline == deadline)
         };
         while let Some(&first) = self.by_deadline.front()

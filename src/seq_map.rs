@@ -91,14 +91,6 @@ impl<V> SeqMap<V> {
         }
     }
 
-    /// The value under `tag`, to change it.
-    pub(crate) fn get_mut(&mut self, tag: u64) -> Option<&mut V> {
-        match self.index(tag) {
-            Some(at) if at < self.window.len() => self.window.get_mut(at).and_then(Option::as_mut),
-            _ => self.stragglers.get_mut(&tag),
-        }
-    }
-
     /// Remove and return the value under `tag`.
     pub(crate) fn remove(&mut self, tag: u64) -> Option<V> {
         self.remove_if(tag, |_| true)
@@ -199,8 +191,6 @@ mod tests {
         /// Remove the value under this tag (an index into the tags inserted so far), if the
         /// value is even or `any`.
         Remove(usize, bool),
-        /// Add this to the value under this tag, if there is one.
-        Change(usize, u64),
         /// Insert again under a tag inserted before (the value is its tag plus this).
         Again(usize, u64),
     }
@@ -210,13 +200,12 @@ mod tests {
             8 => (1..4u64).prop_map(Op::Insert),
             1 => (4..300u64).prop_map(Op::Insert),
             8 => (any::<usize>(), any::<bool>()).prop_map(|(i, any)| Op::Remove(i, any)),
-            2 => (any::<usize>(), 0..100u64).prop_map(|(i, d)| Op::Change(i, d)),
             2 => (any::<usize>(), 0..100u64).prop_map(|(i, d)| Op::Again(i, d)),
         ]
     }
 
     proptest! {
-        /// Whatever the order of removals, changes and insertions out of order, it keeps exactly
+        /// Whatever the order of removals and insertions out of order, it keeps exactly
         /// what a map would, and its window stays within `SPARSE` slots per value; a drain gives
         /// everything in tag order.
         #[test]
@@ -242,21 +231,12 @@ mod tests {
                         }
                         prop_assert_eq!(u.remove_if(tag, take), want);
                     }
-                    Op::Change(i, d) if !tags.is_empty() => {
-                        let tag = tags[i % tags.len()];
-                        if let Some(v) = u.get_mut(tag) {
-                            *v += d;
-                        }
-                        if let Some(v) = model.get_mut(&tag) {
-                            *v += d;
-                        }
-                    }
                     Op::Again(i, d) if !tags.is_empty() => {
                         let tag = tags[i % tags.len()];
                         u.insert(tag, tag + d);
                         model.insert(tag, tag + d);
                     }
-                    Op::Remove(..) | Op::Change(..) | Op::Again(..) => {}
+                    Op::Remove(..) | Op::Again(..) => {}
                 }
                 prop_assert_eq!(u.len(), model.len());
                 for (tag, v) in &model {
