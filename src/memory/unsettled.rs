@@ -15,8 +15,9 @@ use rustc_hash::FxHashMap;
 
 use super::Stored;
 
-/// Deliveries by tag: tags rise as they are handed out (one given again is kept all the same). A window of slots from the oldest tag still unsettled, and a
-/// map for the stragglers: once the window is less than `1 / SPARSE` unsettled (and more than
+/// Deliveries by tag: tags rise as they are handed out (one given again is kept all the same).
+/// `crate::seq_map::SeqMap`'s window with each slot in two (the owner, the message): a window of
+/// slots from the oldest tag still unsettled, and a map for the stragglers: once the window is less than `1 / SPARSE` unsettled (and more than
 /// `MIN_WINDOW` slots long), its oldest deliveries move to the map until it is dense again, so
 /// that a delivery left unsettled while later ones come and go keeps at most `SPARSE` slots (and
 /// their messages) alive.
