@@ -8,8 +8,9 @@ const CHUNK: usize = 512;
 
 /// Values by position (see `SeqMap`), each in a slot of a chunk that is never moved nor grown
 /// once made. A slot freed is the next one filled (its memory is likely still cached). The
-/// chunks are kept while anything is held and dropped once nothing is: the memory stays within
-/// the most held since the hold was last empty.
+/// chunks are kept while anything is held and dropped once nothing is, but for the first (a hold
+/// that empties and fills again, message by message, does not take and give back a chunk each
+/// time): the memory stays within the most held since the hold was last empty, and one chunk.
 pub(super) struct Entries<V> {
     /// Each position's slot.
     slots: SeqMap<u32>,
@@ -77,8 +78,11 @@ impl<V> Entries<V> {
         let slot = self.slots.remove(pos)?;
         let value = self.place(slot)?.take();
         if self.slots.len() == 0 {
-            // Nothing held: the memory goes back.
-            self.chunks = Vec::new();
+            // Nothing held: the memory goes back, but for the first chunk.
+            self.chunks.truncate(1);
+            if let Some(first) = self.chunks.first_mut() {
+                first.clear();
+            }
             self.free = Vec::new();
         } else {
             self.free.push(slot);
@@ -97,18 +101,16 @@ impl<V> Entries<V> {
     /// Remove and return every value with its position, in position order.
     pub(super) fn drain_sorted(&mut self) -> Vec<(u64, V)> {
         let slots = self.slots.drain_sorted();
-        let mut chunks = std::mem::take(&mut self.chunks);
-        self.free = Vec::new();
-        slots
+        let drained = slots
             .into_iter()
-            .filter_map(|(pos, slot)| {
-                let value = chunks
-                    .get_mut(slot as usize / CHUNK)?
-                    .get_mut(slot as usize % CHUNK)?
-                    .take()?;
-                Some((pos, value))
-            })
-            .collect()
+            .filter_map(|(pos, slot)| Some((pos, self.place(slot)?.take()?)))
+            .collect();
+        self.chunks.truncate(1);
+        if let Some(first) = self.chunks.first_mut() {
+            first.clear();
+        }
+        self.free = Vec::new();
+        drained
     }
 
     /// A new slot after the last, with `value` in it.
@@ -222,7 +224,7 @@ mod tests {
             let drained = e.drain_sorted();
             prop_assert_eq!(drained, model.into_iter().collect::<Vec<_>>());
             prop_assert_eq!(e.len(), 0);
-            prop_assert!(e.chunks.is_empty());
+            prop_assert!(e.chunks.iter().all(Vec::is_empty) && e.chunks.len() <= 1);
         }
     }
 
@@ -236,7 +238,15 @@ mod tests {
         for pos in 0..(3 * CHUNK as u64) {
             assert_eq!(e.remove(pos), Some(pos));
         }
-        assert_eq!(e.chunks.capacity(), 0);
+        assert_eq!(e.chunks.len(), 1, "all but the first chunk");
+        assert!(e.chunks[0].is_empty());
         assert_eq!(e.free.capacity(), 0);
+        e.insert(7, 7);
+        assert_eq!(
+            (e.chunks.len(), e.chunks[0].len()),
+            (1, 1),
+            "filled from its start again"
+        );
+        assert_eq!(e.get(7), Some(&7));
     }
 }
