@@ -916,10 +916,11 @@ impl<K: Key, M: Send + 'static, T: Transport> Engine<K, M, T> {
     /// `key` is known: remember it, and move what waited for it to its lane.
     fn known(&mut self, key: Hashed<K>) {
         self.cache.insert(key.clone());
-        let now = Instant::now();
         for w in self.take_waiting(&key) {
             if w.expired {
-                // It was held until the re-check found its key.
+                // It was held until the re-check found its key (rare: the clock read here, not
+                // for every key; `release_ready` reads it for what it releases).
+                let now = Instant::now();
                 let waited = self.hold.waited(w.p.meta.held_at, now);
                 self.emit(released(&w.p.meta, key.key(), waited, now));
             }
@@ -1259,20 +1260,27 @@ impl<K: Key, M: Send + 'static, T: Transport> Engine<K, M, T> {
         self.settle(event, Settle::DeadLetter(dl));
     }
 
-    /// Carry out `settle` in a task; emit `event` once the transport confirmed it, or a
-    /// `SettleFailed` event if it did not.
+    /// Carry out `settle` (at once where the transport answers at once, else in a task); emit
+    /// `event` once the transport confirmed it, or a `SettleFailed` event if it did not.
     fn settle(&mut self, event: Event<K>, settle: Settle) {
-        let transport = Arc::clone(&self.transport);
-        self.now_or_later(Box::pin(async move {
-            Work::Settled(Some(settle_with(&*transport, event, settle).await))
-        }));
+        self.settle_then(event, settle, Some);
     }
 
     /// Like [`Engine::settle`], but emit an event only if the transport failed.
     fn settle_quietly(&mut self, event: Event<K>, settle: Settle) {
+        self.settle_then(event, settle, quiet);
+    }
+
+    /// Carry out `settle`; `report` picks what of its event to emit.
+    fn settle_then(
+        &mut self,
+        event: Event<K>,
+        settle: Settle,
+        report: fn(Event<K>) -> Option<Event<K>>,
+    ) {
         let transport = Arc::clone(&self.transport);
         self.now_or_later(Box::pin(async move {
-            Work::Settled(quiet(settle_with(&*transport, event, settle).await))
+            Work::Settled(report(settle_with(&*transport, event, settle).await))
         }));
     }
 

@@ -609,22 +609,14 @@ impl Transport for MemoryTransport {
         // room under this transport's prefetch.
         let wake = self.broker.prefetch.is_some()
             || matches!(settle, Settle::Defer { .. } | Settle::Requeue);
-        let mut m = if matches!(settle, Settle::Ack) {
-            // Not taken back: an acknowledged message is dropped as the window moves past it.
-            if !s.unacked.ack(id.0, self.id) {
-                return Err(MemoryError::UnknownDelivery(id));
-            }
-            s.settled_by(self.id);
-            None
-        } else {
-            let m = s
-                .take_unacked(id.0, self.id)
-                .ok_or(MemoryError::UnknownDelivery(id))?;
-            Some(m)
+        // An acknowledged message is not taken back: it is dropped as the window moves past it.
+        let taken = match settle {
+            Settle::Ack => s.unacked.ack(id.0, self.id).then_some(None),
+            _ => s.unacked.take(id.0, self.id).map(Some),
         };
-        match (settle, m.take()) {
-            (Settle::Ack, _) => s.stats.acked += 1,
-            (_, None) => {}
+        let m = taken.ok_or(MemoryError::UnknownDelivery(id))?;
+        s.settled_by(self.id);
+        match (settle, m) {
             (Settle::Defer { delay, attempt }, Some(mut m)) => {
                 m.attempt = attempt;
                 m.redelivered = false;
@@ -643,6 +635,8 @@ impl Transport for MemoryTransport {
                 });
             }
             (Settle::Requeue, Some(m)) => s.requeue(id.0, m),
+            // An acknowledgement (every other settlement takes its message back).
+            _ => s.stats.acked += 1,
         }
         if !s.leaving.is_empty() {
             s.revoke_when_back();

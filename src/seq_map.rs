@@ -1,5 +1,6 @@
-//! [`SeqMap`]: values under a rising sequence number (the in-memory broker's delivery tags, the
-//! hold's positions), most of them removed in about the order they came.
+//! [`SeqMap`]: values under a rising sequence number (the hold's positions), most of them
+//! removed in about the order they came; and its rule for when a window is too sparse to keep,
+//! which the in-memory broker's unsettled deliveries follow too (`memory::unsettled`).
 
 use std::collections::VecDeque;
 
@@ -27,12 +28,18 @@ pub(crate) struct SeqMap<V> {
 }
 
 /// A window this short is never thinned out.
-const MIN_WINDOW: usize = 64;
+pub(crate) const MIN_WINDOW: usize = 64;
 /// A window longer than `MIN_WINDOW` keeps at most this many slots for each value in it: a slot
-/// is small (the hold's are pointers), and moving values to the map while a hold is released key
-/// by key (its window thins out evenly) costs more than the slots (docs/performance.md,
-/// round 22).
-const SPARSE: usize = 16;
+/// is small (the hold's are slot numbers, the broker's transport ids), and moving values to the
+/// map while a hold is released key by key (its window thins out evenly) costs more than the
+/// slots (docs/performance.md, round 22).
+pub(crate) const SPARSE: usize = 16;
+
+/// Is a window of `slots` slots holding `values` values too sparse to keep: longer than
+/// `MIN_WINDOW` and less than `1 / SPARSE` full?
+pub(crate) fn too_sparse(slots: usize, values: usize) -> bool {
+    slots > MIN_WINDOW && values.saturating_mul(SPARSE) < slots
+}
 
 impl<V> Default for SeqMap<V> {
     fn default() -> Self {
@@ -68,7 +75,7 @@ impl<V> SeqMap<V> {
             }
             return;
         }
-        if at >= MIN_WINDOW && (self.in_window + 1) * SPARSE < at + 1 {
+        if too_sparse(at + 1, self.in_window + 1) {
             // So far ahead that the window would be mostly empty: what it holds goes to the
             // stragglers and it starts again at `tag` (the gap is never allocated).
             while !self.window.is_empty() {
@@ -152,7 +159,7 @@ impl<V> SeqMap<V> {
     /// Move the oldest values to `stragglers` while the window is long and mostly empty: on
     /// return it holds at most `MIN_WINDOW` slots or is at least `1 / SPARSE` full.
     fn thin_out(&mut self) {
-        while self.window.len() > MIN_WINDOW && self.in_window * SPARSE < self.window.len() {
+        while too_sparse(self.window.len(), self.in_window) {
             self.spill_front();
             self.trim_front();
         }

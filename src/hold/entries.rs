@@ -63,8 +63,7 @@ impl<V> Entries<V> {
 
     /// The value at `pos`.
     pub(super) fn get(&self, pos: u64) -> Option<&V> {
-        let slot = *self.slots.get(pos)?;
-        self.chunk(slot)?.get(slot as usize % CHUNK)?.as_ref()
+        self.value(*self.slots.get(pos)?)
     }
 
     /// The value at `pos`, to change it.
@@ -78,12 +77,7 @@ impl<V> Entries<V> {
         let slot = self.slots.remove(pos)?;
         let value = self.place(slot)?.take();
         if self.slots.len() == 0 {
-            // Nothing held: the memory goes back, but for the first chunk.
-            self.chunks.truncate(1);
-            if let Some(first) = self.chunks.first_mut() {
-                first.clear();
-            }
-            self.free = Vec::new();
+            self.emptied();
         } else {
             self.free.push(slot);
         }
@@ -92,10 +86,9 @@ impl<V> Entries<V> {
 
     /// Every value with its position, in no particular order.
     pub(super) fn iter(&self) -> impl Iterator<Item = (u64, &V)> {
-        self.slots.iter().filter_map(|(pos, slot)| {
-            let value = self.chunk(*slot)?.get(*slot as usize % CHUNK)?.as_ref()?;
-            Some((pos, value))
-        })
+        self.slots
+            .iter()
+            .filter_map(|(pos, slot)| Some((pos, self.value(*slot)?)))
     }
 
     /// Remove and return every value with its position, in position order.
@@ -105,11 +98,7 @@ impl<V> Entries<V> {
             .into_iter()
             .filter_map(|(pos, slot)| Some((pos, self.place(slot)?.take()?)))
             .collect();
-        self.chunks.truncate(1);
-        if let Some(first) = self.chunks.first_mut() {
-            first.clear();
-        }
-        self.free = Vec::new();
+        self.emptied();
         drained
     }
 
@@ -129,8 +118,20 @@ impl<V> Entries<V> {
         u32::try_from(n * CHUNK + at).unwrap_or(u32::MAX)
     }
 
-    fn chunk(&self, slot: u32) -> Option<&Vec<Option<V>>> {
-        self.chunks.get(slot as usize / CHUNK)
+    /// Nothing held: the memory goes back, but for the first chunk (emptied).
+    fn emptied(&mut self) {
+        self.chunks.truncate(1);
+        if let Some(first) = self.chunks.first_mut() {
+            first.clear();
+        }
+        self.free = Vec::new();
+    }
+
+    fn value(&self, slot: u32) -> Option<&V> {
+        self.chunks
+            .get(slot as usize / CHUNK)?
+            .get(slot as usize % CHUNK)?
+            .as_ref()
     }
 
     fn place(&mut self, slot: u32) -> Option<&mut Option<V>> {

@@ -14,13 +14,15 @@ use std::num::NonZeroU64;
 use rustc_hash::FxHashMap;
 
 use super::Stored;
+use crate::seq_map::too_sparse;
 
 /// Deliveries by tag: tags rise as they are handed out (one given again is kept all the same).
-/// `crate::seq_map::SeqMap`'s window with each slot in two (the owner, the message): a window of
-/// slots from the oldest tag still unsettled, and a map for the stragglers: once the window is less than `1 / SPARSE` unsettled (and more than
-/// `MIN_WINDOW` slots long), its oldest deliveries move to the map until it is dense again, so
-/// that a delivery left unsettled while later ones come and go keeps at most `SPARSE` slots (and
-/// their messages) alive.
+/// `crate::seq_map::SeqMap`'s window with each slot in two (the owner, the message), under its
+/// rule (`too_sparse`): a window of slots from the oldest tag still unsettled, and a map for the
+/// stragglers, where the oldest deliveries of a window too sparse to keep move until it is dense
+/// again; a delivery left unsettled while later ones come and go keeps at most a few slots (and
+/// their messages) alive. A slot costs its owner and, once acknowledged and until the window
+/// moves past it, its message.
 #[derive(Default)]
 pub(super) struct Unsettled {
     /// The tag of the window's first slot; every straggler's tag is below it.
@@ -38,14 +40,6 @@ pub(super) struct Unsettled {
     /// Unsettled deliveries in the window.
     in_window: usize,
 }
-
-/// A window this short is never thinned out.
-const MIN_WINDOW: usize = 64;
-/// A window longer than `MIN_WINDOW` keeps at most this many slots for each delivery unsettled
-/// in it. A slot costs its owner and, once acknowledged and until the window moves past it, its
-/// message: more than the hold's quarter, as moving a message to the stragglers while a hold
-/// thins out costs more than keeping it (docs/performance.md, round 22).
-const SPARSE: usize = 16;
 
 impl Unsettled {
     /// How many deliveries are unsettled.
@@ -74,7 +68,7 @@ impl Unsettled {
             *kept = Some(message);
             return;
         }
-        if at >= MIN_WINDOW && (self.in_window + 1) * SPARSE < at + 1 {
+        if too_sparse(at + 1, self.in_window + 1) {
             // So far ahead that the window would be mostly empty: what it holds goes to the
             // stragglers and it starts again at `tag` (the gap is never allocated).
             while !self.owners.is_empty() {
@@ -116,12 +110,12 @@ impl Unsettled {
         let Some(i) = self.index(tag) else {
             return self.take_straggler(tag, owner);
         };
-        let message = self
-            .owners
-            .get(i)
-            .is_some_and(|o| *o == Some(owner))
-            .then(|| self.messages.get_mut(i).and_then(Option::take))
-            .flatten();
+        // Taken before the slot is settled: settling may move the window.
+        let holds = self.owners.get(i) == Some(&Some(owner));
+        let message = match self.messages.get_mut(i) {
+            Some(kept) if holds => kept.take(),
+            _ => None,
+        };
         self.settle(i, owner);
         message
     }
@@ -161,9 +155,9 @@ impl Unsettled {
     }
 
     /// Move the oldest deliveries to `stragglers` while the window is long and mostly settled:
-    /// on return it holds at most `MIN_WINDOW` slots or is at least `1 / SPARSE` unsettled.
+    /// on return it is not `too_sparse`.
     fn thin_out(&mut self) {
-        while self.owners.len() > MIN_WINDOW && self.in_window * SPARSE < self.owners.len() {
+        while too_sparse(self.owners.len(), self.in_window) {
             self.spill_front();
             self.trim_front();
         }
@@ -200,6 +194,7 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
+    use crate::seq_map::{MIN_WINDOW, SPARSE};
 
     #[derive(Debug, Clone)]
     enum Op {
