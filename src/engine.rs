@@ -72,8 +72,9 @@ const TAKE_READY: usize = 64;
 const JOB_MAX: usize = 8;
 /// Key lookups in flight at once (a database pool is not flooded by a resync).
 const MAX_LOOKUPS: usize = 64;
-/// A deferred message that has not come back this long after its delay stops blocking its key
-/// (its copy went to another instance, or it was dead-lettered elsewhere).
+/// A deferred message that has not come back this long after its delay (or after its deferral
+/// failed) stops blocking its key (its copy went to another instance, or it was dead-lettered
+/// elsewhere).
 const AWAY_GRACE: Duration = Duration::from_secs(30);
 /// A message waiting behind a deferred one is deferred until a little after that one is due.
 const BEHIND_MARGIN: Duration = Duration::from_millis(100);
@@ -1222,9 +1223,12 @@ impl<K: Key, M: Send + 'static, T: Transport> Engine<K, M, T> {
         let event = event_of(meta, Some(key.clone()), decision);
         if let Settle::Defer { delay, .. } = &settle
             && self.cfg.keep_order
+            && !self.transport.is_stale(meta.id)
         {
-            // Recorded now, so that what arrives meanwhile waits behind it; dropped again if the
-            // copy is not stored (`Work::Deferral`).
+            // Recorded now, so that what arrives meanwhile waits behind it; kept if the copy is
+            // not stored (`Work::Deferral`). A delivery void since a reconnect is not recorded:
+            // the broker delivers it again ahead of its queue's later messages, and its copy
+            // may be here already, behind it.
             let due = now + *delay;
             self.away
                 .insert(key.clone(), meta.pos, meta.seed, due, due + AWAY_GRACE);
@@ -1239,13 +1243,15 @@ impl<K: Key, M: Send + 'static, T: Transport> Engine<K, M, T> {
         self.settle(event, settle);
     }
 
-    /// A deferral that keeps its key's order finished. If it failed, the message is not out in
-    /// the broker (the broker delivers the original again): its key stops waiting for it.
+    /// A deferral that keeps its key's order finished. If it failed, the broker gives the
+    /// original back (or stored the copy after all): the key's later messages go on waiting
+    /// for whichever comes first, for `AWAY_GRACE` at most (it may come to another instance).
     fn on_deferral(&mut self, key: K, pos: u64, event: Event<K>) {
         let failed = matches!(event.decision, Decision::SettleFailed { .. });
         self.emit(event);
-        if failed && self.away.remove(&key, pos) {
-            self.release_ready(&self.hashed(key));
+        if failed {
+            let now = Instant::now();
+            self.away.failed(&key, pos, now, now + AWAY_GRACE);
         }
     }
 

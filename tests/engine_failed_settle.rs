@@ -1,9 +1,11 @@
 //! A settlement the transport did not confirm (the connection dropped, the confirm was refused)
 //! did not happen, and is reported as such: never as `Deferred` or `Handled`.
 //!
-//! - A deferral whose copy the broker did not store is no deferral: the message is not out in
-//!   the broker, so it must not block its key. Later messages of the key run at once; the
-//!   original, delivered again by the broker, runs as a new arrival.
+//! - A deferral whose copy the broker may not have stored is reported as failed, and keeps its
+//!   key's order all the same: the broker gives the original back (or stored the copy after
+//!   all), and the key's later messages wait for whichever comes first, which takes the
+//!   original's place. If neither comes back here (another instance took it), they wait
+//!   30 s at most.
 //! - An acknowledgement that failed leaves the message with the broker, which delivers it again:
 //!   it runs again. Every event of a handled message is dated no earlier than the moment its
 //!   handler returned and its acknowledgement was made.
@@ -33,10 +35,12 @@ struct Dropped;
 
 /// The in-memory transport, whose first settlement of a dependent message (not a registration)
 /// that `fails` picks fails: nothing is settled, the message stays unacknowledged until the
-/// broker takes it back, `REDELIVERY` later.
+/// broker takes it back, `REDELIVERY` later (or never: another instance took it).
 struct FirstSettleFails {
     inner: Arc<MemoryTransport>,
     fails: fn(&Settle) -> bool,
+    /// When the broker gives the message of the failed settlement back, if it does.
+    redelivery: Option<Duration>,
     /// The deliveries of dependent messages.
     messages: Mutex<HashSet<DeliveryId>>,
     failed: AtomicBool,
@@ -47,6 +51,7 @@ impl FirstSettleFails {
         Self {
             inner: Arc::new(broker.transport()),
             fails,
+            redelivery: Some(REDELIVERY),
             messages: Mutex::new(HashSet::new()),
             failed: AtomicBool::new(false),
         }
@@ -71,28 +76,32 @@ impl Transport for FirstSettleFails {
     async fn settle(&self, id: DeliveryId, settle: Settle) -> Result<(), Dropped> {
         let message = self.messages.lock().unwrap().contains(&id);
         if message && (self.fails)(&settle) && !self.failed.swap(true, Ordering::SeqCst) {
-            let inner = Arc::clone(&self.inner);
-            tokio::spawn(async move {
-                tokio::time::sleep(REDELIVERY).await;
-                let _ = inner.settle(id, Settle::Requeue).await;
-            });
+            if let Some(after) = self.redelivery {
+                let inner = Arc::clone(&self.inner);
+                tokio::spawn(async move {
+                    tokio::time::sleep(after).await;
+                    let _ = inner.settle(id, Settle::Requeue).await;
+                });
+            }
             return Err(Dropped);
         }
         self.inner.settle(id, settle).await.map_err(|_| Dropped)
     }
 }
 
-#[tokio::test(start_paused = true)]
-async fn a_failed_deferral_does_not_block_its_key() {
-    let broker = MemoryBroker::new();
-    broker.register(client(5));
-    broker.publish(payment(1, 5));
+/// Payment 1's handler fails once and its deferral fails; payment 2 of the same client comes
+/// 100 ms later. On the failing `transport`, until `until_handled` payments are handled: the
+/// events, the payments the handler ran successfully in order, and the report.
+async fn failed_deferral_then_payment_2(
+    transport: FirstSettleFails,
+    broker: &MemoryBroker,
+    until_handled: usize,
+) -> (Recorder<u64>, Vec<u64>, prereq::Report) {
     let rec = Recorder::new();
     let seen = Log::new();
     let consumer = builder(&rec, fails_once(1, seen.clone()))
         .policy(linear(1, 3))
         .build();
-    let transport = FirstSettleFails::new(&broker, |s| matches!(s, Settle::Defer { .. }));
     let producer = {
         let broker = broker.clone();
         async move {
@@ -102,35 +111,83 @@ async fn a_failed_deferral_does_not_block_its_key() {
         }
     };
     let (report, ()) = tokio::join!(
-        consumer.run(transport, rec.until(move |ev| handled(ev) == 2)),
+        consumer.run(transport, rec.until(move |ev| handled(ev) == until_handled)),
         producer
     );
-    let report = report.unwrap();
-    assert_eq!(
-        rec.decisions_of("2"),
-        vec![Decision::Handled],
-        "payment 2 did not wait behind a deferral that never happened"
-    );
-    assert_eq!(
-        seen.get(),
-        vec![2, 1],
-        "payment 1 ran when the broker gave it again"
-    );
-    let one = rec.decisions_of("1");
+    (rec, seen.get(), report.unwrap())
+}
+
+/// How long after payment 1's failed deferral payment 2 was released; asserts what both tests
+/// share: the failed deferral reported as such (never as a deferral), no copy stored, and
+/// payment 2 held, released, handled.
+fn released_after_failure(
+    rec: &Recorder<u64>,
+    report: &prereq::Report,
+    broker: &MemoryBroker,
+) -> Duration {
+    let one = rec.of("1");
+    let failed_at = one
+        .first()
+        .filter(|e| matches!(e.decision, Decision::SettleFailed { .. }))
+        .map(|e| e.at)
+        .unwrap_or_else(|| panic!("the failed deferral is reported as such: {one:?}"));
     assert!(
-        matches!(one.first(), Some(Decision::SettleFailed { .. })),
-        "the failed deferral is reported as such: {one:?}"
-    );
-    assert!(
-        !one.iter().any(|d| matches!(d, Decision::Deferred { .. })),
+        !one.iter()
+            .any(|e| matches!(e.decision, Decision::Deferred { .. })),
         "no deferral reported: {one:?}"
     );
-    assert_eq!(
-        (report.deferred, report.settle_failures),
-        (0, 1),
-        "{report:?}"
-    );
+    assert_eq!(report.deferred, 0, "{report:?}");
+    assert_eq!(report.settle_failures, 1, "{report:?}");
     assert_eq!(broker.stats().deferred, 0, "no copy stored");
+    let two = rec.of("2");
+    let decisions: Vec<Decision> = two.iter().map(|e| e.decision.clone()).collect();
+    assert!(
+        matches!(
+            decisions.as_slice(),
+            [Decision::Held, Decision::Released { .. }, Decision::Handled]
+        ),
+        "payment 2 waited behind payment 1: {decisions:?}"
+    );
+    two[1].at - failed_at
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_failed_deferral_keeps_its_key_s_order() {
+    let broker = MemoryBroker::new();
+    broker.register(client(5));
+    broker.publish(payment(1, 5));
+    let transport = FirstSettleFails::new(&broker, |s| matches!(s, Settle::Defer { .. }));
+    let (rec, seen, report) = failed_deferral_then_payment_2(transport, &broker, 2).await;
+    assert_eq!(
+        seen,
+        vec![1, 2],
+        "payment 1, given back by the broker, ran first"
+    );
+    let waited = released_after_failure(&rec, &report, &broker);
+    assert_eq!(
+        waited, REDELIVERY,
+        "payment 2 was released as the broker gave payment 1 back"
+    );
+    assert_eq!(report.handled, 2, "{report:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_failed_deferral_that_never_comes_back_blocks_its_key_30_s_at_most() {
+    let broker = MemoryBroker::new();
+    broker.register(client(5));
+    broker.publish(payment(1, 5));
+    let mut transport = FirstSettleFails::new(&broker, |s| matches!(s, Settle::Defer { .. }));
+    // Another instance took it.
+    transport.redelivery = None;
+    let (rec, seen, report) = failed_deferral_then_payment_2(transport, &broker, 1).await;
+    assert_eq!(seen, vec![2], "payment 2 ran once payment 1 was given up");
+    let waited = released_after_failure(&rec, &report, &broker);
+    assert_eq!(
+        waited,
+        Duration::from_secs(30),
+        "payment 2 waited 30 s after the failure for payment 1"
+    );
+    assert_eq!(report.handled, 1, "{report:?}");
 }
 
 #[tokio::test(start_paused = true)]

@@ -79,21 +79,24 @@ impl<K: Eq + Hash + Clone> Away<K> {
         Some(slot.pos)
     }
 
-    /// Forget the slot of the message at `pos` of `key` (its deferral did not happen); true if
-    /// there was one.
-    pub(crate) fn remove(&mut self, key: &K, pos: u64) -> bool {
-        let Some(slots) = self.by_key.get_mut(key) else {
+    /// The deferral of the message at `pos` of `key` failed at `now`: the broker gives the
+    /// original back at once (or stored the copy after all), and whichever comes first takes
+    /// the slot. It is due now, and stops blocking its key at `expires` at the latest (if
+    /// neither comes back here). True if there was such a slot.
+    pub(crate) fn failed(&mut self, key: &K, pos: u64, now: Instant, expires: Instant) -> bool {
+        let Some(slot) = self
+            .by_key
+            .get_mut(key)
+            .and_then(|slots| slots.iter_mut().find(|s| s.pos == pos))
+        else {
             return false;
         };
-        let Some(i) = slots.iter().position(|s| s.pos == pos) else {
-            return false;
-        };
-        let slot = slots.remove(i);
-        if slots.is_empty() {
-            self.by_key.remove(key);
-        }
-        if let Some(slot) = slot {
-            self.expiries.remove(&(slot.expires, slot.pos));
+        slot.due = now;
+        if expires < slot.expires {
+            if let Some(key) = self.expiries.remove(&(slot.expires, pos)) {
+                self.expiries.insert((expires, pos), key);
+            }
+            slot.expires = expires;
         }
         true
     }
@@ -145,17 +148,40 @@ mod tests {
     }
 
     #[test]
-    fn a_removed_slot_stops_blocking_at_once() {
+    fn a_failed_slot_is_due_at_once_and_blocks_until_claimed_or_its_new_expiry() {
         let now = Instant::now();
         let s = Duration::from_secs(1);
         let mut a = Away::new();
-        a.insert("k", 3, 30, now, now + s);
-        a.insert("k", 7, 70, now, now + 2 * s);
-        assert!(a.remove(&"k", 3));
-        assert!(!a.remove(&"k", 3), "gone already");
-        assert_eq!(a.first(&"k"), Some(7));
+        a.insert("k", 3, 30, now + 5 * s, now + 60 * s);
+        a.insert("k", 7, 70, now + 5 * s, now + 2 * s);
+        assert!(!a.failed(&"k", 4, now, now + s), "no slot there");
+        assert!(a.failed(&"k", 3, now + s, now + 10 * s));
+        assert_eq!(a.first(&"k"), Some(3), "it still blocks its key");
+        assert_eq!(a.first_due(&"k"), Some(now + s), "due when it failed");
+        assert!(
+            a.failed(&"k", 7, now, now + 10 * s),
+            "a later expiry is not taken"
+        );
         assert_eq!(a.next_deadline(), Some(now + 2 * s));
-        assert!(a.remove(&"k", 7));
+        assert_eq!(a.pop_expired(now + 2 * s), Some("k"));
+        assert_eq!(
+            a.next_deadline(),
+            Some(now + 10 * s),
+            "the failed one's new expiry"
+        );
+        assert_eq!(
+            a.claim(&"k", 30),
+            Some(3),
+            "the original given back takes its place"
+        );
         assert_eq!((a.first(&"k"), a.next_deadline()), (None, None));
+        a.insert("k", 9, 90, now, now + 60 * s);
+        assert!(a.failed(&"k", 9, now, now + 10 * s));
+        assert_eq!(
+            a.pop_expired(now + 10 * s),
+            Some("k"),
+            "not claimed in time"
+        );
+        assert_eq!(a.first(&"k"), None);
     }
 }
