@@ -15,13 +15,18 @@
 //! - wake: a held message is released at the very instant its key's registration is received,
 //!   unless an earlier message of its key is deferred at that instant;
 //! - budget: never more messages held than the budget allows.
+//!
+//! Some deferrals fail (the transport reports the settlement failed): either the copy was not
+//! stored and the broker gives the original back up to 20 s later, or the copy was stored
+//! after all (its confirm lost). Order, completeness and wake hold all the same: a failed
+//! deferral's message is out until it comes back.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use prereq::memory::MemoryBroker;
-use prereq::transport::Source;
+use prereq::memory::{MemoryBroker, MemoryTransport};
+use prereq::transport::{Delivery, DeliveryId, Demand, Settle, Source, Transport};
 use prereq::{
     Backoff, Decision, DeferCause, DependentConsumer, Event, HandlerError, HoldBudget, MemoryKeys,
 };
@@ -56,6 +61,67 @@ struct Case {
     max_attempts: u32,
     budget: HoldBudget,
     concurrency: usize,
+    /// Per deferral, in the order the transport is asked for them: whether it fails, and how
+    /// (see [`Fails`]).
+    deferrals: Vec<Option<Fails>>,
+}
+
+/// How a deferral fails.
+#[derive(Clone, Copy, Debug)]
+enum Fails {
+    /// The copy is not stored; the broker gives the original back this many ms later.
+    GivenBack(u64),
+    /// The copy is stored, the original acknowledged, the confirm lost.
+    Stored,
+}
+
+/// The in-memory transport, whose deferrals fail as a case says.
+struct FailingDeferrals {
+    inner: Arc<MemoryTransport>,
+    plan: Vec<Option<Fails>>,
+    /// Deferrals asked for so far.
+    asked: Mutex<usize>,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("the deferral's confirm was lost")]
+struct Lost;
+
+impl Transport for FailingDeferrals {
+    type Error = Lost;
+
+    async fn start(&self, demand: Demand) -> Result<(), Lost> {
+        self.inner.start(demand).await.map_err(|_| Lost)
+    }
+
+    async fn recv(&self) -> Result<Option<Delivery>, Lost> {
+        self.inner.recv().await.map_err(|_| Lost)
+    }
+
+    async fn settle(&self, id: DeliveryId, settle: Settle) -> Result<(), Lost> {
+        let fails = if matches!(settle, Settle::Defer { .. }) {
+            let mut asked = self.asked.lock().unwrap();
+            *asked += 1;
+            self.plan.get(*asked - 1).copied().flatten()
+        } else {
+            None
+        };
+        match fails {
+            None => self.inner.settle(id, settle).await.map_err(|_| Lost),
+            Some(Fails::Stored) => {
+                let _ = self.inner.settle(id, settle).await;
+                Err(Lost)
+            }
+            Some(Fails::GivenBack(ms)) => {
+                let inner = Arc::clone(&self.inner);
+                tokio::spawn(async move {
+                    tokio::time::sleep(Duration::from_millis(ms)).await;
+                    let _ = inner.settle(id, Settle::Requeue).await;
+                });
+                Err(Lost)
+            }
+        }
+    }
 }
 
 fn case() -> impl Strategy<Value = Case> {
@@ -71,9 +137,26 @@ fn case() -> impl Strategy<Value = Case> {
         0usize..6,
         prop_oneof![Just(0u64), 1u64..20_000],
         1usize..4,
+        prop::collection::vec(
+            prop_oneof![
+                8 => Just(None),
+                1 => (0u64..20_000).prop_map(|ms| Some(Fails::GivenBack(ms))),
+                1 => Just(Some(Fails::Stored)),
+            ],
+            0..60,
+        ),
     )
         .prop_map(
-            |(script, failures, step_ms, max_attempts, max_messages, hold_ms, concurrency)| Case {
+            |(
+                script,
+                failures,
+                step_ms,
+                max_attempts,
+                max_messages,
+                hold_ms,
+                concurrency,
+                deferrals,
+            )| Case {
                 script,
                 failures,
                 step_ms,
@@ -82,6 +165,7 @@ fn case() -> impl Strategy<Value = Case> {
                     .max_messages(max_messages)
                     .max_time(Duration::from_millis(hold_ms)),
                 concurrency,
+                deferrals,
             },
         )
 }
@@ -232,7 +316,11 @@ async fn run_async(case: Case) -> Outcome {
             }
         }
     };
-    let transport = broker.transport();
+    let transport = FailingDeferrals {
+        inner: Arc::new(broker.transport()),
+        plan: case.deferrals.clone(),
+        asked: Mutex::new(0),
+    };
     let (report, ()) = tokio::join!(consumer.run(transport, shutdown), producer);
     let report = report.unwrap();
     let log = log.lock().unwrap().clone();
@@ -276,8 +364,8 @@ fn check_completeness(o: &Outcome) -> Result<(), TestCaseError> {
     let mut outcomes: HashMap<u32, u32> = HashMap::new();
     for e in events(o) {
         prop_assert!(
-            !matches!(e.decision, Decision::SettleFailed { .. }),
-            "settle failed: {e}"
+            !matches!(&e.decision, Decision::SettleFailed { error } if !error.contains("deferral")),
+            "a settlement other than a deferral failed: {e}"
         );
         if matches!(e.decision, Decision::Handled | Decision::DeadLettered(_)) {
             *outcomes.entry(id_of(e).unwrap()).or_default() += 1;
@@ -343,11 +431,15 @@ fn check_schedule(o: &Outcome) -> Result<(), TestCaseError> {
 /// Is a message of `key` published before `id` deferred (out in the broker) at instant `t`? It
 /// is from its deferral until its copy's first event (a deferral's event comes when the broker
 /// confirmed the copy, possibly after other events of the same instant: times, not positions in
-/// the log, say what was out).
+/// the log, say what was out). A failed deferral's message is out until it comes back too.
 fn earlier_away(evs: &[&Event<u8>], t: Instant, key: Option<u8>, id: Option<u32>) -> bool {
     evs.iter().enumerate().any(|(i, e)| {
         let m = id_of(e);
-        if e.key != key || m >= id || !matches!(e.decision, Decision::Deferred { .. }) {
+        let out = matches!(
+            e.decision,
+            Decision::Deferred { .. } | Decision::SettleFailed { .. }
+        );
+        if e.key != key || m >= id || !out {
             return false;
         }
         let back = evs[i + 1..].iter().find(|n| id_of(n) == m).map(|n| n.at);
@@ -451,6 +543,7 @@ fn hold_expiry_waits_the_full_hold_time() {
         max_attempts: 2,
         budget: HoldBudget::DEFAULT.max_time(Duration::from_secs(5)),
         concurrency: 1,
+        deferrals: Vec::new(),
     };
     let o = run(&case);
     let evs: Vec<&Event<u8>> = events(&o).collect();
