@@ -89,14 +89,19 @@ impl Transport for FirstSettleFails {
     }
 }
 
-/// Payment 1's handler fails once and its deferral fails; payment 2 of the same client comes
-/// 100 ms later. On the failing `transport`, until `until_handled` payments are handled: the
-/// events, the payments the handler ran successfully in order, and the report.
+/// Client 5 is registered; payment 1's handler fails once and its deferral fails, and the
+/// broker gives payment 1 back `redelivery` later (never: another instance took it); payment 2
+/// of the client comes 100 ms after payment 1. Until `until_handled` payments are handled: the
+/// broker, the events, the payments the handler ran successfully in order, and the report.
 async fn failed_deferral_then_payment_2(
-    transport: FirstSettleFails,
-    broker: &MemoryBroker,
+    redelivery: Option<Duration>,
     until_handled: usize,
-) -> (Recorder<u64>, Vec<u64>, prereq::Report) {
+) -> (MemoryBroker, Recorder<u64>, Vec<u64>, prereq::Report) {
+    let broker = MemoryBroker::new();
+    broker.register(client(5));
+    broker.publish(payment(1, 5));
+    let mut transport = FirstSettleFails::new(&broker, |s| matches!(s, Settle::Defer { .. }));
+    transport.redelivery = redelivery;
     let rec = Recorder::new();
     let seen = Log::new();
     let consumer = builder(&rec, fails_once(1, seen.clone()))
@@ -114,7 +119,7 @@ async fn failed_deferral_then_payment_2(
         consumer.run(transport, rec.until(move |ev| handled(ev) == until_handled)),
         producer
     );
-    (rec, seen.get(), report.unwrap())
+    (broker, rec, seen.get(), report.unwrap())
 }
 
 /// How long after payment 1's failed deferral payment 2 was released; asserts what both tests
@@ -153,11 +158,7 @@ fn released_after_failure(
 
 #[tokio::test(start_paused = true)]
 async fn a_failed_deferral_keeps_its_key_s_order() {
-    let broker = MemoryBroker::new();
-    broker.register(client(5));
-    broker.publish(payment(1, 5));
-    let transport = FirstSettleFails::new(&broker, |s| matches!(s, Settle::Defer { .. }));
-    let (rec, seen, report) = failed_deferral_then_payment_2(transport, &broker, 2).await;
+    let (broker, rec, seen, report) = failed_deferral_then_payment_2(Some(REDELIVERY), 2).await;
     assert_eq!(
         seen,
         vec![1, 2],
@@ -173,13 +174,8 @@ async fn a_failed_deferral_keeps_its_key_s_order() {
 
 #[tokio::test(start_paused = true)]
 async fn a_failed_deferral_that_never_comes_back_blocks_its_key_30_s_at_most() {
-    let broker = MemoryBroker::new();
-    broker.register(client(5));
-    broker.publish(payment(1, 5));
-    let mut transport = FirstSettleFails::new(&broker, |s| matches!(s, Settle::Defer { .. }));
-    // Another instance took it.
-    transport.redelivery = None;
-    let (rec, seen, report) = failed_deferral_then_payment_2(transport, &broker, 1).await;
+    // Another instance took payment 1.
+    let (broker, rec, seen, report) = failed_deferral_then_payment_2(None, 1).await;
     assert_eq!(seen, vec![2], "payment 2 ran once payment 1 was given up");
     let waited = released_after_failure(&rec, &report, &broker);
     assert_eq!(
