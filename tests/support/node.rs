@@ -43,7 +43,7 @@ fn script(name: &str) -> Option<PathBuf> {
 
 /// A free loopback port, outside the ports RabbitMQ's own tools use (its CLI tools take
 /// 35672–35682 for their Erlang distribution).
-fn free_port(taken: &[u16]) -> u16 {
+pub fn free_port(taken: &[u16]) -> u16 {
     loop {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
@@ -71,6 +71,12 @@ impl Node {
     /// Start a private node and wait until it accepts AMQP connections, or explain why the
     /// test is skipped.
     pub fn start(tag: &str) -> Option<Node> {
+        Self::start_with(tag, "", &[])
+    }
+
+    /// As [`Node::start`], with `conf` added to the node's `rabbitmq.conf` (another listener,
+    /// say), and its own ports chosen outside `taken`.
+    pub fn start_with(tag: &str, conf: &str, taken: &[u16]) -> Option<Node> {
         let (Some(server), Some(ctl)) = (script("rabbitmq-server"), script("rabbitmqctl")) else {
             return skip("rabbitmq-server is not installed (apt-get install -y rabbitmq-server)");
         };
@@ -90,12 +96,13 @@ impl Node {
         std::fs::write(&cookie, format!("PREREQ{nanos}").as_bytes()).expect("write the cookie");
         std::fs::set_permissions(&cookie, std::os::unix::fs::PermissionsExt::from_mode(0o400))
             .expect("cookie permissions");
-        let port = free_port(&[]);
-        let dist_port = free_port(&[port]);
-        // Only this listener (no management, no stream plugin: nothing else to collide with).
+        let port = free_port(taken);
+        let dist_port = free_port(&[taken, &[port]].concat());
+        // Only this listener and what `conf` adds (no management, no stream plugin: nothing
+        // else to collide with).
         std::fs::write(
             dir.join("rabbitmq.conf"),
-            format!("listeners.tcp.1 = 127.0.0.1:{port}\n"),
+            format!("listeners.tcp.1 = 127.0.0.1:{port}\n{conf}"),
         )
         .expect("write rabbitmq.conf");
         std::fs::write(dir.join("enabled_plugins"), "[].\n").expect("write enabled_plugins");

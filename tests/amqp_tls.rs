@@ -1,0 +1,173 @@
+//! prereq over TLS (`amqps://`) against a real TLS listener: a private RabbitMQ node (its own
+//! name, ports, cookie and data, see `tests/support/node.rs`) with a TLS listener whose
+//! certificate a private certificate authority of the test's own signed (for `127.0.0.1` and
+//! `localhost`).
+//!
+//! What a user runs, as child processes: the README's walk-through with the examples, the
+//! address `amqps://guest:guest@127.0.0.1:<port>/%2f` in `AMQP_ADDR`, the authority trusted
+//! through `SSL_CERT_FILE` (as `docs/guarantees.md` tells for a private CA): a payment is held,
+//! its client's registration releases it, the consumer stops cleanly, and the broker shows
+//! every connection of the walk as TLS. Trusting another authority instead, the consumer
+//! refuses the broker's certificate: it exits with an error naming the certificate, never the
+//! password.
+//!
+//! Without `rabbitmq-server` installed it skips with a printed reason (fails under
+//! `PREREQ_REQUIRE_BROKER=1`). About 20 s, most of it the node's start.
+#![cfg(all(feature = "amqp", feature = "sqlite"))]
+
+#[path = "support/db.rs"]
+mod db;
+#[path = "support/drill.rs"]
+mod drill;
+#[path = "support/node.rs"]
+mod node;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use db::ExampleChild;
+use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose};
+
+/// Bound on waiting for something that must happen (a start, a line, an exit): a failure
+/// bound, not a speed claim.
+const PATIENCE: Duration = Duration::from_secs(60);
+
+/// The consumer prints this once it consumes.
+const CONSUMING: &str = "Ctrl-C to stop";
+
+/// A private certificate authority, written as `<name>.pem` in `dir`; it signs with `issuer`.
+fn authority(dir: &Path, name: &str) -> (PathBuf, Issuer<'static, KeyPair>) {
+    let mut params = CertificateParams::new(Vec::<String>::new()).expect("no names");
+    params
+        .distinguished_name
+        .push(DnType::CommonName, format!("prereq test authority {name}"));
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    let key = KeyPair::generate().expect("a key");
+    let cert = params.self_signed(&key).expect("a self-signed authority");
+    let path = dir.join(format!("{name}.pem"));
+    std::fs::write(&path, cert.pem()).expect("write the authority's certificate");
+    (path, Issuer::new(params, key))
+}
+
+/// The broker's certificate and key, for `127.0.0.1` and `localhost`, signed by `issuer`:
+/// their paths.
+fn server_certificate(dir: &Path, issuer: &Issuer<'static, KeyPair>) -> (PathBuf, PathBuf) {
+    let mut params = CertificateParams::new(vec!["127.0.0.1".to_owned(), "localhost".to_owned()])
+        .expect("valid names");
+    params
+        .distinguished_name
+        .push(DnType::CommonName, "localhost");
+    let key = KeyPair::generate().expect("a key");
+    let cert = params
+        .signed_by(&key, issuer)
+        .expect("signed by the authority");
+    let (cert_path, key_path) = (dir.join("server.pem"), dir.join("server.key"));
+    std::fs::write(&cert_path, cert.pem()).expect("write the server certificate");
+    std::fs::write(&key_path, key.serialize_pem()).expect("write the server key");
+    (cert_path, key_path)
+}
+
+/// The connections the node has, each as `<name> <ssl>` (`true` for TLS), one a line.
+fn connections(node: &node::Node) -> Vec<String> {
+    node.ctl_ok(&[
+        "list_connections",
+        "-q",
+        "--no-table-headers",
+        "ssl",
+        "peer_port",
+    ])
+    .lines()
+    .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
+    .filter(|l| !l.is_empty())
+    .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_readme_walk_through_runs_over_tls_and_an_untrusted_certificate_is_refused() {
+    let dir = drill::TempDir::new("tls");
+    let (ca, issuer) = authority(&dir.0, "ca");
+    let (other_ca, _) = authority(&dir.0, "other-ca");
+    let (cert, key) = server_certificate(&dir.0, &issuer);
+    let tls_port = node::free_port(&[]);
+    let path = |p: &Path| p.to_string_lossy().into_owned();
+    let conf = format!(
+        "listeners.ssl.default = 127.0.0.1:{tls_port}\n\
+         ssl_options.cacertfile = {}\n\
+         ssl_options.certfile = {}\n\
+         ssl_options.keyfile = {}\n\
+         ssl_options.verify = verify_none\n\
+         ssl_options.fail_if_no_peer_cert = false\n",
+        path(&ca),
+        path(&cert),
+        path(&key)
+    );
+    let Some(node) = node::Node::start_with("tls", &conf, &[tls_port]) else {
+        return;
+    };
+    let addr = format!("amqps://guest:guest@127.0.0.1:{tls_port}/%2f");
+    let trusted = [("AMQP_ADDR", addr.clone()), ("SSL_CERT_FILE", path(&ca))];
+
+    // The walk-through: `consumer`, `producer p 5` (held), `producer c 5` (released), Ctrl-C.
+    let mut consumer = ExampleChild::spawn("consumer", &dir.0, "consumer.out", &trusted);
+    consumer.wait_for_line(CONSUMING, PATIENCE).await;
+    let published = db::run_example("producer", &dir.0, &["p", "5"], &trusted).await;
+    let id = published
+        .split_whitespace()
+        .nth(2)
+        .filter(|_| published.starts_with("published payment "))
+        .unwrap_or_else(|| panic!("unexpected producer output {published:?}"))
+        .to_owned();
+    consumer
+        .wait_for_line(&format!("payment {id} client 5 attempt 0: held"), PATIENCE)
+        .await;
+    let tls_connections = connections(&node);
+    let registered = db::run_example("producer", &dir.0, &["c", "5"], &trusted).await;
+    assert!(registered.contains("registered client 5"), "{registered}");
+    consumer
+        .wait_for_line(&format!("-> processing payment {id} of client 5"), PATIENCE)
+        .await;
+    consumer.signal("INT");
+    let status = consumer.wait_exit(PATIENCE).await;
+    let out = consumer.output();
+    assert!(
+        status.success(),
+        "the consumer exited with {status}; stdout:\n{out}\nstderr:\n{}",
+        consumer.stderr()
+    );
+    assert!(
+        out.contains(&format!("payment {id} client 5 attempt 0: released after")),
+        "the payment was released by the registration:\n{out}"
+    );
+    assert!(
+        !out.lines().any(|l| l.contains(": deferred")),
+        "nothing was deferred through the broker:\n{out}"
+    );
+    // While the payment was held: the consumer's connection (and no other) was open, over TLS.
+    assert!(
+        !tls_connections.is_empty() && tls_connections.iter().all(|c| c.starts_with("true ")),
+        "the consumer's connections are TLS ones: {tls_connections:?}"
+    );
+
+    // Another authority trusted: the broker's certificate is refused, and said so.
+    let untrusted = [("AMQP_ADDR", addr), ("SSL_CERT_FILE", path(&other_ca))];
+    let mut refused = ExampleChild::spawn("consumer", &dir.0, "refused.out", &untrusted);
+    let status = refused.wait_exit(PATIENCE).await;
+    let said = format!("{}{}", refused.output(), refused.stderr());
+    assert!(
+        !status.success(),
+        "the consumer ran with an untrusted certificate:\n{said}"
+    );
+    assert!(
+        said.contains("certificate")
+            && said.contains(&format!("amqps://guest:***@127.0.0.1:{tls_port}")),
+        "the error names the certificate and the address, its password hidden:\n{said}"
+    );
+    assert!(
+        !said.contains("guest:guest"),
+        "the password was printed:\n{said}"
+    );
+    assert!(!said.contains(CONSUMING), "it never consumed:\n{said}");
+    println!("TLS connections while the payment was held: {tls_connections:?}");
+    println!("--- the walk-through\n{out}--- with another authority trusted\n{said}");
+}
