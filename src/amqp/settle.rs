@@ -197,7 +197,14 @@ impl Shared {
             }
         };
         let props = copy_properties(&props, h);
-        publish_confirmed(&self.publisher, self.broker.addr(), copy, &p.body, props).await?;
+        let published =
+            publish_confirmed(&self.publisher, self.broker.addr(), copy, &p.body, props).await;
+        if published.is_err() && matches!(to, Some(Some(_))) {
+            // The delay queue may be gone (deleted, lost with a broker): declared again next
+            // time, not trusted for good.
+            self.delay_queues.lock().await.remove(&delay);
+        }
+        published?;
         if let Some(partition) = p.partition() {
             self.copy_away(copy_id, partition, delay);
         }
