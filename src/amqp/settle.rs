@@ -12,8 +12,9 @@ use lapin::types::FieldTable;
 use tracing::warn;
 
 use super::acks::AckError;
+use super::broker::answered;
 use super::copies::new_copy_id;
-use super::declare::declare_delay_queue;
+use super::declare::{declare_delay_queue, declare_queue};
 use super::delay::{self, DelayMechanism};
 use super::error::AmqpError;
 use super::headers::{self, Origin};
@@ -230,19 +231,36 @@ impl Shared {
         let original = props.headers().as_ref();
         let origin = self.origin(p, &props);
         let h = headers::dead_letter_headers(original, &origin, dead, headers::now_ms());
-        publish_confirmed(
-            &self.publisher,
-            self.broker.addr(),
-            Copy {
-                what: "dead-letter",
-                exchange: "",
-                routing_key: &self.route.dead_letters.name,
-                mandatory: true,
-            },
-            &p.body,
-            copy_properties(&props, h),
-        )
-        .await
+        let props = copy_properties(&props, h);
+        let to = || Copy {
+            what: "dead-letter",
+            exchange: "",
+            routing_key: &self.route.dead_letters.name,
+            mandatory: true,
+        };
+        let addr = self.broker.addr();
+        let first = publish_confirmed(&self.publisher, addr, to(), &p.body, props.clone()).await;
+        if first.is_ok() || !self.route.dead_letters.declare || !self.broker.connected() {
+            return first;
+        }
+        // A dead-letter queue prereq declares may have been deleted under it (the copy came back
+        // unroutable): declared again, and the copy sent once more; else every dead letter
+        // would fail, its original going round between the consumer and its queue.
+        if let Err(e) = self.declare_dead_letters().await {
+            warn!(target: "prereq", error = %e, "could not declare the dead-letter queue again");
+            return first;
+        }
+        publish_confirmed(&self.publisher, addr, to(), &p.body, props).await
+    }
+
+    /// Declare the route's dead-letter queue, on a channel of its own (a failed declaration
+    /// closes its channel).
+    async fn declare_dead_letters(&self) -> Result<(), AmqpError> {
+        let declaring = self.broker.channel("open a declaring channel").await?;
+        let declared =
+            declare_queue(&declaring, &self.route.dead_letters, self.broker.addr()).await;
+        let _ = answered("closing a channel", declaring.close(200, "declared".into())).await;
+        declared
     }
 }
 
