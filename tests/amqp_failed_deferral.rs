@@ -16,8 +16,8 @@ mod support;
 use std::time::Duration;
 
 use lapin::options::QueueDeleteOptions;
+use prereq::amqp::DelayMode;
 use prereq::amqp::payment_demo::{self, PaymentNames};
-use prereq::amqp::{Broker, BrokerOptions, DelayMode};
 use prereq::{Backoff, Decision, DeferCause, HoldBudget};
 use support::payments::{Running, publish_payment, register};
 
@@ -45,14 +45,8 @@ async fn a_deferral_whose_copy_is_not_stored_keeps_its_place_and_the_delay_queue
     let route = payment_demo::route(&names);
     let delay_queue = format!("{}.2000ms", route.delay_prefix());
     let cleanup = support::Cleanup::new();
-    cleanup.route(&route).delay_queues(&route, &policy());
-    let transport =
-        Broker::connect(BrokerOptions::new(support::addr()).delay_mode(DelayMode::DelayQueues))
-            .await
-            .expect("connect")
-            .transport(route)
-            .await
-            .expect("transport");
+    cleanup.delay_queues(&route, &policy());
+    let transport = support::unstarted_transport(&cleanup, route, DelayMode::DelayQueues).await;
     let mut run = Running::start(transport, policy(), budget(), true);
     let ch = support::confirm_channel(&conn).await;
     let of = |run: &Running, id: &str| -> Vec<Decision> {

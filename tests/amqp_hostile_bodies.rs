@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use prereq::amqp::headers;
-use prereq::amqp::{Broker, BrokerOptions, DelayMode, Queue, Route};
+use prereq::amqp::{DelayMode, Queue, Route};
 use prereq::{Decision, DependentConsumer, HoldBudget};
 use support::{header_int as get_int, header_str as get_str};
 
@@ -76,14 +76,7 @@ async fn huge_and_empty_bodies_are_handled_or_dead_lettered_with_a_reason() {
     })
     .build();
     // The consumer itself sizes the prefetch from its budget when it starts the transport.
-    cleanup.route(&route);
-    let transport =
-        Broker::connect(BrokerOptions::new(support::addr()).delay_mode(DelayMode::DelayQueues))
-            .await
-            .expect("connect")
-            .transport(route)
-            .await
-            .expect("declare");
+    let transport = support::unstarted_transport(&cleanup, route, DelayMode::DelayQueues).await;
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let run = tokio::spawn(consumer.run(transport, async {
         let _ = stop_rx.await;

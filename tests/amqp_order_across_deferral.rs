@@ -10,8 +10,8 @@ mod support;
 
 use std::time::Duration;
 
+use prereq::amqp::DelayMode;
 use prereq::amqp::payment_demo::{self, PaymentNames};
-use prereq::amqp::{Broker, BrokerOptions, DelayMode};
 use prereq::{Backoff, Decision, DeferCause, HoldBudget};
 use support::payments::{Running, publish_payment, register};
 
@@ -33,14 +33,8 @@ async fn deferred_then_later(keep_order: bool) -> Option<(Vec<String>, Vec<Decis
     let names = PaymentNames::with_prefix(&support::unique("order-deferral"));
     let route = payment_demo::route(&names);
     let cleanup = support::Cleanup::new();
-    cleanup.route(&route).delay_queues(&route, &policy());
-    let transport =
-        Broker::connect(BrokerOptions::new(support::addr()).delay_mode(DelayMode::DelayQueues))
-            .await
-            .expect("connect")
-            .transport(route)
-            .await
-            .expect("transport");
+    cleanup.delay_queues(&route, &policy());
+    let transport = support::unstarted_transport(&cleanup, route, DelayMode::DelayQueues).await;
     let mut run = Running::start(transport, policy(), budget(), keep_order);
     let ch = support::confirm_channel(&conn).await;
 

@@ -112,12 +112,7 @@ async fn the_readme_walk_through_runs_over_tls_and_an_untrusted_certificate_is_r
     let mut consumer = ExampleChild::spawn("consumer", &dir.0, "consumer.out", &trusted);
     consumer.wait_for_line(CONSUMING, PATIENCE).await;
     let published = db::run_example("producer", &dir.0, &["p", "5"], &trusted).await;
-    let id = published
-        .split_whitespace()
-        .nth(2)
-        .filter(|_| published.starts_with("published payment "))
-        .unwrap_or_else(|| panic!("unexpected producer output {published:?}"))
-        .to_owned();
+    let id = db::published_id(&published);
     consumer
         .wait_for_line(&format!("payment {id} client 5 attempt 0: held"), PATIENCE)
         .await;

@@ -79,12 +79,7 @@ async fn walk_through(dir: &Path, store: &[(&str, String)]) {
 
     let mut second = start_consumer(dir, "consumer-2.out", &env).await;
     let published = db::run_example("producer", dir, &["p", "77"], &env).await;
-    let id = published
-        .split_whitespace()
-        .nth(2)
-        .filter(|_| published.starts_with("published payment "))
-        .unwrap_or_else(|| panic!("unexpected producer output {published:?}"))
-        .to_owned();
+    let id = db::published_id(&published);
     second
         .wait_for_line(
             &format!("-> processing payment {id} of client 77"),

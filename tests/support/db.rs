@@ -407,6 +407,16 @@ impl Drop for ExampleChild {
     }
 }
 
+/// The payment id the `producer` example printed (`published payment <id> for client …`).
+pub fn published_id(printed: &str) -> String {
+    printed
+        .split_whitespace()
+        .nth(2)
+        .filter(|_| printed.starts_with("published payment "))
+        .unwrap_or_else(|| panic!("unexpected producer output {printed:?}"))
+        .to_owned()
+}
+
 /// Run example `name` to completion in `dir` with `args` and `env` (as for
 /// [`ExampleChild::spawn`]); panics unless it exits 0. Returns its stdout.
 pub async fn run_example(name: &str, dir: &Path, args: &[&str], env: &[(&str, String)]) -> String {

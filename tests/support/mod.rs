@@ -310,16 +310,29 @@ pub async fn transport(
     demand: prereq::transport::Demand,
 ) -> prereq::amqp::AmqpTransport {
     use prereq::transport::Transport;
-    cleanup.route(&route);
-    let transport =
-        prereq::amqp::Broker::connect(prereq::amqp::BrokerOptions::new(addr()).delay_mode(mode))
-            .await
-            .expect("connect")
-            .transport(route)
-            .await
-            .expect("declare the route");
+    let transport = unstarted_transport(cleanup, route, mode).await;
     transport.start(demand).await.expect("consume");
     transport
+}
+
+/// As [`transport`], not started: for a consumer, which starts it with the prefetch its budget
+/// asks for.
+#[allow(
+    dead_code,
+    reason = "not every test binary runs a consumer on its own transport"
+)]
+pub async fn unstarted_transport(
+    cleanup: &Cleanup,
+    route: prereq::amqp::Route,
+    mode: prereq::amqp::DelayMode,
+) -> prereq::amqp::AmqpTransport {
+    cleanup.route(&route);
+    prereq::amqp::Broker::connect(prereq::amqp::BrokerOptions::new(addr()).delay_mode(mode))
+        .await
+        .expect("connect")
+        .transport(route)
+        .await
+        .expect("declare the route")
 }
 
 /// A channel in confirm mode, for publishing test messages.
