@@ -315,14 +315,23 @@ pub(crate) fn confirmed(to: Copy<'_>, confirmation: Confirmation) -> Result<(), 
         Confirmation::Ack(Some(returned)) => Err(not_confirmed(
             to,
             format!(
-                "returned as unroutable ({} {}): nothing is bound to exchange {exchange:?} with \
-                 key {routing_key:?}",
+                "{UNROUTABLE} ({} {}): nothing is bound to exchange {exchange:?} with key \
+                 {routing_key:?}",
                 returned.reply_code, returned.reply_text
             ),
         )),
         Confirmation::Nack(_) => Err(not_confirmed(to, "nacked by the broker".into())),
         Confirmation::NotRequested => Err(not_confirmed(to, "publisher confirms are off".into())),
     }
+}
+
+/// How the error of a copy the broker returned begins.
+const UNROUTABLE: &str = "returned as unroutable";
+
+/// Did the broker return the copy, no queue being bound where it was sent (rather than refuse
+/// or lose it)?
+pub(crate) fn is_unroutable(e: &AmqpError) -> bool {
+    matches!(e, AmqpError::NotConfirmed { message, .. } if message.starts_with(UNROUTABLE))
 }
 
 fn not_confirmed(to: Copy<'_>, message: String) -> AmqpError {

@@ -18,7 +18,7 @@ use super::declare::{declare_delay_queue, declare_queue};
 use super::delay::{self, DelayMechanism};
 use super::error::AmqpError;
 use super::headers::{self, Origin};
-use super::publish::{Copy, publish_confirmed};
+use super::publish::{Copy, is_unroutable, publish_confirmed};
 use super::shared::{Shared, Unsettled};
 use crate::DeadLetter;
 use crate::transport::{DeliveryId, Settle};
@@ -240,7 +240,7 @@ impl Shared {
         };
         let addr = self.broker.addr();
         let first = publish_confirmed(&self.publisher, addr, to(), &p.body, props.clone()).await;
-        if first.is_ok() || !self.route.dead_letters.declare || !self.broker.connected() {
+        if !first.as_ref().is_err_and(is_unroutable) || !self.route.dead_letters.declare {
             return first;
         }
         // A dead-letter queue prereq declares may have been deleted under it (the copy came back
