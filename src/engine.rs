@@ -237,6 +237,8 @@ enum Work<K> {
     /// A deferral that keeps its key's order finished: the event to emit. If it failed, the
     /// message is not out in the broker: its slot must stop blocking `key`.
     Deferral { key: K, pos: u64, event: Event<K> },
+    /// Settlements made one after the other finished (deferrals at a stop): their events.
+    Batch(Vec<Event<K>>),
     /// A registration's key was recorded by the source: the key is known, the registration
     /// may be acknowledged.
     Recorded { key: K, registered: Event<K> },
@@ -473,7 +475,10 @@ impl<K: Key, M: Send + 'static, T: Transport> Engine<K, M, T> {
         }
     }
 
-    /// Give every message in memory back to the transport, in the order it was received.
+    /// Give every message in memory back to the transport, in the order it was received; but
+    /// one that waits behind a deferred message of its key (out in a delay) would reach whoever
+    /// consumes next before that message: it is deferred until after it instead
+    /// (`defer_behind`).
     fn give_back(&mut self) {
         self.stopping.cancel();
         let mut all: Vec<(Hashed<K>, Pending<M>)> = self.hold.drain();
@@ -483,10 +488,52 @@ impl<K: Key, M: Send + 'static, T: Transport> Engine<K, M, T> {
         }
         self.looking = 0;
         all.sort_unstable_by_key(|(_, p)| p.meta.id);
+        let mut behind: HashMap<Hashed<K>, Vec<Pending<M>>> = HashMap::new();
         for (key, p) in all {
+            if self
+                .away
+                .first(key.key())
+                .is_some_and(|first| first < p.meta.pos)
+            {
+                behind.entry(key).or_default().push(p);
+                continue;
+            }
             let event = event_of(&p.meta, Some(key.into_key()), Decision::Requeued);
             self.settle(event, Settle::Requeue);
         }
+        for (key, waiting) in behind {
+            self.defer_behind(key.into_key(), waiting);
+        }
+    }
+
+    /// At a stop, defer the messages of `key` that wait behind its deferred ones, in their
+    /// order, one after the other, all with one delay that ends after the last of those can be
+    /// back in its queue: they reach whoever consumes next after it, in order. (Each delayed by
+    /// as much as the transport may shorten it, plus `BEHIND_MARGIN`; a deferral that does not
+    /// count as an attempt.)
+    fn defer_behind(&mut self, key: K, mut waiting: Vec<Pending<M>>) {
+        waiting.sort_unstable_by_key(|p| p.meta.pos);
+        let now = Instant::now();
+        let back = self.away.latest_back(&key).unwrap_or(now);
+        let delay = back.saturating_duration_since(now) * away::ROUNDING / (away::ROUNDING - 1)
+            + BEHIND_MARGIN;
+        let batch: Vec<(Event<K>, Settle)> = waiting
+            .iter()
+            .map(|p| {
+                let cause = DeferCause::BehindDeferred;
+                let (settle, decision) =
+                    deferral(&*self.cfg.policy, &key, &p.meta, cause, Some(delay), None);
+                (event_of(&p.meta, Some(key.clone()), decision), settle)
+            })
+            .collect();
+        let transport = Arc::clone(&self.transport);
+        self.work.spawn(async move {
+            let mut events = Vec::with_capacity(batch.len());
+            for (event, settle) in batch {
+                events.push(settle_with(&*transport, event, settle).await);
+            }
+            Work::Batch(events)
+        });
     }
 
     /// Wait for every settlement (and registration write) in flight.
@@ -494,6 +541,7 @@ impl<K: Key, M: Send + 'static, T: Transport> Engine<K, M, T> {
         while let Some(done) = self.work.join_next().await {
             match done {
                 Ok(Work::Settled(Some(event)) | Work::Deferral { event, .. }) => self.emit(event),
+                Ok(Work::Batch(events)) => events.into_iter().for_each(|e| self.emit(e)),
                 Ok(Work::Recorded { registered, .. }) => {
                     self.emit(registered.clone());
                     self.settle_quietly(registered, Settle::Ack);
@@ -637,6 +685,7 @@ impl<K: Key, M: Send + 'static, T: Transport> Engine<K, M, T> {
             Work::Unrecorded { event, settle } => self.settle(event, settle),
             Work::Looked { key, answer } => self.on_answer(key, answer),
             Work::Deferral { key, pos, event } => self.on_deferral(key, pos, event),
+            Work::Batch(events) => events.into_iter().for_each(|e| self.emit(e)),
         }
     }
 
@@ -1230,8 +1279,12 @@ impl<K: Key, M: Send + 'static, T: Transport> Engine<K, M, T> {
             // the broker delivers it again ahead of its queue's later messages, and its copy
             // may be here already, behind it.
             let due = now + *delay;
-            self.away
-                .insert(key.clone(), meta.pos, meta.seed, due, due + AWAY_GRACE);
+            self.away.insert(
+                key.clone(),
+                meta.pos,
+                meta.seed,
+                [now, due, due + AWAY_GRACE],
+            );
             let transport = Arc::clone(&self.transport);
             let pos = meta.pos;
             self.work.spawn(async move {

@@ -100,3 +100,74 @@ async fn control_without_key_order_the_later_message_overtakes() {
     );
     assert_eq!(of_2, [Decision::Handled], "{of_2:?}");
 }
+
+/// A consumer stops while payment 1 of K is out in its delay queue and payment 2 of K waits
+/// behind it; another consumer (the next instance) starts on the same queues. Payment 2 is
+/// deferred at the stop until after payment 1 can be back, not given back: the next consumer
+/// gets 1 before 2 and runs them in that order. (Given back, 2 reached it first.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_keeps_the_key_s_order_for_the_next_consumer() {
+    let Some(conn) = support::broker().await else {
+        return;
+    };
+    let names = PaymentNames::with_prefix(&support::unique("order-stop"));
+    let route = payment_demo::route(&names);
+    let cleanup = support::Cleanup::new();
+    cleanup.delay_queues(&route, &policy());
+    let transport =
+        support::unstarted_transport(&cleanup, route.clone(), DelayMode::DelayQueues).await;
+    let mut first = Running::start(transport, policy(), budget(), true);
+    let ch = support::confirm_channel(&conn).await;
+    publish_payment(&ch, &names, "1", K).await;
+    first
+        .wait(Duration::from_secs(15), |e| {
+            e.message_id.as_deref() == Some("1") && matches!(e.decision, Decision::Deferred { .. })
+        })
+        .await;
+    register(&ch, &names, K).await;
+    first
+        .wait(Duration::from_secs(10), |e| {
+            e.decision == Decision::Registered
+        })
+        .await;
+    publish_payment(&ch, &names, "2", K).await;
+    first
+        .wait(Duration::from_secs(10), |e| {
+            e.message_id.as_deref() == Some("2") && e.decision == Decision::Held
+        })
+        .await;
+    let report = first.stop().await.expect("graceful stop");
+    assert_eq!(
+        (report.deferred, report.requeued, report.handled),
+        (2, 0, 0),
+        "payment 2 deferred at the stop, behind payment 1: {report:?}"
+    );
+
+    // The next consumer, with its own key store (it learns K from K's registration, published
+    // again once both payments reached it) and a hold long enough to keep both.
+    let transport = support::unstarted_transport(&cleanup, route, DelayMode::DelayQueues).await;
+    let long_hold = HoldBudget::DEFAULT.max_time(Duration::from_secs(30));
+    let mut next = Running::start(transport, policy(), long_hold, true);
+    let mut held = Vec::new();
+    next.wait(Duration::from_secs(30), |e| {
+        if e.decision == Decision::Held {
+            held.extend(e.message_id.clone());
+        }
+        held.len() == 2
+    })
+    .await;
+    assert_eq!(
+        held,
+        ["1", "2"],
+        "payment 1 reached the next consumer first"
+    );
+    register(&ch, &names, K).await;
+    let mut handled = 0;
+    next.wait(Duration::from_secs(15), |e| {
+        handled += usize::from(e.decision == Decision::Handled);
+        handled == 2
+    })
+    .await;
+    assert_eq!(next.handled(), ["1", "2"]);
+    next.stop().await.expect("graceful stop");
+}

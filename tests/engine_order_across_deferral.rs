@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use common::*;
 use prereq::memory::MemoryBroker;
-use prereq::{Decision, DeferCause, HoldBudget};
+use prereq::{Decision, DeferCause, HoldBudget, MemoryKeys};
 
 /// Payment 1 fails once (deferred 1 s); payment 2 of the same client arrives 100 ms later.
 async fn retry_then_later_message(keep_order: bool) -> Vec<u64> {
@@ -125,4 +125,72 @@ async fn with_no_room_later_messages_are_deferred_in_turn_and_keep_their_order()
         "payments 2-4 deferred behind payment 1: {behind}"
     );
     assert!(broker.dead_letters().is_empty());
+}
+
+/// A consumer stops while payment 1 of a client is out in a 5 s delay and payment 2 of the
+/// client waits behind it; another consumer starts on the same broker a second later. Payment 2
+/// is deferred at the stop (until after payment 1 can be back), not given back: the next
+/// consumer runs payment 1 first.
+#[tokio::test(start_paused = true)]
+async fn a_stop_defers_what_waits_behind_a_deferred_message_and_the_next_consumer_keeps_the_order()
+{
+    let broker = MemoryBroker::new();
+    let keys = MemoryKeys::new();
+    broker.register(client(5));
+    broker.publish(payment(1, 5));
+    let seen = Log::new();
+    let first = Recorder::new();
+    let a = builder(&first, fails_once(1, seen.clone()))
+        .policy(linear(5, 3))
+        .keys(keys.clone())
+        .build();
+    let producer = {
+        let broker = broker.clone();
+        async move {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            broker.publish(payment(2, 5));
+        }
+    };
+    let held_2 = |ev: &[prereq::Event<u64>]| {
+        ev.iter()
+            .any(|e| e.message_id.as_deref() == Some("2") && e.decision == Decision::Held)
+    };
+    let (report, ()) = tokio::join!(a.run(broker.transport(), first.until(held_2)), producer);
+    let report = report.unwrap();
+    let two = first.decisions_of("2");
+    assert!(
+        matches!(
+            two.as_slice(),
+            [
+                Decision::Held,
+                Decision::Deferred {
+                    cause: DeferCause::BehindDeferred,
+                    ..
+                }
+            ]
+        ),
+        "payment 2 was deferred at the stop, not given back: {two:?}"
+    );
+    assert_eq!((report.deferred, report.requeued), (2, 0), "{report:?}");
+
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let next = Recorder::new();
+    let b = {
+        let seen = seen.clone();
+        builder(&next, move |p: Payment| {
+            seen.push(p.id);
+            async { Ok(()) }
+        })
+        .policy(linear(5, 3))
+        .keys(keys.clone())
+        .build()
+    };
+    b.run(broker.transport(), next.until(|ev| handled(ev) == 2))
+        .await
+        .unwrap();
+    assert_eq!(
+        seen.get(),
+        vec![1, 2],
+        "the next consumer kept the key's order"
+    );
 }

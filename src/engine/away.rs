@@ -18,9 +18,16 @@ struct Slot {
     seed: u64,
     /// When its delay ends.
     due: Instant,
+    /// The latest it may be back in its queue: its delay ends, and a transport may have
+    /// rounded the delay up by as much as [`ROUNDING`] of it.
+    latest: Instant,
     /// When to stop waiting for it.
     expires: Instant,
 }
+
+/// A transport may round a delay by up to this share of it, either way (the AMQP delay
+/// queues' grid: 1/9).
+pub(crate) const ROUNDING: u32 = 9;
 
 /// The deferred messages of each key.
 pub(crate) struct Away<K> {
@@ -38,9 +45,15 @@ impl<K: Eq + Hash + Clone> Away<K> {
         }
     }
 
-    /// Record that the message at `pos` of `key` was deferred, is due back at `due`, and stops
-    /// blocking its key at `expires` if it has not come back by then.
-    pub(crate) fn insert(&mut self, key: K, pos: u64, seed: u64, due: Instant, expires: Instant) {
+    /// Record that the message at `pos` of `key` was deferred at `now`, is due back at `due`,
+    /// and stops blocking its key at `expires` if it has not come back by then.
+    pub(crate) fn insert(
+        &mut self,
+        key: K,
+        pos: u64,
+        seed: u64,
+        [now, due, expires]: [Instant; 3],
+    ) {
         let slots = self.by_key.entry(key.clone()).or_default();
         let at = slots.partition_point(|s| s.pos < pos);
         slots.insert(
@@ -49,6 +62,7 @@ impl<K: Eq + Hash + Clone> Away<K> {
                 pos,
                 seed,
                 due,
+                latest: due + due.saturating_duration_since(now) / ROUNDING,
                 expires,
             },
         );
@@ -64,6 +78,11 @@ impl<K: Eq + Hash + Clone> Away<K> {
     /// When the first deferred message of `key` is due back.
     pub(crate) fn first_due(&self, key: &K) -> Option<Instant> {
         self.by_key.get(key)?.front().map(|s| s.due)
+    }
+
+    /// The latest any deferred message of `key` may be back in its queue.
+    pub(crate) fn latest_back(&self, key: &K) -> Option<Instant> {
+        self.by_key.get(key)?.iter().map(|s| s.latest).max()
     }
 
     /// A message of `key` with `seed` arrived: if it is a deferred one coming back, remove its
@@ -134,8 +153,13 @@ mod tests {
         let now = Instant::now();
         let s = Duration::from_secs(1);
         let mut a = Away::new();
-        a.insert("k", 7, 70, now, now + s);
-        a.insert("k", 3, 30, now + s, now + 2 * s);
+        a.insert("k", 7, 70, [now, now, now + s]);
+        a.insert("k", 3, 30, [now, now + s, now + 2 * s]);
+        assert_eq!(
+            a.latest_back(&"k"),
+            Some(now + s + s / 9),
+            "the later due, rounded up by as much as a transport may"
+        );
         assert_eq!(a.first(&"k"), Some(3));
         assert_eq!(a.first_due(&"k"), Some(now + s));
         assert_eq!(a.claim(&"k", 99), None, "not a deferred message");
@@ -152,8 +176,8 @@ mod tests {
         let now = Instant::now();
         let s = Duration::from_secs(1);
         let mut a = Away::new();
-        a.insert("k", 3, 30, now + 5 * s, now + 60 * s);
-        a.insert("k", 7, 70, now + 5 * s, now + 2 * s);
+        a.insert("k", 3, 30, [now, now + 5 * s, now + 60 * s]);
+        a.insert("k", 7, 70, [now, now + 5 * s, now + 2 * s]);
         assert!(!a.failed(&"k", 4, now, now + s), "no slot there");
         assert!(a.failed(&"k", 3, now + s, now + 10 * s));
         assert_eq!(a.first(&"k"), Some(3), "it still blocks its key");
@@ -175,7 +199,7 @@ mod tests {
             "the original given back takes its place"
         );
         assert_eq!((a.first(&"k"), a.next_deadline()), (None, None));
-        a.insert("k", 9, 90, now, now + 60 * s);
+        a.insert("k", 9, 90, [now, now, now + 60 * s]);
         assert!(a.failed(&"k", 9, now, now + 10 * s));
         assert_eq!(
             a.pop_expired(now + 10 * s),
