@@ -71,16 +71,10 @@ async fn a_later_message_waits_behind_a_message_deferred_for_a_full_hold() {
     broker.publish(payment(2, 5)); // key known, held behind payment 1
     let rec = Recorder::new();
     let seen = Log::new();
-    let consumer = {
-        let seen = seen.clone();
-        builder(&rec, move |p: Payment| {
-            seen.push(p.id);
-            async { Ok(()) }
-        })
+    let consumer = builder(&rec, logs(seen.clone()))
         .policy(linear(1, 3))
         .budget(HoldBudget::DEFAULT.max_messages(1))
-        .build()
-    };
+        .build();
     run_until(consumer, &broker, &rec, |ev| handled(ev) == 3).await;
     assert_eq!(seen.get(), vec![100, 1, 2]);
     assert_eq!(
@@ -175,16 +169,10 @@ async fn a_stop_defers_what_waits_behind_a_deferred_message_and_the_next_consume
 
     tokio::time::sleep(Duration::from_secs(1)).await;
     let next = Recorder::new();
-    let b = {
-        let seen = seen.clone();
-        builder(&next, move |p: Payment| {
-            seen.push(p.id);
-            async { Ok(()) }
-        })
+    let b = builder(&next, logs(seen.clone()))
         .policy(linear(5, 3))
         .keys(keys.clone())
-        .build()
-    };
+        .build();
     b.run(broker.transport(), next.until(|ev| handled(ev) == 2))
         .await
         .unwrap();

@@ -92,6 +92,16 @@ pub fn fails_once(
     }
 }
 
+/// A handler that logs in `ran` the id of every payment it runs, and succeeds.
+pub fn logs(
+    ran: Log<u64>,
+) -> impl Fn(Payment) -> std::future::Ready<Result<(), HandlerError>> + Send + Sync + 'static {
+    move |p: Payment| {
+        ran.push(p.id);
+        std::future::ready(Ok(()))
+    }
+}
+
 /// Run `consumer` on a fresh transport of `broker` until `cond` holds over the recorded events,
 /// then shut it down gracefully and return its report.
 pub async fn run_until<K: prereq::Key>(
