@@ -234,8 +234,8 @@ struct Running<K> {
 enum Work<K> {
     /// A settlement finished: the event to emit, if any.
     Settled(Option<Event<K>>),
-    /// A deferral that keeps its key's order finished: the event to emit. If it failed, the
-    /// message is not out in the broker: its slot must stop blocking `key`.
+    /// A deferral that keeps its key's order finished: the event to emit. If it failed, its
+    /// slot waits for the original the broker gives back (`Engine::on_deferral`).
     Deferral { key: K, pos: u64, event: Event<K> },
     /// Settlements made one after the other finished (deferrals at a stop): their events.
     Batch(Vec<Event<K>>),
@@ -490,11 +490,7 @@ impl<K: Key, M: Send + 'static, T: Transport> Engine<K, M, T> {
         all.sort_unstable_by_key(|(_, p)| p.meta.id);
         let mut behind: HashMap<Hashed<K>, Vec<Pending<M>>> = HashMap::new();
         for (key, p) in all {
-            if self
-                .away
-                .first(key.key())
-                .is_some_and(|first| first < p.meta.pos)
-            {
+            if self.behind_deferred(key.key(), p.meta.pos) {
                 behind.entry(key).or_default().push(p);
                 continue;
             }
@@ -947,15 +943,16 @@ impl<K: Key, M: Send + 'static, T: Transport> Engine<K, M, T> {
 
     /// `key` is known: to its lane, unless an earlier message of the key is deferred.
     fn enqueue_known(&mut self, key: Hashed<K>, p: Pending<M>) {
-        if self
-            .away
-            .first(key.key())
-            .is_some_and(|first| first < p.meta.pos)
-        {
+        if self.behind_deferred(key.key(), p.meta.pos) {
             self.hold_or_defer(key, p, DeferCause::BehindDeferred);
         } else {
             self.lanes.push(key, p.meta.pos, p);
         }
+    }
+
+    /// Does the message at `pos` of `key` wait behind a deferred message of its key?
+    fn behind_deferred(&self, key: &K, pos: u64) -> bool {
+        self.away.first(key).is_some_and(|first| first < pos)
     }
 
     /// `key` with its hash for the cache and the lanes.
@@ -1275,9 +1272,10 @@ impl<K: Key, M: Send + 'static, T: Transport> Engine<K, M, T> {
             && !self.transport.is_stale(meta.id)
         {
             // Recorded now, so that what arrives meanwhile waits behind it; kept if the copy is
-            // not stored (`Work::Deferral`). A delivery void since a reconnect is not recorded:
-            // the broker delivers it again ahead of its queue's later messages, and its copy
-            // may be here already, behind it.
+            // not stored (`Work::Deferral`). A void delivery (`Transport::is_stale`) is not
+            // recorded: after a reconnect the broker delivers it again ahead of its queue's
+            // later messages (its copy may be here already, behind it), and a partition being
+            // handed over runs none of its messages here any more.
             let due = now + *delay;
             self.away.insert(
                 key.clone(),

@@ -12,15 +12,12 @@
 
 mod common;
 
-use std::collections::HashSet;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::*;
 use prereq::Decision;
-use prereq::memory::{MemoryBroker, MemoryTransport};
-use prereq::transport::{Delivery, DeliveryId, Demand, Settle, Source, Transport};
+use prereq::memory::MemoryBroker;
+use prereq::transport::Settle;
 
 /// When the broker delivers the message of a failed settlement again (the reconnect after a
 /// dropped connection).
@@ -28,66 +25,6 @@ const REDELIVERY: Duration = Duration::from_secs(5);
 
 /// How long each handler runs where the test dates events.
 const HANDLER: Duration = Duration::from_secs(1);
-
-#[derive(Debug, thiserror::Error)]
-#[error("the connection dropped before the settlement was confirmed")]
-struct Dropped;
-
-/// The in-memory transport, whose first settlement of a dependent message (not a registration)
-/// that `fails` picks fails: nothing is settled, the message stays unacknowledged until the
-/// broker takes it back, `REDELIVERY` later (or never: another instance took it).
-struct FirstSettleFails {
-    inner: Arc<MemoryTransport>,
-    fails: fn(&Settle) -> bool,
-    /// When the broker gives the message of the failed settlement back, if it does.
-    redelivery: Option<Duration>,
-    /// The deliveries of dependent messages.
-    messages: Mutex<HashSet<DeliveryId>>,
-    failed: AtomicBool,
-}
-
-impl FirstSettleFails {
-    fn new(broker: &MemoryBroker, fails: fn(&Settle) -> bool) -> Self {
-        Self {
-            inner: Arc::new(broker.transport()),
-            fails,
-            redelivery: Some(REDELIVERY),
-            messages: Mutex::new(HashSet::new()),
-            failed: AtomicBool::new(false),
-        }
-    }
-}
-
-impl Transport for FirstSettleFails {
-    type Error = Dropped;
-
-    async fn start(&self, demand: Demand) -> Result<(), Dropped> {
-        self.inner.start(demand).await.map_err(|_| Dropped)
-    }
-
-    async fn recv(&self) -> Result<Option<Delivery>, Dropped> {
-        let got = self.inner.recv().await.map_err(|_| Dropped)?;
-        if let Some(d) = got.as_ref().filter(|d| d.source == Source::Message) {
-            self.messages.lock().unwrap().insert(d.id);
-        }
-        Ok(got)
-    }
-
-    async fn settle(&self, id: DeliveryId, settle: Settle) -> Result<(), Dropped> {
-        let message = self.messages.lock().unwrap().contains(&id);
-        if message && (self.fails)(&settle) && !self.failed.swap(true, Ordering::SeqCst) {
-            if let Some(after) = self.redelivery {
-                let inner = Arc::clone(&self.inner);
-                tokio::spawn(async move {
-                    tokio::time::sleep(after).await;
-                    let _ = inner.settle(id, Settle::Requeue).await;
-                });
-            }
-            return Err(Dropped);
-        }
-        self.inner.settle(id, settle).await.map_err(|_| Dropped)
-    }
-}
 
 /// Client 5 is registered; payment 1's handler fails once and its deferral fails, and the
 /// broker gives payment 1 back `redelivery` later (never: another instance took it); payment 2
@@ -100,21 +37,15 @@ async fn failed_deferral_then_payment_2(
     let broker = MemoryBroker::new();
     broker.register(client(5));
     broker.publish(payment(1, 5));
-    let mut transport = FirstSettleFails::new(&broker, |s| matches!(s, Settle::Defer { .. }));
-    transport.redelivery = redelivery;
+    let deferral = |s: &Settle| matches!(s, Settle::Defer { .. });
+    let transport = FailingSettles::first(&broker, deferral, Fails::GivenBack(redelivery));
     let rec = Recorder::new();
     let seen = Log::new();
     let consumer = builder(&rec, fails_once(1, seen.clone()))
         .policy(linear(1, 3))
         .build();
-    let producer = {
-        let broker = broker.clone();
-        async move {
-            // After payment 1's deferral failed.
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            broker.publish(payment(2, 5));
-        }
-    };
+    // After payment 1's deferral failed.
+    let producer = publish_at(broker.clone(), Duration::from_millis(100), payment(2, 5));
     let (report, ()) = tokio::join!(
         consumer.run(transport, rec.until(move |ev| handled(ev) == until_handled)),
         producer
@@ -206,7 +137,8 @@ async fn a_failed_acknowledgement_is_reported_and_the_message_runs_again() {
         })
         .build()
     };
-    let transport = FirstSettleFails::new(&broker, |s| matches!(s, Settle::Ack));
+    let ack = |s: &Settle| matches!(s, Settle::Ack);
+    let transport = FailingSettles::first(&broker, ack, Fails::GivenBack(Some(REDELIVERY)));
     let report = consumer
         .run(transport, rec.until(move |ev| handled(ev) == 1))
         .await

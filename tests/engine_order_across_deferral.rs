@@ -21,13 +21,7 @@ async fn retry_then_later_message(keep_order: bool) -> Vec<u64> {
         .policy(linear(1, 3))
         .keep_key_order(keep_order)
         .build();
-    let producer = {
-        let broker = broker.clone();
-        async move {
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            broker.publish(payment(2, 5));
-        }
-    };
+    let producer = publish_at(broker.clone(), Duration::from_millis(100), payment(2, 5));
     let (report, ()) = tokio::join!(
         consumer.run(broker.transport(), rec.until(|ev| handled(ev) == 2)),
         producer
@@ -138,13 +132,7 @@ async fn a_stop_defers_what_waits_behind_a_deferred_message_and_the_next_consume
         .policy(linear(5, 3))
         .keys(keys.clone())
         .build();
-    let producer = {
-        let broker = broker.clone();
-        async move {
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            broker.publish(payment(2, 5));
-        }
-    };
+    let producer = publish_at(broker.clone(), Duration::from_millis(100), payment(2, 5));
     let held_2 = |ev: &[prereq::Event<u64>]| {
         ev.iter()
             .any(|e| e.message_id.as_deref() == Some("2") && e.decision == Decision::Held)

@@ -21,12 +21,15 @@
 //! after all (its confirm lost). Order, completeness and wake hold all the same: a failed
 //! deferral's message is out until it comes back.
 
+mod common;
+
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use prereq::memory::{MemoryBroker, MemoryTransport};
-use prereq::transport::{Delivery, DeliveryId, Demand, Settle, Source, Transport};
+use common::{FailingSettles, Fails};
+use prereq::memory::MemoryBroker;
+use prereq::transport::{Settle, Source};
 use prereq::{
     Backoff, Decision, DeferCause, DependentConsumer, Event, HandlerError, HoldBudget, MemoryKeys,
 };
@@ -66,64 +69,6 @@ struct Case {
     deferrals: Vec<Option<Fails>>,
 }
 
-/// How a deferral fails.
-#[derive(Clone, Copy, Debug)]
-enum Fails {
-    /// The copy is not stored; the broker gives the original back this many ms later.
-    GivenBack(u64),
-    /// The copy is stored, the original acknowledged, the confirm lost.
-    Stored,
-}
-
-/// The in-memory transport, whose deferrals fail as a case says.
-struct FailingDeferrals {
-    inner: Arc<MemoryTransport>,
-    plan: Vec<Option<Fails>>,
-    /// Deferrals asked for so far.
-    asked: Mutex<usize>,
-}
-
-#[derive(Debug, thiserror::Error)]
-#[error("the deferral's confirm was lost")]
-struct Lost;
-
-impl Transport for FailingDeferrals {
-    type Error = Lost;
-
-    async fn start(&self, demand: Demand) -> Result<(), Lost> {
-        self.inner.start(demand).await.map_err(|_| Lost)
-    }
-
-    async fn recv(&self) -> Result<Option<Delivery>, Lost> {
-        self.inner.recv().await.map_err(|_| Lost)
-    }
-
-    async fn settle(&self, id: DeliveryId, settle: Settle) -> Result<(), Lost> {
-        let fails = if matches!(settle, Settle::Defer { .. }) {
-            let mut asked = self.asked.lock().unwrap();
-            *asked += 1;
-            self.plan.get(*asked - 1).copied().flatten()
-        } else {
-            None
-        };
-        match fails {
-            None => self.inner.settle(id, settle).await.map_err(|_| Lost),
-            Some(Fails::Stored) => {
-                let _ = self.inner.settle(id, settle).await;
-                Err(Lost)
-            }
-            Some(Fails::GivenBack(ms)) => {
-                let inner = Arc::clone(&self.inner);
-                tokio::spawn(async move {
-                    tokio::time::sleep(Duration::from_millis(ms)).await;
-                    let _ = inner.settle(id, Settle::Requeue).await;
-                });
-                Err(Lost)
-            }
-        }
-    }
-}
-
 fn case() -> impl Strategy<Value = Case> {
     let step = prop_oneof![
         3 => (0u8..4).prop_map(|key| Step::Publish { key }),
@@ -140,8 +85,9 @@ fn case() -> impl Strategy<Value = Case> {
         prop::collection::vec(
             prop_oneof![
                 8 => Just(None),
-                1 => (0u64..20_000).prop_map(|ms| Some(Fails::GivenBack(ms))),
-                1 => Just(Some(Fails::Stored)),
+                1 => (0u64..20_000)
+                    .prop_map(|ms| Some(Fails::GivenBack(Some(Duration::from_millis(ms))))),
+                1 => Just(Some(Fails::Done)),
             ],
             0..60,
         ),
@@ -316,10 +262,15 @@ async fn run_async(case: Case) -> Outcome {
             }
         }
     };
-    let transport = FailingDeferrals {
-        inner: Arc::new(broker.transport()),
-        plan: case.deferrals.clone(),
-        asked: Mutex::new(0),
+    let transport = {
+        let (plan, mut asked) = (case.deferrals.clone(), 0);
+        FailingSettles::new(&broker, move |s| {
+            if !matches!(s, Settle::Defer { .. }) {
+                return None;
+            }
+            asked += 1;
+            plan.get(asked - 1).copied().flatten()
+        })
     };
     let (report, ()) = tokio::join!(consumer.run(transport, shutdown), producer);
     let report = report.unwrap();

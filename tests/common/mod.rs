@@ -13,15 +13,19 @@
 //!   [`DependentConsumer::run`] to run "until X happened", with no real-time waiting.
 //! - [`Log`]: a shared list for handlers to write what they saw.
 //! - [`fails_once`]: a handler that fails one payment once (retryably) and logs the others' runs.
+//! - [`publish_at`]: a publish at a later (virtual) instant, as a step of a test's script.
+//! - [`FailingSettles`]: the in-memory transport, whose settlements fail as a test plans.
 #![allow(dead_code)] // each test binary uses its own subset
 
+use std::collections::HashSet;
 use std::fmt::Debug;
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
-use prereq::memory::MemoryBroker;
+use prereq::memory::{MemoryBroker, MemoryTransport};
+use prereq::transport::{Delivery, DeliveryId, Demand, Settle, Source, Transport};
 use prereq::{
     Backoff, ConsumerBuilder, Decision, DependentConsumer, Event, Handler, HandlerError, Report,
 };
@@ -89,6 +93,116 @@ pub fn fails_once(
         }
         ran.push(p.id);
         std::future::ready(Ok(()))
+    }
+}
+
+/// Publish `body` to `broker` `after` from now: a step of a test's script, in virtual time.
+pub async fn publish_at(broker: MemoryBroker, after: Duration, body: Vec<u8>) {
+    tokio::time::sleep(after).await;
+    broker.publish(body);
+}
+
+/// How a settlement fails on a [`FailingSettles`] transport.
+#[derive(Clone, Copy, Debug)]
+pub enum Fails {
+    /// Nothing is settled: the broker takes the delivery back this much later (`None`: never,
+    /// another instance took it).
+    GivenBack(Option<Duration>),
+    /// Settled all the same, its confirm lost (a deferral's copy stored).
+    Done,
+}
+
+/// A settlement the transport reports failed, and which kind it was.
+#[derive(Debug, thiserror::Error)]
+#[error("the connection dropped before the {0} was confirmed")]
+pub struct Dropped(pub &'static str);
+
+/// Whether a settlement fails, and how: asked once for each.
+type Plan = Box<dyn FnMut(&Settle) -> Option<Fails> + Send>;
+
+/// The in-memory transport, whose settlements of dependent messages (not registrations) fail as
+/// `plan` says.
+pub struct FailingSettles {
+    inner: Arc<MemoryTransport>,
+    plan: Mutex<Plan>,
+    /// The deliveries of dependent messages.
+    messages: Mutex<HashSet<DeliveryId>>,
+}
+
+impl FailingSettles {
+    pub fn new(
+        broker: &MemoryBroker,
+        plan: impl FnMut(&Settle) -> Option<Fails> + Send + 'static,
+    ) -> Self {
+        Self {
+            inner: Arc::new(broker.transport()),
+            plan: Mutex::new(Box::new(plan)),
+            messages: Mutex::new(HashSet::new()),
+        }
+    }
+
+    /// Fails the first settlement `pick` picks, `how`.
+    pub fn first(broker: &MemoryBroker, pick: fn(&Settle) -> bool, how: Fails) -> Self {
+        let mut failed = false;
+        Self::new(broker, move |s| {
+            (pick(s) && !std::mem::replace(&mut failed, true)).then_some(how)
+        })
+    }
+}
+
+fn kind(settle: &Settle) -> &'static str {
+    match settle {
+        Settle::Ack => "acknowledgement",
+        Settle::Defer { .. } => "deferral",
+        Settle::DeadLetter(_) => "dead letter",
+        _ => "give-back",
+    }
+}
+
+impl Transport for FailingSettles {
+    type Error = Dropped;
+
+    async fn start(&self, demand: Demand) -> Result<(), Dropped> {
+        self.inner.start(demand).await.map_err(|_| Dropped("start"))
+    }
+
+    async fn recv(&self) -> Result<Option<Delivery>, Dropped> {
+        let got = self.inner.recv().await.map_err(|_| Dropped("receive"))?;
+        if let Some(d) = got.as_ref().filter(|d| d.source == Source::Message) {
+            self.messages.lock().unwrap().insert(d.id);
+        }
+        Ok(got)
+    }
+
+    async fn settle(&self, id: DeliveryId, settle: Settle) -> Result<(), Dropped> {
+        let what = kind(&settle);
+        let message = self.messages.lock().unwrap().contains(&id);
+        let fails = if message {
+            (self.plan.lock().unwrap())(&settle)
+        } else {
+            None
+        };
+        match fails {
+            None => self
+                .inner
+                .settle(id, settle)
+                .await
+                .map_err(|_| Dropped(what)),
+            Some(Fails::Done) => {
+                let _ = self.inner.settle(id, settle).await;
+                Err(Dropped(what))
+            }
+            Some(Fails::GivenBack(after)) => {
+                if let Some(after) = after {
+                    let inner = Arc::clone(&self.inner);
+                    tokio::spawn(async move {
+                        tokio::time::sleep(after).await;
+                        let _ = inner.settle(id, Settle::Requeue).await;
+                    });
+                }
+                Err(Dropped(what))
+            }
+        }
     }
 }
 
