@@ -214,13 +214,27 @@ async fn two_instances_wake_each_other_and_a_plain_insert_wakes_both() {
         drill::publish_all(&ch, [registration(&names, client)], 1, |_| {}).await;
     }
     let got = handled(&journals, &phase1).await;
-    let recorded: HashMap<u64, (usize, u128)> = lines(&journals)
-        .into_iter()
-        .filter_map(|(i, l)| match l {
-            Line::Registered { client, at_ns } => Some((client, (i, at_ns))),
-            _ => None,
-        })
-        .collect();
+    // An instance journals a registration after its key source recorded it, so the other
+    // instance may have run the payment (woken by the record) before the line is written:
+    // wait for every registration's line too.
+    let mut recorded: HashMap<u64, (usize, u128)> = HashMap::new();
+    drill::wait_until("every registration journaled", PATIENCE, async || {
+        recorded = lines(&journals)
+            .into_iter()
+            .filter_map(|(i, l)| match l {
+                Line::Registered { client, at_ns } if phase1.contains(&client) => {
+                    Some((client, (i, at_ns)))
+                }
+                _ => None,
+            })
+            .collect();
+        if recorded.len() == PER_PHASE as usize {
+            Ok(())
+        } else {
+            Err(format!("{} of {PER_PHASE} journaled", recorded.len()))
+        }
+    })
+    .await;
     let mut cross = Vec::new();
     for (payment, (instance, at)) in &got {
         assert!(
