@@ -122,7 +122,7 @@ async fn messages_kept_aside_after_a_recovery_during_a_hand_over_are_copied_back
 
     // A ghost joins (it beats, and never consumes): A hands the ghost's partitions over, and
     // waits for their payments 0.
-    let ghost = Ghost::join(&p, &partitions, Duration::from_millis(100)).await;
+    let ghost = Ghost::join(&p, &partitions, Duration::from_secs(1)).await;
     support::eventually("a partition given up", Duration::from_secs(30), || {
         !logs.lines_with("giving a partition up").is_empty()
     })

@@ -357,7 +357,9 @@ async fn a_job_of_handlers_that_compute_lets_the_loop_go() {
     let r = ran.clone();
     let consumer = builder(&rec, move |p: Payment| {
         let started = t0.elapsed();
-        compute_for(Duration::from_millis(5));
+        // 8 × 20 ms for key 1's job: a wide margin for the loop to start key 2's meanwhile,
+        // even on a loaded machine that leaves its thread unscheduled for a while.
+        compute_for(Duration::from_millis(20));
         r.push((p.id, started, t0.elapsed()));
         std::future::ready(Ok(()))
     })
