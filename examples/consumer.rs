@@ -12,7 +12,9 @@
 //! Registered clients are kept in an SQLite file, as the Go demo keeps them in `mydb.db`: a
 //! restarted consumer still knows every client. Environment:
 //!
-//! * `AMQP_ADDR`: the broker (default `amqp://guest:guest@127.0.0.1:5672/%2f`);
+//! * `AMQP_ADDR`: the broker (default `amqp://guest:guest@127.0.0.1:5672/%2f`); for an
+//!   `amqps://` one, `AMQP_TLS_CA_FILE` (an authority to trust besides the system's),
+//!   `AMQP_TLS_CERT_FILE` and `AMQP_TLS_KEY_FILE` (a client certificate, PEM);
 //! * `PREREQ_DB`: the client store: an SQLite file (default `prereq-demo.db` in the working
 //!   directory), or a `postgres://` URL for several instances sharing it (build with
 //!   `--features postgres`): a client registered through any instance wakes the payments every

@@ -11,8 +11,8 @@
 //! `payments` with `process.payment`, headers `x-delay: 0`, `x-retry: 0`, `x-retry-limit: 10`
 //! (32-bit integers). A client: `{"id":5,"name":"novo client"}` to `clients` with routing key
 //! `""`, header `x-delay: 5000`. The broker is `AMQP_ADDR` (default
-//! `amqp://guest:guest@127.0.0.1:5672/%2f`); `PREREQ_PREFIX` prefixes every name, as for the
-//! consumer. The topology is declared if missing, so the producer may run first.
+//! `amqp://guest:guest@127.0.0.1:5672/%2f`; TLS settings from `AMQP_TLS_*`, as for the
+//! consumer); `PREREQ_PREFIX` prefixes every name, as for the consumer. The topology is declared if missing, so the producer may run first.
 
 use std::hash::{BuildHasher, Hasher};
 use std::process::ExitCode;
@@ -25,7 +25,8 @@ use serde::Serialize;
 const USAGE: &str = "usage: producer <p|c> <client-id>
   p <client-id>   publish a payment for this client
   c <client-id>   register this client
-The broker is AMQP_ADDR (default amqp://guest:guest@127.0.0.1:5672/%2f).";
+The broker is AMQP_ADDR (default amqp://guest:guest@127.0.0.1:5672/%2f); for amqps://,
+AMQP_TLS_CA_FILE, AMQP_TLS_CERT_FILE and AMQP_TLS_KEY_FILE (PEM files) as needed.";
 
 /// The Go demo's payment, fields in its struct order.
 #[derive(Serialize)]

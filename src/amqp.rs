@@ -69,6 +69,7 @@ mod route;
 mod router;
 mod settle;
 mod shared;
+mod tls;
 mod transport;
 mod via;
 
@@ -87,6 +88,7 @@ pub use route::{
     PARTITION_DELIVERY_LIMIT, Partitions, Queue, QueueKind, Retry, Route,
 };
 pub use router::{RouterReport, route_by_key};
+pub use tls::{AMQP_TLS_CA_FILE_ENV, AMQP_TLS_CERT_FILE_ENV, AMQP_TLS_KEY_FILE_ENV, Tls};
 pub use transport::AmqpTransport;
 
 /// A suffix unique within this process and, with the pid, across processes: nanoseconds since

@@ -68,6 +68,29 @@ fn server_certificate(dir: &Path, issuer: &Issuer<'static, KeyPair>) -> (PathBuf
     (cert_path, key_path)
 }
 
+/// A client certificate (chain: the certificate alone) and its key (PKCS#8 PEM), for the
+/// client named `name`, signed by `issuer`: their paths.
+fn client_certificate(
+    dir: &Path,
+    name: &str,
+    issuer: &Issuer<'static, KeyPair>,
+) -> (PathBuf, PathBuf) {
+    let mut params = CertificateParams::new(Vec::<String>::new()).expect("no names");
+    params.distinguished_name.push(DnType::CommonName, name);
+    params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+    let key = KeyPair::generate().expect("a key");
+    let cert = params
+        .signed_by(&key, issuer)
+        .expect("signed by the authority");
+    let (cert_path, key_path) = (
+        dir.join(format!("{name}.pem")),
+        dir.join(format!("{name}.key")),
+    );
+    std::fs::write(&cert_path, cert.pem()).expect("write the client certificate");
+    std::fs::write(&key_path, key.serialize_pem()).expect("write the client key");
+    (cert_path, key_path)
+}
+
 /// The connections the node has, each as `<name> <ssl>` (`true` for TLS), one a line.
 fn connections(node: &node::Node) -> Vec<String> {
     node.ctl_ok(&[
@@ -165,4 +188,165 @@ async fn the_readme_walk_through_runs_over_tls_and_an_untrusted_certificate_is_r
     assert!(!said.contains(CONSUMING), "it never consumed:\n{said}");
     println!("TLS connections while the payment was held: {tls_connections:?}");
     println!("--- the walk-through\n{out}--- with another authority trusted\n{said}");
+}
+
+/// Mutual TLS: a broker that verifies its clients (`verify_peer`, `fail_if_no_peer_cert`), the
+/// examples configured as a user would, through the environment only: `AMQP_TLS_CA_FILE` (the
+/// private authority, instead of `SSL_CERT_FILE`), `AMQP_TLS_CERT_FILE` and
+/// `AMQP_TLS_KEY_FILE`. The walk-through runs, and the broker shows the consumer's connection
+/// with the client's certificate. Without a client certificate the broker refuses the
+/// consumer; with a certificate and no key, the consumer refuses to start and names the
+/// missing variable; with a key file that holds no key, it names the file. The password is
+/// never printed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mutual_tls_with_a_client_certificate_from_the_environment() {
+    let dir = drill::TempDir::new("mtls");
+    let (ca, issuer) = authority(&dir.0, "ca");
+    let (cert, key) = server_certificate(&dir.0, &issuer);
+    let (client_cert, client_key) = client_certificate(&dir.0, "prereq-test-client", &issuer);
+    let tls_port = node::free_port(&[]);
+    let path = |p: &Path| p.to_string_lossy().into_owned();
+    let conf = format!(
+        "listeners.ssl.default = 127.0.0.1:{tls_port}\n\
+         ssl_options.cacertfile = {}\n\
+         ssl_options.certfile = {}\n\
+         ssl_options.keyfile = {}\n\
+         ssl_options.verify = verify_peer\n\
+         ssl_options.fail_if_no_peer_cert = true\n",
+        path(&ca),
+        path(&cert),
+        path(&key)
+    );
+    let Some(node) = node::Node::start_with("mtls", &conf, &[tls_port]) else {
+        return;
+    };
+    let addr = format!("amqps://guest:guest@127.0.0.1:{tls_port}/%2f");
+    // No SSL_CERT_FILE: the authority comes from AMQP_TLS_CA_FILE alone.
+    let with_cert = [
+        ("AMQP_ADDR", addr.clone()),
+        ("AMQP_TLS_CA_FILE", path(&ca)),
+        ("AMQP_TLS_CERT_FILE", path(&client_cert)),
+        ("AMQP_TLS_KEY_FILE", path(&client_key)),
+    ];
+
+    let mut consumer = ExampleChild::spawn("consumer", &dir.0, "consumer.out", &with_cert);
+    consumer.wait_for_line(CONSUMING, PATIENCE).await;
+    let published = db::run_example("producer", &dir.0, &["p", "5"], &with_cert).await;
+    let id = db::published_id(&published);
+    consumer
+        .wait_for_line(&format!("payment {id} client 5 attempt 0: held"), PATIENCE)
+        .await;
+    let subjects = node.ctl_ok(&[
+        "list_connections",
+        "-q",
+        "--no-table-headers",
+        "ssl",
+        "peer_cert_subject",
+    ]);
+    let registered = db::run_example("producer", &dir.0, &["c", "5"], &with_cert).await;
+    assert!(registered.contains("registered client 5"), "{registered}");
+    consumer
+        .wait_for_line(&format!("-> processing payment {id} of client 5"), PATIENCE)
+        .await;
+    consumer.signal("INT");
+    let status = consumer.wait_exit(PATIENCE).await;
+    let out = consumer.output();
+    assert!(
+        status.success(),
+        "the consumer exited with {status}; stdout:\n{out}\nstderr:\n{}",
+        consumer.stderr()
+    );
+    assert!(
+        out.contains(&format!("payment {id} client 5 attempt 0: released after")),
+        "the payment was released by the registration:\n{out}"
+    );
+    assert!(
+        subjects
+            .lines()
+            .any(|l| l.contains("CN=prereq-test-client")),
+        "the broker saw the client's certificate on the consumer's connection: {subjects}"
+    );
+
+    // What goes wrong says so, and never shows the password.
+    let refusals = [
+        (
+            "no client certificate",
+            vec![("AMQP_ADDR", addr.clone()), ("AMQP_TLS_CA_FILE", path(&ca))],
+            "cannot connect to amqps://guest:***@",
+        ),
+        (
+            "a certificate without its key",
+            vec![
+                ("AMQP_ADDR", addr.clone()),
+                ("AMQP_TLS_CA_FILE", path(&ca)),
+                ("AMQP_TLS_CERT_FILE", path(&client_cert)),
+            ],
+            "AMQP_TLS_CERT_FILE is set but AMQP_TLS_KEY_FILE is not",
+        ),
+        (
+            "a key file that holds a certificate",
+            vec![
+                ("AMQP_ADDR", addr.clone()),
+                ("AMQP_TLS_CA_FILE", path(&ca)),
+                ("AMQP_TLS_CERT_FILE", path(&client_cert)),
+                ("AMQP_TLS_KEY_FILE", path(&client_cert)),
+            ],
+            "holds no PEM private key",
+        ),
+    ];
+    let mut said_all = String::new();
+    for (i, (case, env, expected)) in refusals.into_iter().enumerate() {
+        let mut refused =
+            ExampleChild::spawn("consumer", &dir.0, &format!("refused-{i}.out"), &env);
+        let status = refused.wait_exit(PATIENCE).await;
+        let said = format!("{}{}", refused.output(), refused.stderr());
+        assert!(!status.success(), "{case}: the consumer ran:\n{said}");
+        assert!(
+            said.contains(expected),
+            "{case}: expected {expected:?} in:\n{said}"
+        );
+        assert!(
+            !said.contains("guest:guest"),
+            "{case}: the password was printed:\n{said}"
+        );
+        assert!(!said.contains(CONSUMING), "{case}: it consumed:\n{said}");
+        said_all.push_str(&format!("--- {case}\n{said}"));
+    }
+    // The dead-letter tool reads the same variables: it lists the consumer's dead-letter queue
+    // with the client certificate, and is refused without it.
+    #[cfg(feature = "cli")]
+    {
+        let list = |env: &[(&str, String)]| {
+            let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_prereq"));
+            cmd.args(["list", "payment-processor.dead"])
+                .env_remove("SSL_CERT_FILE")
+                .stdin(std::process::Stdio::null());
+            for (k, v) in env {
+                cmd.env(k, v);
+            }
+            let out = cmd.output().expect("run prereq list");
+            let said = format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            (out.status, said)
+        };
+        let (status, said) = list(&with_cert);
+        assert!(
+            status.success(),
+            "prereq list with the certificate:\n{said}"
+        );
+        let (status, refused) = list(&with_cert[..2]);
+        assert!(
+            // The broker's alert, or its reset when the alert was not read first.
+            !status.success() && refused.contains("cannot connect to RabbitMQ at amqps://"),
+            "prereq list without a certificate:\n{refused}"
+        );
+        assert!(!refused.contains("guest:guest"), "{refused}");
+        said_all.push_str(&format!(
+            "--- prereq list\n{said}--- without a certificate\n{refused}"
+        ));
+    }
+    println!("--- the walk-through with a client certificate\n{out}{said_all}");
 }

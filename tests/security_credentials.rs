@@ -341,3 +341,20 @@ async fn a_malformed_amqp_addr_leaks_nowhere() {
         );
     }
 }
+
+/// A client key given inline (a secret store's answer) never shows in the options' `Debug`,
+/// nor in the error of a start it fails (here: given with an `amqp://` address).
+#[tokio::test]
+async fn a_client_key_never_shows() {
+    const KEY_BODY: &str = "MC4CAQAwBQYDK2VwBCIEIPpf7qQwUn3mUe6lV2q3kZyT0k3lJ1mGJd9cSg2vqMPi";
+    let key = format!("-----BEGIN PRIVATE KEY-----\n{KEY_BODY}\n-----END PRIVATE KEY-----\n");
+    let options = BrokerOptions::new("amqp://guest:guest@127.0.0.1:1/%2f")
+        .tls(prereq::amqp::Tls::new().client_cert_pem("a certificate", key.clone()));
+    let shown = format!("{options:?}");
+    assert_clean("Debug of BrokerOptions", &shown, &[KEY_BODY, "guest:guest"]);
+    assert!(shown.contains("an inline key"), "{shown}");
+    let e = Broker::connect(options).await.expect_err("refused");
+    let said = everything_about(&e);
+    assert_clean("the error", &said, &[KEY_BODY, "guest:guest"]);
+    assert!(said.contains("not an amqps:// address"), "{said}");
+}

@@ -7,6 +7,7 @@ use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use lapin::Connection;
+use lapin::tcp::OwnedTLSConfig;
 use tokio::sync::watch;
 use tracing::info;
 
@@ -16,6 +17,7 @@ use super::declare::declare_route;
 use super::delay::{self, DelayMechanism, DelayMode, MAX_BROKER_DELAY};
 use super::error::AmqpError;
 use super::route::Route;
+use super::tls::Tls;
 
 /// How long a lost connection may stay down by default before the transports give up and their
 /// consumers stop with an error (10 minutes).
@@ -39,6 +41,7 @@ pub const DEFAULT_MAX_DELAY: Duration = Duration::from_secs(86_400);
 /// | reconnect timeout | [`DEFAULT_RECONNECT_TIMEOUT`] (10 min) |
 /// | ack timeout | [`DEFAULT_ACK_TIMEOUT`] (30 min): set it to your broker's `consumer_timeout` |
 /// | max delay | [`DEFAULT_MAX_DELAY`] (one day) |
+/// | TLS (`amqps://`) | the system's roots, no client certificate; under [`BrokerOptions::from_env`], [`Tls::from_env`] (`AMQP_TLS_CA_FILE`, `AMQP_TLS_CERT_FILE`, `AMQP_TLS_KEY_FILE`) |
 #[derive(Clone, Debug)]
 #[must_use]
 pub struct BrokerOptions {
@@ -49,6 +52,7 @@ pub struct BrokerOptions {
     reconnect_timeout: Duration,
     ack_timeout: Duration,
     max_delay: Duration,
+    tls: Tls,
 }
 
 impl BrokerOptions {
@@ -62,12 +66,21 @@ impl BrokerOptions {
             reconnect_timeout: DEFAULT_RECONNECT_TIMEOUT,
             ack_timeout: DEFAULT_ACK_TIMEOUT,
             max_delay: DEFAULT_MAX_DELAY,
+            tls: Tls::new(),
         }
     }
 
-    /// The broker at `AMQP_ADDR`, else the local default.
+    /// The broker at `AMQP_ADDR`, else the local default; TLS settings from
+    /// [`Tls::from_env`].
     pub fn from_env() -> Self {
-        Self::new(AmqpAddr::from_env())
+        Self::new(AmqpAddr::from_env()).tls(Tls::from_env())
+    }
+
+    /// TLS settings for an `amqps://` address: authorities to trust besides the system's, a
+    /// client certificate. See [`Tls`].
+    pub fn tls(mut self, tls: Tls) -> Self {
+        self.tls = tls;
+        self
     }
 
     /// The connection name the management UI and `rabbitmqctl list_connections` show.
@@ -133,6 +146,11 @@ impl BrokerOptions {
     pub(crate) fn get_reconnect_timeout(&self) -> Duration {
         self.reconnect_timeout
     }
+
+    /// The TLS settings.
+    pub fn get_tls(&self) -> &Tls {
+        &self.tls
+    }
 }
 
 /// One connection to RabbitMQ, shared by every transport and publisher made from it. Cheap to
@@ -166,6 +184,9 @@ struct Inner {
     options: BrokerOptions,
     mechanism: DelayMechanism,
     connection: Connection,
+    /// The TLS configuration connections are opened with ([`BrokerOptions::tls`], its files
+    /// read): the watcher's probe connections use it too.
+    tls: OwnedTLSConfig,
     /// Set (for good) once the connection is lost and not recovered within the reconnect
     /// timeout: every transport ends its consumer with this error.
     lost: watch::Sender<Option<AmqpError>>,
@@ -185,17 +206,20 @@ impl Broker {
     /// throw-away connection), then connect with automatic recovery.
     pub async fn connect(options: BrokerOptions) -> Result<Self, AmqpError> {
         let addr = &options.addr;
+        addr.validate()?;
+        let tls = options.tls.load(addr)?;
         let mechanism =
-            delay::resolve_within(options.delay_mode, addr, options.connect_timeout).await?;
+            delay::resolve_within(options.delay_mode, addr, &tls, options.connect_timeout).await?;
         info!(target: "prereq", mechanism = %mechanism, addr = %addr, "delay mechanism selected");
         let connection = connect_within(
             addr,
+            &tls,
             &options.connection_name,
             options.connect_timeout,
             options.reconnect_timeout,
         )
         .await?;
-        Ok(Self::from_connection(connection, mechanism, options))
+        Ok(Self::start(connection, mechanism, options, tls))
     }
 
     /// A broker handle on a connection you opened yourself (the escape hatch to lapin). The
@@ -206,10 +230,23 @@ impl Broker {
         mechanism: DelayMechanism,
         options: BrokerOptions,
     ) -> Self {
+        // Only the watcher's probe connections use it: without it (a file unreadable now),
+        // they go without, and a broker that needs it only looks unreachable to them.
+        let tls = options.tls.load(&options.addr).unwrap_or_default();
+        Self::start(connection, mechanism, options, tls)
+    }
+
+    fn start(
+        connection: Connection,
+        mechanism: DelayMechanism,
+        options: BrokerOptions,
+        tls: OwnedTLSConfig,
+    ) -> Self {
         let inner = Arc::new(Inner {
             options,
             mechanism,
             connection,
+            tls,
             lost: watch::channel(None).0,
         });
         tokio::spawn(watch_connection(Arc::downgrade(&inner)));
@@ -382,13 +419,14 @@ async fn watch_connection(inner: Weak<Inner>) {
             && probed_at.is_none_or(|p| p.elapsed() >= connect + PROBE_AFTER)
         {
             probed_at = Some(tokio::time::Instant::now());
-            let (addr, name) = (
+            let (addr, tls, name) = (
                 inner.options.addr.clone(),
+                inner.tls.clone(),
                 inner.options.connection_name.clone(),
             );
             // Not kept alive by its watcher while the probe runs.
             drop(inner);
-            if accepts(&addr, &name, connect).await {
+            if accepts(&addr, &tls, &name, connect).await {
                 reachable_since = Some(tokio::time::Instant::now());
             }
         }

@@ -34,11 +34,12 @@ const RECONNECT_MAX_DELAY: Duration = Duration::from_millis(250);
 /// plain connection is tried first, and only once it succeeded is the recovering one opened.
 pub(crate) async fn connect_within(
     addr: &AmqpAddr,
+    tls: &OwnedTLSConfig,
     connection_name: &str,
     timeout: Duration,
     reconnect_for: Duration,
 ) -> Result<Connection, AmqpError> {
-    open_and_close(addr, &format!("{connection_name}-preflight"), timeout).await?;
+    open_and_close(addr, tls, &format!("{connection_name}-preflight"), timeout).await?;
     // Reconnection: short pauses, capped low and reset once connected (lapin's own default
     // doubles from 1 s to 60 s and gives up after 16 tries), for up to `reconnect_for` in all.
     let properties = ConnectionProperties::default()
@@ -53,29 +54,51 @@ pub(crate) async fn connect_within(
         })
         .enable_auto_recover()
         .with_connection_name(connection_name.into());
-    open(addr, properties, timeout).await
+    open(addr, tls, properties, timeout).await
 }
 
 /// Does the broker take a new connection now? A throw-away one (no recovery), opened within
 /// `timeout` and closed.
-pub(crate) async fn accepts(addr: &AmqpAddr, connection_name: &str, timeout: Duration) -> bool {
-    open_and_close(addr, &format!("{connection_name}-probe"), timeout)
+pub(crate) async fn accepts(
+    addr: &AmqpAddr,
+    tls: &OwnedTLSConfig,
+    connection_name: &str,
+    timeout: Duration,
+) -> bool {
+    open_and_close(addr, tls, &format!("{connection_name}-probe"), timeout)
         .await
         .is_ok()
 }
 
 /// A throw-away connection named `name` (no recovery), opened within `timeout` and closed.
-async fn open_and_close(addr: &AmqpAddr, name: &str, timeout: Duration) -> Result<(), AmqpError> {
-    let properties = ConnectionProperties::default().with_connection_name(name.into());
-    let connection = open(addr, properties, timeout).await?;
+async fn open_and_close(
+    addr: &AmqpAddr,
+    tls: &OwnedTLSConfig,
+    name: &str,
+    timeout: Duration,
+) -> Result<(), AmqpError> {
+    let connection = connect_once(addr, tls, name, timeout).await?;
     let _ = tokio::time::timeout(timeout, connection.close(200, "prereq: done".into())).await;
     Ok(())
+}
+
+/// A connection named `name` without recovery (for a short task: a probe, a replay), opened
+/// within `timeout`; errors never show the credentials.
+pub(crate) async fn connect_once(
+    addr: &AmqpAddr,
+    tls: &OwnedTLSConfig,
+    name: &str,
+    timeout: Duration,
+) -> Result<Connection, AmqpError> {
+    let properties = ConnectionProperties::default().with_connection_name(name.into());
+    open(addr, tls, properties, timeout).await
 }
 
 /// One connection, within `timeout`; each TCP (and TLS) connection attempt lapin makes for it,
 /// including when it reconnects later, gives up after `timeout` too.
 async fn open(
     addr: &AmqpAddr,
+    tls: &OwnedTLSConfig,
     properties: ConnectionProperties,
     timeout: Duration,
 ) -> Result<Connection, AmqpError> {
@@ -91,7 +114,7 @@ async fn open(
         .map_err(|e: String| failed(addr.scrub(&e)))?;
     let runtime =
         lapin::runtime::default_runtime().map_err(|e| failed(addr.scrub(&e.to_string())))?;
-    let tls = OwnedTLSConfig::default();
+    let tls = tls.clone();
     let connecting = Connection::connector(
         uri,
         runtime,

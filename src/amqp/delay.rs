@@ -17,10 +17,12 @@ use std::time::Duration;
 
 use lapin::options::{ExchangeDeclareOptions, ExchangeDeleteOptions};
 use lapin::protocol::{AMQPErrorKind, AMQPHardError};
+use lapin::tcp::OwnedTLSConfig;
 use lapin::types::{AMQPValue, FieldTable, LongString};
-use lapin::{Connection, ConnectionProperties, ErrorKind, ExchangeKind};
+use lapin::{ErrorKind, ExchangeKind};
 
 use super::addr::AmqpAddr;
+use super::connect::connect_once;
 use super::error::AmqpError;
 
 /// The exchange type the delayed-message plugin registers.
@@ -168,9 +170,10 @@ fn long(s: &str) -> AMQPValue {
 /// accepts connections and stays silent): an [`AmqpError::Connect`] that says so.
 pub(crate) async fn probe_delayed_exchange_within(
     addr: &AmqpAddr,
+    tls: &OwnedTLSConfig,
     timeout: Duration,
 ) -> Result<bool, AmqpError> {
-    match tokio::time::timeout(timeout, probe(addr)).await {
+    match tokio::time::timeout(timeout, probe(addr, tls, timeout)).await {
         Ok(found) => found,
         Err(_) => Err(AmqpError::Connect {
             addr: addr.redacted(),
@@ -179,17 +182,20 @@ pub(crate) async fn probe_delayed_exchange_within(
     }
 }
 
-async fn probe(addr: &AmqpAddr) -> Result<bool, AmqpError> {
-    addr.validate()?;
-    let conn = Connection::connect(
-        addr.expose(),
-        ConnectionProperties::default().with_connection_name("prereq-plugin-probe".into()),
-    )
-    .await
-    .map_err(|e| AmqpError::Connect {
-        addr: addr.redacted(),
-        message: addr.scrub(&e.to_string()),
-    })?;
+async fn probe(
+    addr: &AmqpAddr,
+    tls: &OwnedTLSConfig,
+    timeout: Duration,
+) -> Result<bool, AmqpError> {
+    let conn = connect_once(addr, tls, "prereq-plugin-probe", timeout)
+        .await
+        .map_err(|e| match e {
+            AmqpError::Connect { addr, message } => AmqpError::Connect {
+                addr,
+                message: format!("plugin probe: {message}"),
+            },
+            e => e,
+        })?;
     let broker = |operation: &str, e: lapin::Error| AmqpError::Broker {
         operation: operation.to_owned(),
         message: addr.scrub(&e.to_string()),
@@ -252,17 +258,20 @@ fn is_unknown_exchange_type(e: &lapin::Error) -> bool {
 pub(crate) async fn resolve_within(
     mode: DelayMode,
     addr: &AmqpAddr,
+    tls: &OwnedTLSConfig,
     timeout: Duration,
 ) -> Result<DelayMechanism, AmqpError> {
     match mode {
         DelayMode::DelayQueues => Ok(DelayMechanism::DelayQueues),
-        DelayMode::Auto => Ok(if probe_delayed_exchange_within(addr, timeout).await? {
-            DelayMechanism::DelayedExchange
-        } else {
-            DelayMechanism::DelayQueues
-        }),
+        DelayMode::Auto => Ok(
+            if probe_delayed_exchange_within(addr, tls, timeout).await? {
+                DelayMechanism::DelayedExchange
+            } else {
+                DelayMechanism::DelayQueues
+            },
+        ),
         DelayMode::DelayedExchange => {
-            if probe_delayed_exchange_within(addr, timeout).await? {
+            if probe_delayed_exchange_within(addr, tls, timeout).await? {
                 Ok(DelayMechanism::DelayedExchange)
             } else {
                 Err(AmqpError::Config(

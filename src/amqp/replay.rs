@@ -67,11 +67,14 @@ use lapin::options::{
     QueueDeclareOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, ShortString};
-use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties};
+use lapin::{BasicProperties, Channel, Confirmation, Connection};
 
 use super::addr::AmqpAddr;
+use super::connect::connect_once;
+use super::error::AmqpError;
 use super::headers::{self, get_int, get_str};
 use super::settle::copy_properties;
+use super::tls::Tls;
 
 /// How long connecting, and each broker operation of a run, may take by default.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
@@ -123,6 +126,7 @@ pub struct DeadLetterQueue {
     addr: AmqpAddr,
     queue: String,
     timeout: Duration,
+    tls: Tls,
 }
 
 impl DeadLetterQueue {
@@ -133,7 +137,15 @@ impl DeadLetterQueue {
             addr,
             queue: queue.into(),
             timeout: DEFAULT_TIMEOUT,
+            tls: Tls::new(),
         }
+    }
+
+    /// TLS settings for an `amqps://` address (default: the system's roots, no client
+    /// certificate). See [`Tls`].
+    pub fn tls(mut self, tls: Tls) -> Self {
+        self.tls = tls;
+        self
     }
 
     /// The dead-letter queue of the service queue `queue`: `<queue>.dead`.
@@ -919,26 +931,23 @@ impl Session {
     async fn open(dlq: &DeadLetterQueue) -> Result<Self, ReplayError> {
         let queue = short(&dlq.queue, "queue name").map_err(ReplayError::Invalid)?;
         let addr = dlq.addr.clone();
-        let properties =
-            ConnectionProperties::default().with_connection_name("prereq-replay".into());
-        let connection =
-            match tokio::time::timeout(dlq.timeout, Connection::connect(addr.expose(), properties))
-                .await
-            {
-                Ok(Ok(c)) => c,
-                Ok(Err(e)) => {
-                    return Err(ReplayError::Connect {
-                        addr: addr.redacted(),
-                        message: addr.scrub(&e.to_string()),
-                    });
-                }
-                Err(_) => {
-                    return Err(ReplayError::Connect {
-                        addr: addr.redacted(),
-                        message: format!("no answer within {:?}", dlq.timeout),
-                    });
-                }
-            };
+        let connected = match dlq.tls.load(&addr) {
+            Ok(tls) => connect_once(&addr, &tls, "prereq-replay", dlq.timeout).await,
+            Err(e) => Err(e),
+        };
+        let connection = match connected {
+            Ok(c) => c,
+            Err(AmqpError::Connect { addr, message }) => {
+                return Err(ReplayError::Connect { addr, message });
+            }
+            Err(AmqpError::Config(message)) => return Err(ReplayError::Invalid(message)),
+            Err(e) => {
+                return Err(ReplayError::Connect {
+                    addr: addr.redacted(),
+                    message: addr.scrub(&e.to_string()),
+                });
+            }
+        };
         let reader = match tokio::time::timeout(dlq.timeout, connection.create_channel()).await {
             Ok(Ok(ch)) => ch,
             failed => {

@@ -8,11 +8,11 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
-use prereq::amqp::AmqpAddr;
 use prereq::amqp::replay::{
     self, DeadLetterQueue, DeadMessage, KeyPath, Outcome, Progress, ReplayOptions, ReplayReport,
     Selection, StopSignal, Target,
 };
+use prereq::amqp::{AmqpAddr, Tls};
 
 /// Exit code: some selected messages were skipped or failed (they stay in the queue).
 const EXIT_NOT_ALL_REPLAYED: u8 = 3;
@@ -32,7 +32,10 @@ const REPORT_LINES: usize = 20;
     after_help = "Exit codes: 0 done; 1 error; 2 bad arguments; 3 some selected messages were \
                   skipped or failed (they stay in the queue); 130 interrupted by Ctrl-C.\n\
                   Reading returns every message it does not replay once per run: on a quorum \
-                  queue that raises its delivery count (see docs/replay.md)."
+                  queue that raises its delivery count (see docs/replay.md).\n\
+                  TLS (amqps://): the system's roots, and AMQP_TLS_CA_FILE (a PEM authority \
+                  to trust as well); AMQP_TLS_CERT_FILE and AMQP_TLS_KEY_FILE, a client \
+                  certificate and its key (PEM), for a broker that asks for one."
 )]
 struct Cli {
     /// Broker address [default: $AMQP_ADDR, else amqp://guest:guest@127.0.0.1:5672/%2f].
@@ -169,7 +172,9 @@ fn progress_bar(total: usize) -> ProgressBar {
 }
 
 async fn list(addr: &AmqpAddr, timeout: Duration, args: &ListArgs) -> Result<ExitCode, String> {
-    let dlq = DeadLetterQueue::new(addr.clone(), &args.filter.queue).with_timeout(timeout);
+    let dlq = DeadLetterQueue::new(addr.clone(), &args.filter.queue)
+        .with_timeout(timeout)
+        .tls(Tls::from_env());
     let selection = args.filter.selection();
     let mut bar: Option<ProgressBar> = None;
     let listing = replay::list(&dlq, &selection, args.messages, |p: Progress<'_>| {
@@ -284,7 +289,9 @@ async fn run_replay(
             "choose what to replay: --kind, --id, --key-field with --key, or --all".to_owned(),
         );
     }
-    let dlq = DeadLetterQueue::new(addr.clone(), &args.filter.queue).with_timeout(timeout);
+    let dlq = DeadLetterQueue::new(addr.clone(), &args.filter.queue)
+        .with_timeout(timeout)
+        .tls(Tls::from_env());
     if args.dry_run {
         println!("DRY RUN: nothing will be published or acknowledged");
     }
