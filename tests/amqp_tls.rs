@@ -91,19 +91,72 @@ fn client_certificate(
     (cert_path, key_path)
 }
 
-/// The connections the node has, each as `<name> <ssl>` (`true` for TLS), one a line.
-fn connections(node: &node::Node) -> Vec<String> {
-    node.ctl_ok(&[
-        "list_connections",
-        "-q",
-        "--no-table-headers",
-        "ssl",
-        "peer_port",
-    ])
-    .lines()
-    .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
-    .filter(|l| !l.is_empty())
-    .collect()
+/// The node's connections, each as its `columns` (`rabbitmqctl list_connections` items)
+/// joined by a space, one a line.
+fn connections(node: &node::Node, columns: &[&str]) -> Vec<String> {
+    let mut args = vec!["list_connections", "-q", "--no-table-headers"];
+    args.extend_from_slice(columns);
+    node.ctl_ok(&args)
+        .lines()
+        .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
+        .filter(|l| !l.is_empty())
+        .collect()
+}
+
+/// The README's walk-through with the examples as child processes, configured by `env`:
+/// `consumer`, `producer p <client>` (held), `producer c <client>` (released), Ctrl-C, which
+/// must end the consumer cleanly. The consumer's output, and the node's connections (as
+/// `columns`) while the payment was held.
+async fn walk_through(
+    node: &node::Node,
+    dir: &Path,
+    env: &[(&str, String)],
+    client: u64,
+    columns: &[&str],
+) -> (String, Vec<String>) {
+    let log = format!("consumer-{client}.out");
+    let mut consumer = ExampleChild::spawn("consumer", dir, &log, env);
+    consumer.wait_for_line(CONSUMING, PATIENCE).await;
+    let c = client.to_string();
+    let published = db::run_example("producer", dir, &["p", &c], env).await;
+    let id = db::published_id(&published);
+    consumer
+        .wait_for_line(
+            &format!("payment {id} client {client} attempt 0: held"),
+            PATIENCE,
+        )
+        .await;
+    let listed = connections(node, columns);
+    let registered = db::run_example("producer", dir, &["c", &c], env).await;
+    assert!(
+        registered.contains(&format!("registered client {client}")),
+        "{registered}"
+    );
+    consumer
+        .wait_for_line(
+            &format!("-> processing payment {id} of client {client}"),
+            PATIENCE,
+        )
+        .await;
+    consumer.signal("INT");
+    let status = consumer.wait_exit(PATIENCE).await;
+    let out = consumer.output();
+    assert!(
+        status.success(),
+        "the consumer exited with {status}; stdout:\n{out}\nstderr:\n{}",
+        consumer.stderr()
+    );
+    assert!(
+        out.contains(&format!(
+            "payment {id} client {client} attempt 0: released after"
+        )),
+        "the payment was released by the registration:\n{out}"
+    );
+    assert!(
+        !out.lines().any(|l| l.contains(": deferred")),
+        "nothing was deferred through the broker:\n{out}"
+    );
+    (out, listed)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -125,42 +178,15 @@ async fn the_readme_walk_through_runs_over_tls_and_an_untrusted_certificate_is_r
         path(&cert),
         path(&key)
     );
-    let Some(node) = node::Node::start_with("tls", &conf, &[tls_port]) else {
+    let Some(node) = node::Node::start_with("tls", &conf, &[tls_port], &[]) else {
         return;
     };
     let addr = format!("amqps://guest:guest@127.0.0.1:{tls_port}/%2f");
     let trusted = [("AMQP_ADDR", addr.clone()), ("SSL_CERT_FILE", path(&ca))];
 
     // The walk-through: `consumer`, `producer p 5` (held), `producer c 5` (released), Ctrl-C.
-    let mut consumer = ExampleChild::spawn("consumer", &dir.0, "consumer.out", &trusted);
-    consumer.wait_for_line(CONSUMING, PATIENCE).await;
-    let published = db::run_example("producer", &dir.0, &["p", "5"], &trusted).await;
-    let id = db::published_id(&published);
-    consumer
-        .wait_for_line(&format!("payment {id} client 5 attempt 0: held"), PATIENCE)
-        .await;
-    let tls_connections = connections(&node);
-    let registered = db::run_example("producer", &dir.0, &["c", "5"], &trusted).await;
-    assert!(registered.contains("registered client 5"), "{registered}");
-    consumer
-        .wait_for_line(&format!("-> processing payment {id} of client 5"), PATIENCE)
-        .await;
-    consumer.signal("INT");
-    let status = consumer.wait_exit(PATIENCE).await;
-    let out = consumer.output();
-    assert!(
-        status.success(),
-        "the consumer exited with {status}; stdout:\n{out}\nstderr:\n{}",
-        consumer.stderr()
-    );
-    assert!(
-        out.contains(&format!("payment {id} client 5 attempt 0: released after")),
-        "the payment was released by the registration:\n{out}"
-    );
-    assert!(
-        !out.lines().any(|l| l.contains(": deferred")),
-        "nothing was deferred through the broker:\n{out}"
-    );
+    let (out, tls_connections) =
+        walk_through(&node, &dir.0, &trusted, 5, &["ssl", "peer_port"]).await;
     // While the payment was held: the consumer's connection (and no other) was open, over TLS.
     assert!(
         !tls_connections.is_empty() && tls_connections.iter().all(|c| c.starts_with("true ")),
@@ -193,17 +219,26 @@ async fn the_readme_walk_through_runs_over_tls_and_an_untrusted_certificate_is_r
 /// Mutual TLS: a broker that verifies its clients (`verify_peer`, `fail_if_no_peer_cert`), the
 /// examples configured as a user would, through the environment only: `AMQP_TLS_CA_FILE` (the
 /// private authority, instead of `SSL_CERT_FILE`), `AMQP_TLS_CERT_FILE` and
-/// `AMQP_TLS_KEY_FILE`. The walk-through runs, and the broker shows the consumer's connection
-/// with the client's certificate. Without a client certificate the broker refuses the
-/// consumer; with a certificate and no key, the consumer refuses to start and names the
-/// missing variable; with a key file that holds no key, it names the file. The password is
-/// never printed.
+/// `AMQP_TLS_KEY_FILE`.
+///
+/// - The walk-through runs with a user and password, and the broker shows the consumer's
+///   connection with the client's certificate.
+/// - It runs again with no password at all: a login by the certificate alone (RabbitMQ's
+///   `EXTERNAL` mechanism, `?auth_mechanism=external` in the address), the broker naming the
+///   connection's user after the certificate.
+/// - Without a client certificate the broker refuses the consumer; a certificate whose name is
+///   no user is refused its `EXTERNAL` login; with a certificate and no key, the consumer
+///   refuses to start and names the missing variable; with a key file that holds no key, it
+///   names the file. The password is never printed.
+/// - The dead-letter tool reads the same variables.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mutual_tls_with_a_client_certificate_from_the_environment() {
+    const CLIENT: &str = "prereq-test-client";
     let dir = drill::TempDir::new("mtls");
     let (ca, issuer) = authority(&dir.0, "ca");
     let (cert, key) = server_certificate(&dir.0, &issuer);
-    let (client_cert, client_key) = client_certificate(&dir.0, "prereq-test-client", &issuer);
+    let (client_cert, client_key) = client_certificate(&dir.0, CLIENT, &issuer);
+    let (stranger_cert, stranger_key) = client_certificate(&dir.0, "nobody-here", &issuer);
     let tls_port = node::free_port(&[]);
     let path = |p: &Path| p.to_string_lossy().into_owned();
     let conf = format!(
@@ -212,59 +247,58 @@ async fn mutual_tls_with_a_client_certificate_from_the_environment() {
          ssl_options.certfile = {}\n\
          ssl_options.keyfile = {}\n\
          ssl_options.verify = verify_peer\n\
-         ssl_options.fail_if_no_peer_cert = true\n",
+         ssl_options.fail_if_no_peer_cert = true\n\
+         auth_mechanisms.1 = PLAIN\n\
+         auth_mechanisms.2 = AMQPLAIN\n\
+         auth_mechanisms.3 = EXTERNAL\n\
+         ssl_cert_login_from = common_name\n",
         path(&ca),
         path(&cert),
         path(&key)
     );
-    let Some(node) = node::Node::start_with("mtls", &conf, &[tls_port]) else {
+    let Some(node) =
+        node::Node::start_with("mtls", &conf, &[tls_port], &["rabbitmq_auth_mechanism_ssl"])
+    else {
         return;
     };
     let addr = format!("amqps://guest:guest@127.0.0.1:{tls_port}/%2f");
     // No SSL_CERT_FILE: the authority comes from AMQP_TLS_CA_FILE alone.
-    let with_cert = [
-        ("AMQP_ADDR", addr.clone()),
-        ("AMQP_TLS_CA_FILE", path(&ca)),
-        ("AMQP_TLS_CERT_FILE", path(&client_cert)),
-        ("AMQP_TLS_KEY_FILE", path(&client_key)),
-    ];
+    let tls_env = |addr: &str, cert: &Path, key: &Path| {
+        vec![
+            ("AMQP_ADDR", addr.to_owned()),
+            ("AMQP_TLS_CA_FILE", path(&ca)),
+            ("AMQP_TLS_CERT_FILE", path(cert)),
+            ("AMQP_TLS_KEY_FILE", path(key)),
+        ]
+    };
+    let with_cert = tls_env(&addr, &client_cert, &client_key);
 
-    let mut consumer = ExampleChild::spawn("consumer", &dir.0, "consumer.out", &with_cert);
-    consumer.wait_for_line(CONSUMING, PATIENCE).await;
-    let published = db::run_example("producer", &dir.0, &["p", "5"], &with_cert).await;
-    let id = db::published_id(&published);
-    consumer
-        .wait_for_line(&format!("payment {id} client 5 attempt 0: held"), PATIENCE)
-        .await;
-    let subjects = node.ctl_ok(&[
-        "list_connections",
-        "-q",
-        "--no-table-headers",
-        "ssl",
-        "peer_cert_subject",
-    ]);
-    let registered = db::run_example("producer", &dir.0, &["c", "5"], &with_cert).await;
-    assert!(registered.contains("registered client 5"), "{registered}");
-    consumer
-        .wait_for_line(&format!("-> processing payment {id} of client 5"), PATIENCE)
-        .await;
-    consumer.signal("INT");
-    let status = consumer.wait_exit(PATIENCE).await;
-    let out = consumer.output();
-    assert!(
-        status.success(),
-        "the consumer exited with {status}; stdout:\n{out}\nstderr:\n{}",
-        consumer.stderr()
-    );
-    assert!(
-        out.contains(&format!("payment {id} client 5 attempt 0: released after")),
-        "the payment was released by the registration:\n{out}"
-    );
+    // A user and password, and the client's certificate.
+    let (out, subjects) =
+        walk_through(&node, &dir.0, &with_cert, 5, &["ssl", "peer_cert_subject"]).await;
     assert!(
         subjects
-            .lines()
-            .any(|l| l.contains("CN=prereq-test-client")),
-        "the broker saw the client's certificate on the consumer's connection: {subjects}"
+            .iter()
+            .any(|l| l.starts_with("true ") && l.contains(&format!("CN={CLIENT}"))),
+        "the broker saw the client's certificate on the consumer's connection: {subjects:?}"
+    );
+
+    // The certificate alone: a user named after it, no password anywhere.
+    node.ctl_ok(&["add_user", CLIENT, "unused-password"]);
+    node.ctl_ok(&["set_permissions", "-p", "/", CLIENT, ".*", ".*", ".*"]);
+    let external = format!("amqps://127.0.0.1:{tls_port}/%2f?auth_mechanism=external");
+    let by_certificate = tls_env(&external, &client_cert, &client_key);
+    let (out_external, users) = walk_through(
+        &node,
+        &dir.0,
+        &by_certificate,
+        6,
+        &["user", "auth_mechanism"],
+    )
+    .await;
+    assert!(
+        users.contains(&format!("{CLIENT} EXTERNAL")),
+        "the consumer logged in as {CLIENT} by its certificate: {users:?}"
     );
 
     // What goes wrong says so, and never shows the password.
@@ -273,6 +307,11 @@ async fn mutual_tls_with_a_client_certificate_from_the_environment() {
             "no client certificate",
             vec![("AMQP_ADDR", addr.clone()), ("AMQP_TLS_CA_FILE", path(&ca))],
             "cannot connect to amqps://guest:***@",
+        ),
+        (
+            "a certificate whose name is no user, logging in by it",
+            tls_env(&external, &stranger_cert, &stranger_key),
+            "EXTERNAL",
         ),
         (
             "a certificate without its key",
@@ -285,12 +324,7 @@ async fn mutual_tls_with_a_client_certificate_from_the_environment() {
         ),
         (
             "a key file that holds a certificate",
-            vec![
-                ("AMQP_ADDR", addr.clone()),
-                ("AMQP_TLS_CA_FILE", path(&ca)),
-                ("AMQP_TLS_CERT_FILE", path(&client_cert)),
-                ("AMQP_TLS_KEY_FILE", path(&client_cert)),
-            ],
+            tls_env(&addr, &client_cert, &client_cert),
             "holds no PEM private key",
         ),
     ];
@@ -312,6 +346,7 @@ async fn mutual_tls_with_a_client_certificate_from_the_environment() {
         assert!(!said.contains(CONSUMING), "{case}: it consumed:\n{said}");
         said_all.push_str(&format!("--- {case}\n{said}"));
     }
+
     // The dead-letter tool reads the same variables: it lists the consumer's dead-letter queue
     // with the client certificate, and is refused without it.
     #[cfg(feature = "cli")]
@@ -332,7 +367,7 @@ async fn mutual_tls_with_a_client_certificate_from_the_environment() {
             );
             (out.status, said)
         };
-        let (status, said) = list(&with_cert);
+        let (status, said) = list(&by_certificate);
         assert!(
             status.success(),
             "prereq list with the certificate:\n{said}"
@@ -348,5 +383,8 @@ async fn mutual_tls_with_a_client_certificate_from_the_environment() {
             "--- prereq list\n{said}--- without a certificate\n{refused}"
         ));
     }
-    println!("--- the walk-through with a client certificate\n{out}{said_all}");
+    println!(
+        "--- the walk-through with a client certificate\n{out}--- by the certificate alone\n\
+         {out_external}{said_all}"
+    );
 }

@@ -32,7 +32,9 @@ pub const AMQP_TLS_KEY_FILE_ENV: &str = "AMQP_TLS_KEY_FILE";
 /// - [`client_cert_files`](Tls::client_cert_files) / [`client_cert_pem`](Tls::client_cert_pem):
 ///   the certificate (chain) and private key prereq presents to a broker that verifies its
 ///   clients (`ssl_options.verify = verify_peer`, `fail_if_no_peer_cert = true`). The key is an
-///   unencrypted PEM key (PKCS#8, PKCS#1 or SEC1).
+///   unencrypted PEM key (PKCS#8, PKCS#1 or SEC1). To log in by the certificate alone, with
+///   no password (RabbitMQ's `EXTERNAL` mechanism, plugin `rabbitmq_auth_mechanism_ssl`), add
+///   `?auth_mechanism=external` to the address and leave its user and password out.
 ///
 /// Given to [`BrokerOptions::tls`](super::BrokerOptions::tls) and to
 /// [`DeadLetterQueue::tls`](super::replay::DeadLetterQueue::tls). Settings with an `amqp://`

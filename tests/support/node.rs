@@ -71,12 +71,13 @@ impl Node {
     /// Start a private node and wait until it accepts AMQP connections, or explain why the
     /// test is skipped.
     pub fn start(tag: &str) -> Option<Node> {
-        Self::start_with(tag, "", &[])
+        Self::start_with(tag, "", &[], &[])
     }
 
     /// As [`Node::start`], with `conf` added to the node's `rabbitmq.conf` (another listener,
-    /// say), and its own ports chosen outside `taken`.
-    pub fn start_with(tag: &str, conf: &str, taken: &[u16]) -> Option<Node> {
+    /// say), its own ports chosen outside `taken`, and `plugins` enabled (plugins of the
+    /// RabbitMQ installation, e.g. `rabbitmq_auth_mechanism_ssl`).
+    pub fn start_with(tag: &str, conf: &str, taken: &[u16], plugins: &[&str]) -> Option<Node> {
         let (Some(server), Some(ctl)) = (script("rabbitmq-server"), script("rabbitmqctl")) else {
             return skip("rabbitmq-server is not installed (apt-get install -y rabbitmq-server)");
         };
@@ -105,7 +106,11 @@ impl Node {
             format!("listeners.tcp.1 = 127.0.0.1:{port}\n{conf}"),
         )
         .expect("write rabbitmq.conf");
-        std::fs::write(dir.join("enabled_plugins"), "[].\n").expect("write enabled_plugins");
+        std::fs::write(
+            dir.join("enabled_plugins"),
+            format!("[{}].\n", plugins.join(",")),
+        )
+        .expect("write enabled_plugins");
         std::fs::write(dir.join("rabbitmq-env.conf"), "").expect("write rabbitmq-env.conf");
         let path = |p: &str| dir.join(p).to_string_lossy().into_owned();
         let env: Vec<(String, String)> = [
