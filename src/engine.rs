@@ -24,7 +24,7 @@ mod here;
 mod intake;
 mod lanes;
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
@@ -476,9 +476,16 @@ impl<K: Key, M: Send + 'static, T: Transport> Engine<K, M, T> {
     }
 
     /// Give every message in memory back to the transport, in the order it was received; but
-    /// one that waits behind a deferred message of its key (out in a delay) would reach whoever
-    /// consumes next before that message: it is deferred until after it instead
-    /// (`defer_behind`).
+    /// where that would let whoever consumes next take a key's messages out of order, they are
+    /// deferred in the key's order instead (`defer_behind`):
+    ///
+    /// - one that waits behind a deferred message of its key (out in a delay) would reach it
+    ///   before that message: it is deferred until after it;
+    /// - a key's messages that came back from a delay after a later one arrived (a broker puts
+    ///   a given-back message at its place in its queue: the later one's is earlier), or that
+    ///   came some from a delay and some not (the delayed ones come back through the retry
+    ///   path, maybe another queue): they are deferred together, so that they travel one path,
+    ///   in order.
     fn give_back(&mut self) {
         self.stopping.cancel();
         let mut all: Vec<(Hashed<K>, Pending<M>)> = self.hold.drain();
@@ -488,26 +495,39 @@ impl<K: Key, M: Send + 'static, T: Transport> Engine<K, M, T> {
         }
         self.looking = 0;
         all.sort_unstable_by_key(|(_, p)| p.meta.id);
+        let unordered = if self.cfg.keep_order {
+            unordered_keys(&all)
+        } else {
+            HashSet::new()
+        };
         let mut behind: HashMap<Hashed<K>, Vec<Pending<M>>> = HashMap::new();
+        let mut together: HashMap<Hashed<K>, Vec<Pending<M>>> = HashMap::new();
         for (key, p) in all {
             if self.behind_deferred(key.key(), p.meta.pos) {
                 behind.entry(key).or_default().push(p);
                 continue;
             }
+            if unordered.contains(&key) {
+                together.entry(key).or_default().push(p);
+                continue;
+            }
             let event = event_of(&p.meta, Some(key.into_key()), Decision::Requeued);
             self.settle(event, Settle::Requeue);
         }
+        for (key, waiting) in together {
+            self.defer_behind(key.into_key(), waiting, DeferCause::OrderAtStop);
+        }
         for (key, waiting) in behind {
-            self.defer_behind(key.into_key(), waiting);
+            self.defer_behind(key.into_key(), waiting, DeferCause::BehindDeferred);
         }
     }
 
-    /// At a stop, defer the messages of `key` that wait behind its deferred ones, in their
-    /// order, one after the other, all with one delay that ends after the last of those can be
-    /// back in its queue: they reach whoever consumes next after it, in order. (Each delayed by
-    /// as much as the transport may shorten it, plus `BEHIND_MARGIN`; a deferral that does not
-    /// count as an attempt.)
-    fn defer_behind(&mut self, key: K, mut waiting: Vec<Pending<M>>) {
+    /// At a stop, defer messages of `key` in their order, one after the other, all with one
+    /// delay that ends after the last of its deferred messages can be back in its queue (or
+    /// just `BEHIND_MARGIN` when none is out): they reach whoever consumes next after those,
+    /// in order. (Each delayed by as much as the transport may shorten it, plus
+    /// `BEHIND_MARGIN`; a deferral that does not count as an attempt.)
+    fn defer_behind(&mut self, key: K, mut waiting: Vec<Pending<M>>, cause: DeferCause) {
         waiting.sort_unstable_by_key(|p| p.meta.pos);
         let now = Instant::now();
         let back = self.away.latest_back(&key).unwrap_or(now);
@@ -516,7 +536,6 @@ impl<K: Key, M: Send + 'static, T: Transport> Engine<K, M, T> {
         let batch: Vec<(Event<K>, Settle)> = waiting
             .iter()
             .map(|p| {
-                let cause = DeferCause::BehindDeferred;
                 let (settle, decision) =
                     deferral(&*self.cfg.policy, &key, &p.meta, cause, Some(delay), None);
                 (event_of(&p.meta, Some(key.clone()), decision), settle)
@@ -1769,6 +1788,32 @@ fn panicked(payload: &(dyn std::any::Any + Send)) -> HandlerError {
 /// raised) by the message's own (`max_attempts`, e.g. the `x-retry-limit` header). A deferral
 /// that does not count keeps the attempt and waits `min_delay`, else the policy's delay for the
 /// current attempt: it never dead-letters.
+/// The keys of `all` (in delivery order) whose messages would not come back in the key's
+/// order if given back: two or more of them, and either a later one (in the key's order) was
+/// delivered first, or some came from a delay (an attempt past the first) and some not.
+fn unordered_keys<K: Key, M>(all: &[(Hashed<K>, Pending<M>)]) -> HashSet<Hashed<K>> {
+    // Per key: the last position seen, whether one was a retry, whether one was not.
+    let mut seen: HashMap<&Hashed<K>, (u64, bool, bool)> = HashMap::new();
+    let mut unordered = HashSet::new();
+    for (key, p) in all {
+        let retry = p.meta.attempt > 0;
+        match seen.get_mut(key) {
+            None => {
+                seen.insert(key, (p.meta.pos, retry, !retry));
+            }
+            Some((last, retried, fresh)) => {
+                *retried |= retry;
+                *fresh |= !retry;
+                if p.meta.pos < *last || (*retried && *fresh) {
+                    unordered.insert(key.clone());
+                }
+                *last = (*last).max(p.meta.pos);
+            }
+        }
+    }
+    unordered
+}
+
 fn deferral<K: Key>(
     policy: &dyn Policy,
     key: &K,

@@ -49,6 +49,11 @@ pub enum DeferCause {
     /// An earlier message of the key is deferred, and this one could not wait for it in the
     /// hold. Does not count as an attempt.
     BehindDeferred,
+    /// At a graceful stop: the key's messages this consumer had would reach whoever consumes
+    /// next out of order if given back (one came back from a delay after a later one arrived,
+    /// or they came from different queues), so they are deferred together, in the key's order.
+    /// Does not count as an attempt.
+    OrderAtStop,
 }
 
 impl DeferCause {
@@ -61,7 +66,7 @@ impl DeferCause {
     }
 
     /// A short, stable label (`hold-full`, `hold-expired`, `handler-retry`,
-    /// `source-unavailable`, `behind-deferred`), for metrics.
+    /// `source-unavailable`, `behind-deferred`, `order-at-stop`), for metrics.
     pub fn as_str(self) -> &'static str {
         match self {
             Self::HoldFull => "hold-full",
@@ -69,6 +74,7 @@ impl DeferCause {
             Self::HandlerRetry => "handler-retry",
             Self::SourceUnavailable => "source-unavailable",
             Self::BehindDeferred => "behind-deferred",
+            Self::OrderAtStop => "order-at-stop",
         }
     }
 }
@@ -81,6 +87,7 @@ impl fmt::Display for DeferCause {
             Self::HandlerRetry => "handler asked to retry",
             Self::SourceUnavailable => "key source unavailable",
             Self::BehindDeferred => "waiting behind a deferred message of its key",
+            Self::OrderAtStop => "kept in its key's order at a stop",
         })
     }
 }

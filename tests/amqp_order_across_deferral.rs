@@ -172,3 +172,66 @@ async fn a_stop_keeps_the_key_s_order_for_the_next_consumer() {
     assert_eq!(next.handled(), ["1", "2"]);
     next.stop().await.expect("graceful stop");
 }
+
+/// As above, but payment 1's copy is back and held again (its client still unknown) when the
+/// consumer stops, payment 2 still waiting behind it: the copy came back through the retry
+/// queue, payment 2 through the service's queue. The next consumer must still run 1 before 2.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_keeps_the_order_when_the_deferred_copy_is_back_and_held_again() {
+    let Some(conn) = support::broker().await else {
+        return;
+    };
+    let names = PaymentNames::with_prefix(&support::unique("order-stop-back"));
+    let route = payment_demo::route(&names);
+    let short = Backoff::linear(Duration::from_secs(1)).max_attempts(5);
+    let cleanup = support::Cleanup::new();
+    cleanup.delay_queues(&route, &short);
+    let transport =
+        support::unstarted_transport(&cleanup, route.clone(), DelayMode::DelayQueues).await;
+    let hold = HoldBudget::DEFAULT.max_time(Duration::from_secs(3));
+    let mut first = Running::start(transport, short.clone(), hold, true);
+    let ch = support::confirm_channel(&conn).await;
+    publish_payment(&ch, &names, "1", K).await;
+    first
+        .wait(Duration::from_secs(15), |e| {
+            e.message_id.as_deref() == Some("1") && matches!(e.decision, Decision::Deferred { .. })
+        })
+        .await;
+    publish_payment(&ch, &names, "2", K).await;
+    first
+        .wait(Duration::from_secs(15), |e| {
+            e.message_id.as_deref() == Some("1") && e.attempt == 1 && e.decision == Decision::Held
+        })
+        .await;
+    let report = first.stop().await.expect("graceful stop");
+    assert_eq!(
+        (report.handled, report.deferred, report.requeued),
+        (0, 3, 0),
+        "payment 1's first deferral, then both deferred together at the stop: {report:?}"
+    );
+
+    let transport = support::unstarted_transport(&cleanup, route, DelayMode::DelayQueues).await;
+    let long_hold = HoldBudget::DEFAULT.max_time(Duration::from_secs(30));
+    let mut next = Running::start(transport, short, long_hold, true);
+    let mut held = Vec::new();
+    next.wait(Duration::from_secs(30), |e| {
+        if e.decision == Decision::Held {
+            held.extend(e.message_id.clone());
+        }
+        held.len() == 2
+    })
+    .await;
+    register(&ch, &names, K).await;
+    let mut handled = 0;
+    next.wait(Duration::from_secs(15), |e| {
+        handled += usize::from(e.decision == Decision::Handled);
+        handled == 2
+    })
+    .await;
+    assert_eq!(
+        next.handled(),
+        ["1", "2"],
+        "held by the next consumer in the order {held:?}"
+    );
+    next.stop().await.expect("graceful stop");
+}

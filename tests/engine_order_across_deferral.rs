@@ -170,3 +170,64 @@ async fn a_stop_defers_what_waits_behind_a_deferred_message_and_the_next_consume
         "the next consumer kept the key's order"
     );
 }
+
+/// A consumer stops once payment 1's copy is back and held again (its client still unknown),
+/// payment 2, which arrived while the copy was out, waiting behind it. Given back, payment 2
+/// (delivered first) would reach the next consumer first; both are deferred together at the
+/// stop instead, in the key's order, and the next consumer runs 1 then 2 once the client
+/// registers.
+#[tokio::test(start_paused = true)]
+async fn a_stop_keeps_the_order_of_a_copy_back_in_the_hold_and_what_arrived_while_it_was_out() {
+    let broker = MemoryBroker::new();
+    broker.publish(payment(1, 9));
+    let seen = Log::new();
+    let first = Recorder::new();
+    let a = builder(&first, logs(seen.clone()))
+        .policy(linear(1, 5))
+        .budget(HoldBudget::DEFAULT.max_time(Duration::from_secs(3)))
+        .build();
+    // Payment 1 is held 3 s, then out for 1 s; payment 2 arrives meanwhile (and is still held
+    // when the copy is back).
+    let producer = publish_at(broker.clone(), Duration::from_millis(3_500), payment(2, 9));
+    let copy_held = |ev: &[prereq::Event<u64>]| {
+        ev.iter().any(|e| {
+            e.message_id.as_deref() == Some("1") && e.attempt == 1 && e.decision == Decision::Held
+        })
+    };
+    let (report, ()) = tokio::join!(a.run(broker.transport(), first.until(copy_held)), producer);
+    let report = report.unwrap();
+    for id in ["1", "2"] {
+        assert!(
+            first.decisions_of(id).last().is_some_and(|d| matches!(
+                d,
+                Decision::Deferred {
+                    cause: DeferCause::OrderAtStop,
+                    ..
+                }
+            )),
+            "payment {id} deferred in order at the stop: {:?}",
+            first.decisions_of(id)
+        );
+    }
+    assert_eq!((report.deferred, report.requeued), (3, 0), "{report:?}");
+
+    let next = Recorder::new();
+    let b = builder(&next, logs(seen.clone()))
+        .policy(linear(1, 5))
+        .build();
+    let registrar = broker.clone();
+    let register_once_both_held = async move {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        registrar.register(client(9));
+    };
+    let (run, ()) = tokio::join!(
+        b.run(broker.transport(), next.until(|ev| handled(ev) == 2)),
+        register_once_both_held
+    );
+    run.unwrap();
+    assert_eq!(
+        seen.get(),
+        vec![1, 2],
+        "the next consumer kept the key's order"
+    );
+}
