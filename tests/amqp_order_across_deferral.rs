@@ -189,7 +189,7 @@ async fn a_stop_keeps_the_order_when_the_deferred_copy_is_back_and_held_again() 
     let transport =
         support::unstarted_transport(&cleanup, route.clone(), DelayMode::DelayQueues).await;
     let hold = HoldBudget::DEFAULT.max_time(Duration::from_secs(3));
-    let mut first = Running::start(transport, short.clone(), hold, true);
+    let mut first = Running::start(transport, short, hold, true);
     let ch = support::confirm_channel(&conn).await;
     publish_payment(&ch, &names, "1", K).await;
     first
