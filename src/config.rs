@@ -52,4 +52,7 @@ pub(crate) struct Config<K, M> {
     pub(crate) keep_order: bool,
     /// How long shutdown waits for running handlers.
     pub(crate) shutdown_grace: Duration,
+    /// How long shutdown waits, consuming on, for the copies out in a delay when it began
+    /// (zero: it does not).
+    pub(crate) copies_wait: Duration,
 }

@@ -137,6 +137,7 @@ impl<K: Key, M: Send + 'static> DependentConsumer<K, M> {
             cache_capacity: DEFAULT_CACHE_CAPACITY,
             keep_order: true,
             shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
+            copies_wait: Duration::ZERO,
         }
     }
 
@@ -181,6 +182,7 @@ impl<K: Key, M: Send + 'static> DependentConsumer<K, M> {
 /// | [`keep_key_order`](Self::keep_key_order) | `true` |
 /// | [`cache_capacity`](Self::cache_capacity) | [`DEFAULT_CACHE_CAPACITY`] (100 000 keys) |
 /// | [`shutdown_grace`](Self::shutdown_grace) | [`DEFAULT_SHUTDOWN_GRACE`] (30 s) |
+/// | [`wait_for_copies_at_stop`](Self::wait_for_copies_at_stop) | zero: a stop does not wait |
 #[must_use = "call .build()"]
 pub struct ConsumerBuilder<K, M> {
     decode: Decode<M>,
@@ -196,6 +198,7 @@ pub struct ConsumerBuilder<K, M> {
     cache_capacity: usize,
     keep_order: bool,
     shutdown_grace: Duration,
+    copies_wait: Duration,
 }
 
 impl<K, M> fmt::Debug for ConsumerBuilder<K, M> {
@@ -304,6 +307,17 @@ impl<K: Key, M: Send + 'static> ConsumerBuilder<K, M> {
         self
     }
 
+    /// At a graceful stop, first wait up to `max` for the messages this consumer deferred
+    /// that are out in a delay then, consuming on meanwhile (what arrives is decided as
+    /// usual), until each came back (or stopped being waited for: its delay plus 30 s); then
+    /// stop as usual. A message of their key published after the stop then runs after them
+    /// here, instead of reaching the next consumer before them. Zero (the default): a stop
+    /// does not wait; what waits behind a deferred message is still deferred after it.
+    pub fn wait_for_copies_at_stop(mut self, max: Duration) -> Self {
+        self.copies_wait = max;
+        self
+    }
+
     /// The consumer.
     pub fn build(self) -> DependentConsumer<K, M> {
         DependentConsumer {
@@ -321,6 +335,7 @@ impl<K: Key, M: Send + 'static> ConsumerBuilder<K, M> {
                 cache_capacity: self.cache_capacity,
                 keep_order: self.keep_order,
                 shutdown_grace: self.shutdown_grace,
+                copies_wait: self.copies_wait,
             }),
         }
     }

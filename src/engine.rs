@@ -360,7 +360,15 @@ impl<K: Key, M: Send + 'static, T: Transport> Engine<K, M, T> {
         // Polled only while there is a deadline.
         let timer = tokio::time::sleep_until(Instant::now());
         tokio::pin!(timer);
+        // Once told to stop while copies were out (`wait_for_copies_at_stop`): until when the
+        // loop goes on for them, and their keys.
+        let mut stopping: Option<(Instant, Vec<Hashed<K>>)> = None;
         loop {
+            if let Some((by, keys)) = &stopping
+                && (Instant::now() >= *by || self.copies_done(keys))
+            {
+                return Stop::Shutdown;
+            }
             // Jobs the loop ran itself to the bound: more may be runnable, and nothing else may
             // wake the loop for them (no job running tells anything): the turn does not wait.
             let more = self.start_handlers(TAKE_READY) == TAKE_READY;
@@ -368,8 +376,11 @@ impl<K: Key, M: Send + 'static, T: Transport> Engine<K, M, T> {
             self.here.waits();
             let in_memory = self.in_memory();
             let deadline = next_of(
-                next_of(self.hold.next_deadline(), self.away.next_deadline()),
-                self.recheck.map(|(at, _)| at),
+                next_of(
+                    next_of(self.hold.next_deadline(), self.away.next_deadline()),
+                    self.recheck.map(|(at, _)| at),
+                ),
+                stopping.as_ref().map(|(by, _)| *by),
             );
             if let Some(at) = deadline
                 && timer.deadline() != at
@@ -378,7 +389,12 @@ impl<K: Key, M: Send + 'static, T: Transport> Engine<K, M, T> {
             }
             tokio::select! {
                 biased;
-                _ = &mut shutdown => return Stop::Shutdown,
+                _ = &mut shutdown, if stopping.is_none() => {
+                    match self.wait_for_copies() {
+                        Some(wait) => stopping = Some(wait),
+                        None => return Stop::Shutdown,
+                    }
+                }
                 told = self.handlers.recv(), if !self.handlers.is_empty() => self.on_told(told),
                 Some(done) = self.work.join_next(), if !self.work.is_empty() => {
                     if let Ok(work) = done { self.on_work(work); }
@@ -400,6 +416,35 @@ impl<K: Key, M: Send + 'static, T: Transport> Engine<K, M, T> {
                 return stop;
             }
         }
+    }
+
+    /// Told to stop: with `wait_for_copies_at_stop` and copies out, until when to go on for
+    /// them (they are marked in `away`), and their keys; else none.
+    fn wait_for_copies(&mut self) -> Option<(Instant, Vec<Hashed<K>>)> {
+        let max = self.cfg.copies_wait;
+        if max.is_zero() {
+            return None;
+        }
+        let out = self.away.mark_all();
+        if out == 0 {
+            return None;
+        }
+        let keys: Vec<K> = self.away.keys().cloned().collect();
+        let keys = keys.into_iter().map(|k| self.hashed(k)).collect();
+        tracing::info!(
+            target: "prereq",
+            copies = out,
+            max = ?max,
+            "stopping: waiting for the deferred messages out in a delay to come back first"
+        );
+        Some((Instant::now() + max, keys))
+    }
+
+    /// Every copy waited for is back, and none of their keys' messages waits to run or runs
+    /// (a copy back to a key still unknown is held again: a stop defers it with what waits
+    /// behind it, in order).
+    fn copies_done(&self, keys: &[Hashed<K>]) -> bool {
+        self.away.marked() == 0 && keys.iter().all(|k| self.lanes.is_idle(k))
     }
 
     /// After a turn of the loop, take what else is ready already (what handler jobs told,

@@ -231,3 +231,74 @@ async fn a_stop_keeps_the_order_of_a_copy_back_in_the_hold_and_what_arrived_whil
         "the next consumer kept the key's order"
     );
 }
+
+/// A consumer told to stop while payment 1 of a client is out in a 5 s delay; payment 2 of the
+/// client is published a second after the stop began, and a next consumer is already running.
+/// With `wait_for_copies_at_stop`, the stopping consumer goes on until payment 1 is back and
+/// has run: payment 2 reaches it, waits behind payment 1 and runs after it, and the stop ends
+/// then (5 s in, not at the wait's 10 s bound). Without it (the control), the next consumer
+/// gets payment 2 first and runs it before payment 1 is back.
+#[tokio::test(start_paused = true)]
+async fn a_stop_that_waits_for_its_copies_keeps_the_order_of_what_is_published_after_it() {
+    assert_eq!(published_after_the_stop(true).await, (vec![1, 2], vec![]));
+    assert_eq!(published_after_the_stop(false).await, (vec![], vec![2, 1]));
+}
+
+/// The scene above; what the stopping consumer ran, and what the next one ran.
+async fn published_after_the_stop(wait: bool) -> (Vec<u64>, Vec<u64>) {
+    let broker = MemoryBroker::new();
+    let keys = MemoryKeys::new();
+    broker.register(client(5));
+    broker.publish(payment(1, 5));
+    let (ran_a, ran_b) = (Log::new(), Log::new());
+    let first = Recorder::new();
+    let mut a = builder(&first, fails_once(1, ran_a.clone()))
+        .policy(linear(5, 3))
+        .keys(keys.clone());
+    if wait {
+        a = a.wait_for_copies_at_stop(Duration::from_secs(10));
+    }
+    let a = a.build();
+    let next = Recorder::new();
+    let b = builder(&next, logs(ran_b.clone()))
+        .policy(linear(5, 3))
+        .keys(keys.clone())
+        .build();
+    let t0 = tokio::time::Instant::now();
+    // The first consumer is told to stop at 1 s; the next one starts then.
+    let first_run = async {
+        let report = a
+            .run(
+                broker.transport(),
+                tokio::time::sleep(Duration::from_secs(1)),
+            )
+            .await
+            .unwrap();
+        (report, t0.elapsed())
+    };
+    let next_run = async {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        b.run(
+            broker.transport(),
+            tokio::time::sleep(Duration::from_secs(20)),
+        )
+        .await
+        .unwrap()
+    };
+    let producer = publish_at(broker.clone(), Duration::from_secs(2), payment(2, 5));
+    let ((report, stopped_after), _, ()) = tokio::join!(first_run, next_run, producer);
+    if wait {
+        assert_eq!(report.handled, 2, "{report:?}");
+        assert!(
+            stopped_after >= Duration::from_secs(5) && stopped_after < Duration::from_secs(6),
+            "the stop ended once payment 1 was back and had run: {stopped_after:?}"
+        );
+    } else {
+        assert_eq!(
+            stopped_after,
+            Duration::from_secs(1),
+            "a stop that does not wait"
+        );
+    }
+    (ran_a.get(), ran_b.get())
+}

@@ -136,6 +136,11 @@ impl<K: Eq + Hash + Clone, V, S: BuildHasher> Lanes<K, V, S> {
         self.runnable.is_empty() && !self.lanes.contains_key(key)
     }
 
+    /// No message of `key` waits to run or runs.
+    pub(crate) fn is_idle(&self, key: &K) -> bool {
+        !self.lanes.contains_key(key)
+    }
+
     /// A message of `key` that started without its lane (see `is_clear`) goes on, and its
     /// key's later messages wait for it: its lane is now running, freed by `finish`.
     pub(crate) fn run(&mut self, key: K) {
