@@ -235,3 +235,78 @@ async fn a_stop_keeps_the_order_when_the_deferred_copy_is_back_and_held_again() 
     );
     next.stop().await.expect("graceful stop");
 }
+
+/// With `wait_for_copies_at_stop`, a consumer told to stop while payment 1 of K is out in its
+/// delay goes on until payment 1 is back and has run (without it, it stops at once, nothing
+/// run). Payment 2 of K, published after the stop, reaches it meanwhile and waits behind
+/// payment 1 (its hold, half a second here, ends first: it is deferred behind payment 1). The
+/// next consumer runs payment 2: 1, then 2.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_that_waits_for_its_copies_runs_them_before_what_is_published_after_it() {
+    let Some(conn) = support::broker().await else {
+        return;
+    };
+    let names = PaymentNames::with_prefix(&support::unique("order-stop-wait"));
+    let route = payment_demo::route(&names);
+    let cleanup = support::Cleanup::new();
+    cleanup.delay_queues(&route, &policy());
+    let transport =
+        support::unstarted_transport(&cleanup, route.clone(), DelayMode::DelayQueues).await;
+    let mut first = Running::start_with(transport, policy(), budget(), true, |b| {
+        b.wait_for_copies_at_stop(Duration::from_secs(30))
+    });
+    let ch = support::confirm_channel(&conn).await;
+    publish_payment(&ch, &names, "1", K).await;
+    first
+        .wait(Duration::from_secs(15), |e| {
+            e.message_id.as_deref() == Some("1") && matches!(e.decision, Decision::Deferred { .. })
+        })
+        .await;
+    register(&ch, &names, K).await;
+    first
+        .wait(Duration::from_secs(10), |e| {
+            e.decision == Decision::Registered
+        })
+        .await;
+    first.signal_stop();
+    publish_payment(&ch, &names, "2", K).await;
+    let report = first.join().await.expect("graceful stop");
+    while let Ok(e) = first.events.try_recv() {
+        first.seen.push(e);
+    }
+    let of_2: Vec<Decision> = first
+        .seen
+        .iter()
+        .filter(|e| e.message_id.as_deref() == Some("2"))
+        .map(|e| e.decision.clone())
+        .collect();
+    assert_eq!(
+        first.handled(),
+        ["1"],
+        "the stop waited for payment 1's retry: {report:?}"
+    );
+    assert!(
+        matches!(
+            of_2.as_slice(),
+            [
+                Decision::Held,
+                Decision::Deferred {
+                    cause: DeferCause::BehindDeferred,
+                    ..
+                }
+            ]
+        ),
+        "payment 2 reached the stopping consumer and waited behind payment 1: {of_2:?}"
+    );
+    assert_eq!((report.handled, report.requeued), (1, 0), "{report:?}");
+
+    let transport = support::unstarted_transport(&cleanup, route, DelayMode::DelayQueues).await;
+    let mut next = Running::start(transport, policy(), budget(), true);
+    register(&ch, &names, K).await;
+    next.wait(Duration::from_secs(30), |e| {
+        e.message_id.as_deref() == Some("2") && e.decision == Decision::Handled
+    })
+    .await;
+    assert_eq!(next.handled(), ["2"]);
+    next.stop().await.expect("graceful stop");
+}

@@ -829,6 +829,19 @@ pub mod payments {
             budget: HoldBudget,
             keep_order: bool,
         ) -> Self {
+            Self::start_with(transport, policy, budget, keep_order, |b| b)
+        }
+
+        /// As [`Running::start`], with `more` configuring the consumer further.
+        pub fn start_with(
+            transport: prereq::amqp::AmqpTransport,
+            policy: Backoff,
+            budget: HoldBudget,
+            keep_order: bool,
+            more: impl FnOnce(
+                prereq::ConsumerBuilder<u64, Payment>,
+            ) -> prereq::ConsumerBuilder<u64, Payment>,
+        ) -> Self {
             let (tx, events) = mpsc::unbounded_channel();
             let handled: Arc<Mutex<Vec<String>>> = Arc::default();
             let h = handled.clone();
@@ -850,8 +863,8 @@ pub mod payments {
             .concurrency(4)
             .on_event(move |e: &Event<u64>| {
                 let _ = tx.send(e.clone());
-            })
-            .build();
+            });
+            let consumer = more(consumer).build();
             let (stop, stop_rx) = oneshot::channel::<()>();
             let run = tokio::spawn(consumer.run(transport, async move {
                 let _ = stop_rx.await;
@@ -885,6 +898,13 @@ pub mod payments {
                 let _ = stop.send(());
             }
             self.join().await
+        }
+
+        /// Tell the consumer to stop, without waiting for it (see [`Running::join`]).
+        pub fn signal_stop(&mut self) {
+            if let Some(stop) = self.stop.take() {
+                let _ = stop.send(());
+            }
         }
 
         /// Wait (up to 60 s) for the consumer to end by itself; its result.
