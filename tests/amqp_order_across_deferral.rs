@@ -28,35 +28,105 @@ fn budget() -> HoldBudget {
     HoldBudget::DEFAULT.max_time(Duration::from_millis(500))
 }
 
+/// A scene on the broker: the examples' route under a unique prefix, its delay queues (for
+/// `policy`) deleted at the end, and a publishing channel.
+struct Scene {
+    names: PaymentNames,
+    route: prereq::amqp::Route,
+    policy: Backoff,
+    cleanup: support::Cleanup,
+    ch: lapin::Channel,
+}
+
+impl Scene {
+    async fn new(tag: &str, policy: Backoff) -> Option<Self> {
+        let conn = support::broker().await?;
+        let names = PaymentNames::with_prefix(&support::unique(tag));
+        let route = payment_demo::route(&names);
+        let cleanup = support::Cleanup::new();
+        cleanup.delay_queues(&route, &policy);
+        let ch = support::confirm_channel(&conn).await;
+        Some(Self {
+            names,
+            route,
+            policy,
+            cleanup,
+            ch,
+        })
+    }
+
+    /// A consumer on the scene's route (delay queues forced), holding for `budget`, with
+    /// `more` configuring it further.
+    async fn consumer(
+        &self,
+        budget: HoldBudget,
+        more: impl FnOnce(
+            prereq::ConsumerBuilder<u64, support::payments::Payment>,
+        ) -> prereq::ConsumerBuilder<u64, support::payments::Payment>,
+    ) -> Running {
+        let transport =
+            support::unstarted_transport(&self.cleanup, self.route.clone(), DelayMode::DelayQueues)
+                .await;
+        Running::start_with(transport, self.policy, budget, true, more)
+    }
+
+    /// Payment 1 of K is held, then deferred as its hold runs out (K unknown); then K
+    /// registers: payment 1 is out in its delay, K known.
+    async fn payment_1_out_and_k_known(&self, run: &mut Running) {
+        publish_payment(&self.ch, &self.names, "1", K).await;
+        run.wait(Duration::from_secs(15), |e| {
+            e.message_id.as_deref() == Some("1")
+                && matches!(
+                    e.decision,
+                    Decision::Deferred {
+                        cause: DeferCause::HoldExpired,
+                        ..
+                    }
+                )
+        })
+        .await;
+        register(&self.ch, &self.names, K).await;
+        run.wait(Duration::from_secs(10), |e| {
+            e.decision == Decision::Registered
+        })
+        .await;
+    }
+
+    /// The next consumer, with its own key store and a hold long enough to keep both payments:
+    /// once both reached it, K registers again; the order it held them in, and ran them in.
+    async fn next_consumer_runs_both(&self) -> (Vec<String>, Vec<String>) {
+        let long_hold = HoldBudget::DEFAULT.max_time(Duration::from_secs(30));
+        let mut next = self.consumer(long_hold, |b| b).await;
+        let mut held = Vec::new();
+        next.wait(Duration::from_secs(30), |e| {
+            if e.decision == Decision::Held {
+                held.extend(e.message_id.clone());
+            }
+            held.len() == 2
+        })
+        .await;
+        register(&self.ch, &self.names, K).await;
+        let mut handled = 0;
+        next.wait(Duration::from_secs(15), |e| {
+            handled += usize::from(e.decision == Decision::Handled);
+            handled == 2
+        })
+        .await;
+        let ran = next.handled();
+        next.stop().await.expect("graceful stop");
+        (held, ran)
+    }
+}
+
 /// Run the scenario; the payments in the order they were handled, and payment 2's decisions.
 async fn deferred_then_later(keep_order: bool) -> Option<(Vec<String>, Vec<Decision>)> {
-    let conn = support::broker().await?;
-    let names = PaymentNames::with_prefix(&support::unique("order-deferral"));
-    let route = payment_demo::route(&names);
-    let cleanup = support::Cleanup::new();
-    cleanup.delay_queues(&route, &policy());
-    let transport = support::unstarted_transport(&cleanup, route, DelayMode::DelayQueues).await;
-    let mut run = Running::start(transport, policy(), budget(), keep_order);
-    let ch = support::confirm_channel(&conn).await;
-
-    publish_payment(&ch, &names, "1", K).await;
-    run.wait(Duration::from_secs(15), |e| {
-        e.message_id.as_deref() == Some("1")
-            && matches!(
-                e.decision,
-                Decision::Deferred {
-                    cause: DeferCause::HoldExpired,
-                    ..
-                }
-            )
-    })
-    .await;
-    register(&ch, &names, K).await;
-    run.wait(Duration::from_secs(10), |e| {
-        e.decision == Decision::Registered
-    })
-    .await;
-    publish_payment(&ch, &names, "2", K).await;
+    let scene = Scene::new("order-deferral", policy()).await?;
+    let (ch, names) = (&scene.ch, &scene.names);
+    let mut run = scene
+        .consumer(budget(), |b| b.keep_key_order(keep_order))
+        .await;
+    scene.payment_1_out_and_k_known(&mut run).await;
+    publish_payment(ch, names, "2", K).await;
 
     let mut handled = 0;
     run.wait(Duration::from_secs(30), |e| {
@@ -108,30 +178,13 @@ async fn control_without_key_order_the_later_message_overtakes() {
 /// gets 1 before 2 and runs them in that order. (Given back, 2 reached it first.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stop_keeps_the_key_s_order_for_the_next_consumer() {
-    let Some(conn) = support::broker().await else {
+    let Some(scene) = Scene::new("order-stop", policy()).await else {
         return;
     };
-    let names = PaymentNames::with_prefix(&support::unique("order-stop"));
-    let route = payment_demo::route(&names);
-    let cleanup = support::Cleanup::new();
-    cleanup.delay_queues(&route, &policy());
-    let transport =
-        support::unstarted_transport(&cleanup, route.clone(), DelayMode::DelayQueues).await;
-    let mut first = Running::start(transport, policy(), budget(), true);
-    let ch = support::confirm_channel(&conn).await;
-    publish_payment(&ch, &names, "1", K).await;
-    first
-        .wait(Duration::from_secs(15), |e| {
-            e.message_id.as_deref() == Some("1") && matches!(e.decision, Decision::Deferred { .. })
-        })
-        .await;
-    register(&ch, &names, K).await;
-    first
-        .wait(Duration::from_secs(10), |e| {
-            e.decision == Decision::Registered
-        })
-        .await;
-    publish_payment(&ch, &names, "2", K).await;
+    let (ch, names) = (&scene.ch, &scene.names);
+    let mut first = scene.consumer(budget(), |b| b).await;
+    scene.payment_1_out_and_k_known(&mut first).await;
+    publish_payment(ch, names, "2", K).await;
     first
         .wait(Duration::from_secs(10), |e| {
             e.message_id.as_deref() == Some("2") && e.decision == Decision::Held
@@ -143,34 +196,13 @@ async fn a_stop_keeps_the_key_s_order_for_the_next_consumer() {
         (2, 0, 0),
         "payment 2 deferred at the stop, behind payment 1: {report:?}"
     );
-
-    // The next consumer, with its own key store (it learns K from K's registration, published
-    // again once both payments reached it) and a hold long enough to keep both.
-    let transport = support::unstarted_transport(&cleanup, route, DelayMode::DelayQueues).await;
-    let long_hold = HoldBudget::DEFAULT.max_time(Duration::from_secs(30));
-    let mut next = Running::start(transport, policy(), long_hold, true);
-    let mut held = Vec::new();
-    next.wait(Duration::from_secs(30), |e| {
-        if e.decision == Decision::Held {
-            held.extend(e.message_id.clone());
-        }
-        held.len() == 2
-    })
-    .await;
+    let (held, ran) = scene.next_consumer_runs_both().await;
     assert_eq!(
         held,
         ["1", "2"],
         "payment 1 reached the next consumer first"
     );
-    register(&ch, &names, K).await;
-    let mut handled = 0;
-    next.wait(Duration::from_secs(15), |e| {
-        handled += usize::from(e.decision == Decision::Handled);
-        handled == 2
-    })
-    .await;
-    assert_eq!(next.handled(), ["1", "2"]);
-    next.stop().await.expect("graceful stop");
+    assert_eq!(ran, ["1", "2"]);
 }
 
 /// As above, but payment 1's copy is back and held again (its client still unknown) when the
@@ -178,26 +210,20 @@ async fn a_stop_keeps_the_key_s_order_for_the_next_consumer() {
 /// queue, payment 2 through the service's queue. The next consumer must still run 1 before 2.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stop_keeps_the_order_when_the_deferred_copy_is_back_and_held_again() {
-    let Some(conn) = support::broker().await else {
+    let short = Backoff::linear(Duration::from_secs(1)).max_attempts(5);
+    let Some(scene) = Scene::new("order-stop-back", short).await else {
         return;
     };
-    let names = PaymentNames::with_prefix(&support::unique("order-stop-back"));
-    let route = payment_demo::route(&names);
-    let short = Backoff::linear(Duration::from_secs(1)).max_attempts(5);
-    let cleanup = support::Cleanup::new();
-    cleanup.delay_queues(&route, &short);
-    let transport =
-        support::unstarted_transport(&cleanup, route.clone(), DelayMode::DelayQueues).await;
+    let (ch, names) = (&scene.ch, &scene.names);
     let hold = HoldBudget::DEFAULT.max_time(Duration::from_secs(3));
-    let mut first = Running::start(transport, short, hold, true);
-    let ch = support::confirm_channel(&conn).await;
-    publish_payment(&ch, &names, "1", K).await;
+    let mut first = scene.consumer(hold, |b| b).await;
+    publish_payment(ch, names, "1", K).await;
     first
         .wait(Duration::from_secs(15), |e| {
             e.message_id.as_deref() == Some("1") && matches!(e.decision, Decision::Deferred { .. })
         })
         .await;
-    publish_payment(&ch, &names, "2", K).await;
+    publish_payment(ch, names, "2", K).await;
     first
         .wait(Duration::from_secs(15), |e| {
             e.message_id.as_deref() == Some("1") && e.attempt == 1 && e.decision == Decision::Held
@@ -209,31 +235,12 @@ async fn a_stop_keeps_the_order_when_the_deferred_copy_is_back_and_held_again() 
         (0, 3, 0),
         "payment 1's first deferral, then both deferred together at the stop: {report:?}"
     );
-
-    let transport = support::unstarted_transport(&cleanup, route, DelayMode::DelayQueues).await;
-    let long_hold = HoldBudget::DEFAULT.max_time(Duration::from_secs(30));
-    let mut next = Running::start(transport, short, long_hold, true);
-    let mut held = Vec::new();
-    next.wait(Duration::from_secs(30), |e| {
-        if e.decision == Decision::Held {
-            held.extend(e.message_id.clone());
-        }
-        held.len() == 2
-    })
-    .await;
-    register(&ch, &names, K).await;
-    let mut handled = 0;
-    next.wait(Duration::from_secs(15), |e| {
-        handled += usize::from(e.decision == Decision::Handled);
-        handled == 2
-    })
-    .await;
+    let (held, ran) = scene.next_consumer_runs_both().await;
     assert_eq!(
-        next.handled(),
+        ran,
         ["1", "2"],
         "held by the next consumer in the order {held:?}"
     );
-    next.stop().await.expect("graceful stop");
 }
 
 /// With `wait_for_copies_at_stop`, a consumer told to stop while payment 1 of K is out in its
@@ -243,33 +250,18 @@ async fn a_stop_keeps_the_order_when_the_deferred_copy_is_back_and_held_again() 
 /// next consumer runs payment 2: 1, then 2.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stop_that_waits_for_its_copies_runs_them_before_what_is_published_after_it() {
-    let Some(conn) = support::broker().await else {
+    let Some(scene) = Scene::new("order-stop-wait", policy()).await else {
         return;
     };
-    let names = PaymentNames::with_prefix(&support::unique("order-stop-wait"));
-    let route = payment_demo::route(&names);
-    let cleanup = support::Cleanup::new();
-    cleanup.delay_queues(&route, &policy());
-    let transport =
-        support::unstarted_transport(&cleanup, route.clone(), DelayMode::DelayQueues).await;
-    let mut first = Running::start_with(transport, policy(), budget(), true, |b| {
-        b.wait_for_copies_at_stop(Duration::from_secs(30))
-    });
-    let ch = support::confirm_channel(&conn).await;
-    publish_payment(&ch, &names, "1", K).await;
-    first
-        .wait(Duration::from_secs(15), |e| {
-            e.message_id.as_deref() == Some("1") && matches!(e.decision, Decision::Deferred { .. })
+    let (ch, names) = (&scene.ch, &scene.names);
+    let mut first = scene
+        .consumer(budget(), |b| {
+            b.wait_for_copies_at_stop(Duration::from_secs(30))
         })
         .await;
-    register(&ch, &names, K).await;
-    first
-        .wait(Duration::from_secs(10), |e| {
-            e.decision == Decision::Registered
-        })
-        .await;
+    scene.payment_1_out_and_k_known(&mut first).await;
     first.signal_stop();
-    publish_payment(&ch, &names, "2", K).await;
+    publish_payment(ch, names, "2", K).await;
     let report = first.join().await.expect("graceful stop");
     while let Ok(e) = first.events.try_recv() {
         first.seen.push(e);
@@ -300,9 +292,8 @@ async fn a_stop_that_waits_for_its_copies_runs_them_before_what_is_published_aft
     );
     assert_eq!((report.handled, report.requeued), (1, 0), "{report:?}");
 
-    let transport = support::unstarted_transport(&cleanup, route, DelayMode::DelayQueues).await;
-    let mut next = Running::start(transport, policy(), budget(), true);
-    register(&ch, &names, K).await;
+    let mut next = scene.consumer(budget(), |b| b).await;
+    register(ch, names, K).await;
     next.wait(Duration::from_secs(30), |e| {
         e.message_id.as_deref() == Some("2") && e.decision == Decision::Handled
     })

@@ -91,6 +91,28 @@ fn client_certificate(
     (cert_path, key_path)
 }
 
+/// A node's TLS listener on `port` (`rabbitmq.conf` lines): the authority, the server's
+/// certificate and key at `[ca, cert, key]`; with `verify_clients`, a client certificate the
+/// authority signed is required.
+fn tls_listener(port: u16, [ca, cert, key]: [&Path; 3], verify_clients: bool) -> String {
+    let (verify, required) = if verify_clients {
+        ("verify_peer", true)
+    } else {
+        ("verify_none", false)
+    };
+    format!(
+        "listeners.ssl.default = 127.0.0.1:{port}\n\
+         ssl_options.cacertfile = {}\n\
+         ssl_options.certfile = {}\n\
+         ssl_options.keyfile = {}\n\
+         ssl_options.verify = {verify}\n\
+         ssl_options.fail_if_no_peer_cert = {required}\n",
+        ca.display(),
+        cert.display(),
+        key.display()
+    )
+}
+
 /// The node's connections, each as its `columns` (`rabbitmqctl list_connections` items)
 /// joined by a space, one a line.
 fn connections(node: &node::Node, columns: &[&str]) -> Vec<String> {
@@ -167,17 +189,7 @@ async fn the_readme_walk_through_runs_over_tls_and_an_untrusted_certificate_is_r
     let (cert, key) = server_certificate(&dir.0, &issuer);
     let tls_port = node::free_port(&[]);
     let path = |p: &Path| p.to_string_lossy().into_owned();
-    let conf = format!(
-        "listeners.ssl.default = 127.0.0.1:{tls_port}\n\
-         ssl_options.cacertfile = {}\n\
-         ssl_options.certfile = {}\n\
-         ssl_options.keyfile = {}\n\
-         ssl_options.verify = verify_none\n\
-         ssl_options.fail_if_no_peer_cert = false\n",
-        path(&ca),
-        path(&cert),
-        path(&key)
-    );
+    let conf = tls_listener(tls_port, [&ca, &cert, &key], false);
     let Some(node) = node::Node::start_with("tls", &conf, &[tls_port], &[]) else {
         return;
     };
@@ -241,21 +253,11 @@ async fn mutual_tls_with_a_client_certificate_from_the_environment() {
     let (stranger_cert, stranger_key) = client_certificate(&dir.0, "nobody-here", &issuer);
     let tls_port = node::free_port(&[]);
     let path = |p: &Path| p.to_string_lossy().into_owned();
-    let conf = format!(
-        "listeners.ssl.default = 127.0.0.1:{tls_port}\n\
-         ssl_options.cacertfile = {}\n\
-         ssl_options.certfile = {}\n\
-         ssl_options.keyfile = {}\n\
-         ssl_options.verify = verify_peer\n\
-         ssl_options.fail_if_no_peer_cert = true\n\
-         auth_mechanisms.1 = PLAIN\n\
-         auth_mechanisms.2 = AMQPLAIN\n\
-         auth_mechanisms.3 = EXTERNAL\n\
-         ssl_cert_login_from = common_name\n",
-        path(&ca),
-        path(&cert),
-        path(&key)
-    );
+    let conf = tls_listener(tls_port, [&ca, &cert, &key], true)
+        + "auth_mechanisms.1 = PLAIN\n\
+           auth_mechanisms.2 = AMQPLAIN\n\
+           auth_mechanisms.3 = EXTERNAL\n\
+           ssl_cert_login_from = common_name\n";
     let Some(node) =
         node::Node::start_with("mtls", &conf, &[tls_port], &["rabbitmq_auth_mechanism_ssl"])
     else {
