@@ -1826,13 +1826,6 @@ fn panicked(payload: &(dyn std::any::Any + Send)) -> HandlerError {
     HandlerError::retry(format!("handler panicked: {message}"))
 }
 
-/// Defer by the policy, or dead-letter once it gives up.
-///
-/// A deferral for a cause that counts as an attempt carries the next attempt and waits
-/// `policy.delay_for(next)` (at least `min_delay`); the limit is the policy's, lowered (never
-/// raised) by the message's own (`max_attempts`, e.g. the `x-retry-limit` header). A deferral
-/// that does not count keeps the attempt and waits `min_delay`, else the policy's delay for the
-/// current attempt: it never dead-letters.
 /// The keys of `all` (in delivery order) whose messages would not come back in the key's
 /// order if given back: two or more of them, and either a later one (in the key's order) was
 /// delivered first, or some came from a delay (an attempt past the first) and some not.
@@ -1859,6 +1852,13 @@ fn unordered_keys<K: Key, M>(all: &[(Hashed<K>, Pending<M>)]) -> HashSet<Hashed<
     unordered
 }
 
+/// Defer by the policy, or dead-letter once it gives up.
+///
+/// A deferral for a cause that counts as an attempt carries the next attempt and waits
+/// `policy.delay_for(next)` (at least `min_delay`); the limit is the policy's, lowered (never
+/// raised) by the message's own (`max_attempts`, e.g. the `x-retry-limit` header). A deferral
+/// that does not count keeps the attempt and waits `min_delay`, else the policy's delay for the
+/// current attempt: it never dead-letters.
 fn deferral<K: Key>(
     policy: &dyn Policy,
     key: &K,
