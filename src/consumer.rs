@@ -309,10 +309,12 @@ impl<K: Key, M: Send + 'static> ConsumerBuilder<K, M> {
 
     /// At a graceful stop, first wait up to `max` for the messages this consumer deferred
     /// that are out in a delay then, consuming on meanwhile (what arrives is decided as
-    /// usual), until each came back (or stopped being waited for: its delay plus 30 s); then
-    /// stop as usual. A message of their key published after the stop then runs after them
-    /// here, instead of reaching the next consumer before them. Zero (the default): a stop
-    /// does not wait; what waits behind a deferred message is still deferred after it.
+    /// usual): until the keys that had a message out have none out (one deferred again
+    /// meanwhile included) and none waiting to run or running; then stop as usual. A message
+    /// of such a key published after the stop then runs after them here, instead of reaching
+    /// the next consumer before them. A key still unknown keeps its messages going round
+    /// their delays: the wait then lasts `max`. Zero (the default): a stop does not wait; what
+    /// waits behind a deferred message is still deferred after it.
     pub fn wait_for_copies_at_stop(mut self, max: Duration) -> Self {
         self.copies_wait = max;
         self

@@ -419,32 +419,34 @@ impl<K: Key, M: Send + 'static, T: Transport> Engine<K, M, T> {
     }
 
     /// Told to stop: with `wait_for_copies_at_stop` and copies out, until when to go on for
-    /// them (they are marked in `away`), and their keys; else none.
+    /// them, and their keys; else none.
     fn wait_for_copies(&mut self) -> Option<(Instant, Vec<Hashed<K>>)> {
         let max = self.cfg.copies_wait;
         if max.is_zero() {
             return None;
         }
-        let out = self.away.mark_all();
-        if out == 0 {
+        let keys: Vec<K> = self.away.keys().cloned().collect();
+        if keys.is_empty() {
             return None;
         }
-        let keys: Vec<K> = self.away.keys().cloned().collect();
-        let keys = keys.into_iter().map(|k| self.hashed(k)).collect();
+        let keys = keys.into_iter().map(|k| self.hashed(k)).collect::<Vec<_>>();
         tracing::info!(
             target: "prereq",
-            copies = out,
+            keys = keys.len(),
             max = ?max,
             "stopping: waiting for the deferred messages out in a delay to come back first"
         );
         Some((Instant::now() + max, keys))
     }
 
-    /// Every copy waited for is back, and none of their keys' messages waits to run or runs
-    /// (a copy back to a key still unknown is held again: a stop defers it with what waits
-    /// behind it, in order).
+    /// None of the keys that had copies out when the stop began has one out now (a copy
+    /// deferred again meanwhile, behind another or for its key still unknown, is waited for
+    /// too: out at the stop, it would reach the next consumer, which does not know it), nor a
+    /// message waiting to run or running. (A copy back to a key still unknown is held again:
+    /// the stop defers it with what waits behind it, in order.)
     fn copies_done(&self, keys: &[Hashed<K>]) -> bool {
-        self.away.marked() == 0 && keys.iter().all(|k| self.lanes.is_idle(k))
+        keys.iter()
+            .all(|k| self.away.first(k.key()).is_none() && self.lanes.is_idle(k))
     }
 
     /// After a turn of the loop, take what else is ready already (what handler jobs told,

@@ -23,8 +23,6 @@ struct Slot {
     latest: Instant,
     /// When to stop waiting for it.
     expires: Instant,
-    /// Out when a stop began to wait for the copies ([`Away::mark_all`]).
-    marked: bool,
 }
 
 /// A transport may round a delay by up to this share of it, either way (the AMQP delay
@@ -37,8 +35,6 @@ pub(crate) struct Away<K> {
     by_key: HashMap<K, VecDeque<Slot>>,
     /// Every slot by expiry (then position), with its key.
     expiries: BTreeMap<(Instant, u64), K>,
-    /// How many marked slots are left.
-    marked: usize,
 }
 
 impl<K: Eq + Hash + Clone> Away<K> {
@@ -46,7 +42,6 @@ impl<K: Eq + Hash + Clone> Away<K> {
         Self {
             by_key: HashMap::new(),
             expiries: BTreeMap::new(),
-            marked: 0,
         }
     }
 
@@ -69,7 +64,6 @@ impl<K: Eq + Hash + Clone> Away<K> {
                 due,
                 latest: due + due.saturating_duration_since(now) / ROUNDING,
                 expires,
-                marked: false,
             },
         );
         self.expiries.insert((expires, pos), key);
@@ -101,27 +95,12 @@ impl<K: Eq + Hash + Clone> Away<K> {
             self.by_key.remove(key);
         }
         self.expiries.remove(&(slot.expires, slot.pos));
-        self.marked -= usize::from(slot.marked);
         Some(slot.pos)
-    }
-
-    /// Mark every slot out now (a stop waits for them: [`Away::marked`]); how many.
-    pub(crate) fn mark_all(&mut self) -> usize {
-        for slot in self.by_key.values_mut().flatten() {
-            slot.marked = true;
-        }
-        self.marked = self.expiries.len();
-        self.marked
     }
 
     /// The keys with a slot.
     pub(crate) fn keys(&self) -> impl Iterator<Item = &K> {
         self.by_key.keys()
-    }
-
-    /// How many marked slots are neither claimed nor expired yet.
-    pub(crate) fn marked(&self) -> usize {
-        self.marked
     }
 
     /// The deferral of the message at `pos` of `key` failed at `now`: the broker gives the
@@ -160,11 +139,7 @@ impl<K: Eq + Hash + Clone> Away<K> {
         }
         let key = entry.remove();
         if let Some(slots) = self.by_key.get_mut(&key) {
-            if let Some(i) = slots.iter().position(|s| s.pos == pos)
-                && let Some(slot) = slots.remove(i)
-            {
-                self.marked -= usize::from(slot.marked);
-            }
+            slots.retain(|s| s.pos != pos);
             if slots.is_empty() {
                 self.by_key.remove(&key);
             }
@@ -177,24 +152,6 @@ impl<K: Eq + Hash + Clone> Away<K> {
 mod tests {
     use super::*;
     use std::time::Duration;
-
-    #[test]
-    fn marked_slots_are_counted_until_claimed_or_expired() {
-        let now = Instant::now();
-        let s = Duration::from_secs(1);
-        let mut a = Away::new();
-        a.insert("k", 1, 10, [now, now + s, now + 2 * s]);
-        a.insert("j", 2, 20, [now, now + s, now + 3 * s]);
-        assert_eq!(a.mark_all(), 2);
-        // Out after the mark: not waited for.
-        a.insert("k", 3, 30, [now, now + s, now + s]);
-        assert_eq!(a.claim(&"k", 30), Some(3));
-        assert_eq!(a.marked(), 2);
-        assert_eq!(a.claim(&"k", 10), Some(1));
-        assert_eq!(a.marked(), 1);
-        assert_eq!(a.pop_expired(now + 3 * s), Some("j"));
-        assert_eq!(a.marked(), 0);
-    }
 
     #[test]
     fn slots_block_until_claimed_or_expired() {
