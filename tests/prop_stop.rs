@@ -10,6 +10,10 @@
 //! random time later. Every case checks:
 //! - completeness: every message is handled exactly once (by one consumer or the other),
 //!   nothing is dead-lettered, and the broker is left empty;
+//! - order of what the first consumer had: the messages it had in memory when it stopped (given
+//!   back, or deferred at the stop) run in their key's order, wait or not. Without the stop's
+//!   deferral of a key's messages that would come back out of order, it fails at once
+//!   ("[4, 2]");
 //! - order, when the stop waited for its copies: the messages of each key known before the
 //!   stop run in the order they were published, across the stop. (Not otherwise: a copy out
 //!   at the stop reaches the next consumer, which does not know it, and copies can come back
@@ -20,7 +24,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use prereq::memory::MemoryBroker;
-use prereq::{Backoff, DependentConsumer, HandlerError, HoldBudget, MemoryKeys};
+use prereq::{
+    Backoff, Decision, DeferCause, DependentConsumer, Event, HandlerError, HoldBudget, MemoryKeys,
+};
 use proptest::prelude::*;
 
 #[derive(serde::Deserialize)]
@@ -106,9 +112,18 @@ fn stop_after(case: &Case) -> Duration {
     last + Duration::from_millis(100 + case.stop_ms)
 }
 
-/// What ran: (consumer 0 or 1, message id) in the order the handlers succeeded; what was
-/// published, (id, key) in order; and the broker.
-fn run(case: &Case) -> (Ran, Vec<(u32, u8)>, MemoryBroker) {
+/// What a case did.
+struct Outcome {
+    /// What ran.
+    ran: Ran,
+    /// (id, key), in publish order.
+    published: Vec<(u32, u8)>,
+    /// The messages the first consumer had in memory when it stopped.
+    at_stop: Vec<u32>,
+    broker: MemoryBroker,
+}
+
+fn run(case: &Case) -> Outcome {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_time()
         .start_paused(true)
@@ -118,10 +133,12 @@ fn run(case: &Case) -> (Ran, Vec<(u32, u8)>, MemoryBroker) {
         let broker = MemoryBroker::new();
         let keys = MemoryKeys::new();
         let ran: Arc<Mutex<Ran>> = Arc::default();
+        let first_events: Arc<Mutex<Vec<Event<u8>>>> = Arc::default();
         let failed: Arc<Mutex<Vec<u32>>> = Arc::default();
         let fails: Vec<bool> = case.messages.iter().map(|m| m.2).collect();
         let consumer = |n: usize, hold: HoldBudget, wait: Duration| {
             let ran = Arc::clone(&ran);
+            let seen = Arc::clone(&first_events);
             let failed = Arc::clone(&failed);
             let fails = fails.clone();
             DependentConsumer::builder(
@@ -144,6 +161,11 @@ fn run(case: &Case) -> (Ran, Vec<(u32, u8)>, MemoryBroker) {
             .policy(Backoff::linear(Duration::from_secs(case.step_secs)).max_attempts(1_000))
             .budget(hold)
             .wait_for_copies_at_stop(wait)
+            .on_event(move |e| {
+                if n == 0 {
+                    seen.lock().unwrap().push(e.clone());
+                }
+            })
             .build()
         };
         let first = consumer(
@@ -220,7 +242,37 @@ fn run(case: &Case) -> (Ran, Vec<(u32, u8)>, MemoryBroker) {
         producer.await.expect("the producer");
         early.await.expect("the registrations");
         let ran = ran.lock().unwrap().clone();
-        (ran, published, broker)
+        // What the first consumer had in memory when it stopped: what it gave back, or
+        // deferred so that it comes back in order, at the stop.
+        let at_stop: Vec<u32> = first_events
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|e| {
+                matches!(
+                    e.decision,
+                    Decision::Requeued
+                        | Decision::Deferred {
+                            cause: DeferCause::OrderAtStop,
+                            ..
+                        }
+                ) || (e.at >= t0 + stop_at
+                    && matches!(
+                        e.decision,
+                        Decision::Deferred {
+                            cause: DeferCause::BehindDeferred,
+                            ..
+                        }
+                    ))
+            })
+            .filter_map(|e| e.message_id.as_deref()?.parse().ok())
+            .collect();
+        Outcome {
+            ran,
+            published,
+            at_stop,
+            broker,
+        }
     })
 }
 
@@ -229,7 +281,12 @@ proptest! {
 
     #[test]
     fn order_and_completeness_hold_across_a_stop(case in case()) {
-        let (ran, published, broker) = run(&case);
+        let Outcome {
+            ran,
+            published,
+            at_stop,
+            broker,
+        } = run(&case);
         // Completeness: each once, nothing dead-lettered, nothing left.
         let mut count: HashMap<u32, usize> = HashMap::new();
         for (_, id) in &ran {
@@ -248,10 +305,25 @@ proptest! {
         // full, before an earlier message of its key ran out of hold time and was deferred
         // for longer); a key still unknown keeps its messages going round their delays, out
         // at whatever moment the stop comes.
+        let key_of: HashMap<u32, u8> = published.iter().copied().collect();
+        // Always: what the first consumer had in memory at the stop runs in its key's order
+        // (given back, or deferred so that it comes back in order).
+        for key in 0..KEYS {
+            let had: Vec<u32> = published
+                .iter()
+                .filter(|(id, k)| *k == key && at_stop.contains(id))
+                .map(|(id, _)| *id)
+                .collect();
+            let got: Vec<u32> = ran
+                .iter()
+                .filter(|(_, id)| key_of[id] == key && at_stop.contains(id))
+                .map(|(_, id)| *id)
+                .collect();
+            prop_assert_eq!(&got, &had, "key {}: in memory at the stop; ran {:?}", key, ran);
+        }
         if case.wait_ms == 0 {
             return Ok(());
         }
-        let key_of: HashMap<u32, u8> = published.iter().copied().collect();
         let stop_ms = stop_after(&case).as_millis() as u64;
         let known = |key: u8| case.early[key as usize].is_some_and(|at| at < stop_ms);
         for key in (0..KEYS).filter(|k| known(*k)) {
