@@ -375,13 +375,15 @@ impl<K: Key, M: Send + 'static, T: Transport> Engine<K, M, T> {
             // The loop may wait now: the next job it runs is timed from then.
             self.here.waits();
             let in_memory = self.in_memory();
-            let deadline = next_of(
-                next_of(
-                    next_of(self.hold.next_deadline(), self.away.next_deadline()),
-                    self.recheck.map(|(at, _)| at),
-                ),
+            let deadline = [
+                self.hold.next_deadline(),
+                self.away.next_deadline(),
+                self.recheck.map(|(at, _)| at),
                 stopping.as_ref().map(|(by, _)| *by),
-            );
+            ]
+            .into_iter()
+            .flatten()
+            .min();
             if let Some(at) = deadline
                 && timer.deadline() != at
             {
@@ -425,11 +427,10 @@ impl<K: Key, M: Send + 'static, T: Transport> Engine<K, M, T> {
         if max.is_zero() {
             return None;
         }
-        let keys: Vec<K> = self.away.keys().cloned().collect();
+        let keys: Vec<Hashed<K>> = self.away.keys().map(|k| self.hashed(k.clone())).collect();
         if keys.is_empty() {
             return None;
         }
-        let keys = keys.into_iter().map(|k| self.hashed(k)).collect::<Vec<_>>();
         tracing::info!(
             target: "prereq",
             keys = keys.len(),
@@ -1923,14 +1924,6 @@ fn deferral<K: Key>(
         }
     }
 }
-
-fn next_of(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
-    match (a, b) {
-        (Some(a), Some(b)) => Some(a.min(b)),
-        (a, b) => a.or(b),
-    }
-}
-
 fn trace<K: Key>(e: &Event<K>) {
     // Formatted only if a subscriber records the field.
     let key = e.key.as_ref().map(tracing::field::debug);

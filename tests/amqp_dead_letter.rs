@@ -188,17 +188,9 @@ async fn a_dead_letter_queue_someone_else_declares_is_not_declared_again() {
         matches!(&refused, Err(AmqpError::NotConfirmed { message, .. }) if message.contains("unroutable")),
         "a queue prereq does not own is not made again: {refused:?}"
     );
-    assert!(
-        ch.queue_declare(
-            dead.as_str().into(),
-            lapin::options::QueueDeclareOptions {
-                passive: true,
-                ..Default::default()
-            },
-            FieldTable::default()
-        )
-        .await
-        .is_err(),
+    assert_eq!(
+        support::ready_if_exists(&conn, &dead).await,
+        None,
         "their queue stays deleted"
     );
     transport.close().await.expect("close");

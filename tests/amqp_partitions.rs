@@ -15,6 +15,7 @@ use prereq::amqp::{
     Broker, BrokerOptions, DelayMode, Message, Partitions, Queue, Route, route_by_key,
 };
 use prereq::{Backoff, Decision, DependentConsumer, HandlerError, HoldBudget, MemoryKeys};
+use support::ready_if_exists;
 
 #[derive(serde::Deserialize)]
 struct Payment {
@@ -190,25 +191,6 @@ async fn keyed_messages_are_held_released_retried_to_their_partition_and_routed(
     drop(cleanup);
 }
 
-/// How many messages the queue `name` holds ready (a fresh channel: a failed passive declare
-/// closes it); `None` while it does not exist.
-async fn ready(conn: &Connection, name: &str) -> Option<u32> {
-    let ch = conn.create_channel().await.ok()?;
-    let q = ch
-        .queue_declare(
-            name.into(),
-            lapin::options::QueueDeclareOptions {
-                passive: true,
-                ..Default::default()
-            },
-            lapin::types::FieldTable::default(),
-        )
-        .await
-        .ok()?;
-    let _ = ch.close(200, "counted".into()).await;
-    Some(q.message_count())
-}
-
 /// A router's scene: a partitioned route declared, the names of the router's queue and of the
 /// partitions' dead-letter queue, and the cleanup of all of it (also when the test fails).
 struct RouterScene {
@@ -247,7 +229,7 @@ async fn router_scene(tag: &str, count: u32) -> RouterScene {
 /// Wait until the queue `name` exists (a router declares its queue as it starts).
 async fn wait_for_queue(conn: &Connection, name: &str) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while ready(conn, name).await.is_none() {
+    while ready_if_exists(conn, name).await.is_none() {
         assert!(tokio::time::Instant::now() < deadline, "no queue {name}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -257,7 +239,9 @@ async fn wait_for_queue(conn: &Connection, name: &str) {
 async fn in_partitions(conn: &Connection, partitions: &Partitions) -> u64 {
     let mut n = 0;
     for i in 0..partitions.count() {
-        n += ready(conn, &partitions.queue_name(i)).await.unwrap_or(0);
+        n += ready_if_exists(conn, &partitions.queue_name(i))
+            .await
+            .unwrap_or(0);
     }
     u64::from(n)
 }
@@ -301,7 +285,7 @@ async fn a_burst_through_the_router_arrives_once_each_and_leaves_nothing_behind(
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     loop {
         let routed = in_partitions(&conn, partitions).await;
-        let dead_lettered = ready(&conn, dead).await.unwrap_or(0);
+        let dead_lettered = ready_if_exists(&conn, dead).await.unwrap_or(0);
         if routed == N - n_keyless && u64::from(dead_lettered) == n_keyless {
             break;
         }
@@ -317,7 +301,7 @@ async fn a_burst_through_the_router_arrives_once_each_and_leaves_nothing_behind(
     assert_eq!(report.dead_lettered, n_keyless);
     // Every original was acknowledged before the router's channel closed: none came back.
     assert_eq!(
-        ready(&conn, ingress).await,
+        ready_if_exists(&conn, ingress).await,
         Some(0),
         "left in the router's queue"
     );
@@ -326,7 +310,7 @@ async fn a_burst_through_the_router_arrives_once_each_and_leaves_nothing_behind(
     let mut ids = std::collections::BTreeSet::new();
     for i in 0..partitions.count() {
         let queue = partitions.queue_name(i);
-        let count = ready(&conn, &queue).await.unwrap_or(0);
+        let count = ready_if_exists(&conn, &queue).await.unwrap_or(0);
         let ch = conn.create_channel().await.expect("channel");
         let mut consumer = ch
             .basic_consume(
@@ -393,7 +377,7 @@ async fn a_key_too_long_for_a_routing_key_is_dead_lettered_and_the_router_goes_o
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     loop {
         let routed = in_partitions(&conn, partitions).await;
-        let dead_lettered = ready(&conn, dead).await.unwrap_or(0);
+        let dead_lettered = ready_if_exists(&conn, dead).await.unwrap_or(0);
         if routed == 2 && dead_lettered == 1 {
             break;
         }
@@ -469,7 +453,7 @@ async fn the_router_rides_out_a_connection_cut() {
     .expect("connect through the proxy");
     let (stop, mut router) = start_router(&routing, partitions, ingress);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while ready(&conn, ingress).await.is_none() {
+    while ready_if_exists(&conn, ingress).await.is_none() {
         assert!(tokio::time::Instant::now() < deadline, "no ingress queue");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -491,7 +475,7 @@ async fn the_router_rides_out_a_connection_cut() {
     let (mut last, mut quiet) = (0, 0);
     let recovered = loop {
         let n = in_partitions(&conn, partitions).await;
-        let left = ready(&conn, ingress).await.unwrap_or(0);
+        let left = ready_if_exists(&conn, ingress).await.unwrap_or(0);
         quiet = if n >= N && left == 0 && n == last {
             quiet + 1
         } else {
@@ -523,12 +507,12 @@ async fn the_router_rides_out_a_connection_cut() {
         let report = router.await.expect("router").expect("the router ran");
         assert!(report.routed >= N / 2, "{report:?}");
     }
-    assert_eq!(ready(&conn, dead).await, Some(0));
+    assert_eq!(ready_if_exists(&conn, dead).await, Some(0));
     let _ = routing.close().await;
     if !recovered {
         // Nothing lost: what was not routed is back in the router's queue.
         let n = in_partitions(&conn, partitions).await;
-        let left = ready(&conn, ingress).await.unwrap_or(0);
+        let left = ready_if_exists(&conn, ingress).await.unwrap_or(0);
         assert!(n + u64::from(left) >= N, "{n} routed, {left} left of {N}");
         let _ = direct.close().await;
         return;
@@ -536,7 +520,7 @@ async fn the_router_rides_out_a_connection_cut() {
     // Nothing was left with a consumer of the failed session (lapin brings a channel back with
     // its consumer): with the router's connection closed, it would be ready again here.
     assert_eq!(
-        ready(&conn, ingress).await,
+        ready_if_exists(&conn, ingress).await,
         Some(0),
         "left in the router's queue"
     );

@@ -4,7 +4,7 @@
 
 mod support;
 
-use lapin::options::{ExchangeDeclareOptions, QueueDeclareOptions};
+use lapin::options::ExchangeDeclareOptions;
 use lapin::types::FieldTable;
 use lapin::{Connection, ExchangeKind};
 use prereq::amqp::{AmqpError, Broker, BrokerOptions, Exchange, Queue, Retry, Route};
@@ -12,14 +12,7 @@ use prereq::amqp::{AmqpError, Broker, BrokerOptions, Exchange, Queue, Retry, Rou
 /// Whether the broker has a queue of that name (a passive declare, on a channel of its own:
 /// a miss closes the channel).
 async fn queue_exists(conn: &Connection, name: &str) -> bool {
-    let ch = conn.create_channel().await.expect("channel");
-    let passive = QueueDeclareOptions {
-        passive: true,
-        ..QueueDeclareOptions::default()
-    };
-    ch.queue_declare(name.into(), passive, FieldTable::default())
-        .await
-        .is_ok()
+    support::ready_if_exists(conn, name).await.is_some()
 }
 
 /// Whether the broker has an exchange of that name.

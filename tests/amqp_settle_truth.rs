@@ -14,8 +14,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use lapin::Connection;
-use lapin::options::QueueDeclareOptions;
-use lapin::types::FieldTable;
 use prereq::amqp::payment_demo::{self, PaymentNames};
 use prereq::amqp::{Broker, BrokerOptions, DelayMode};
 use prereq::{Backoff, Decision, DependentConsumer, Event, HandlerError, HoldBudget};
@@ -28,17 +26,7 @@ fn policy() -> Backoff {
 
 /// Messages ready in `queue`; 0 if it does not exist.
 async fn ready_or_absent(conn: &Connection, queue: &str) -> u32 {
-    let ch = conn.create_channel().await.expect("channel");
-    ch.queue_declare(
-        queue.into(),
-        QueueDeclareOptions {
-            passive: true,
-            ..QueueDeclareOptions::default()
-        },
-        FieldTable::default(),
-    )
-    .await
-    .map_or(0, |q| q.message_count())
+    support::ready_if_exists(conn, queue).await.unwrap_or(0)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -27,7 +27,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::{FailingSettles, Fails};
+use common::{FailingSettles, Fails, Msg, Reg, msg, reg};
 use prereq::memory::MemoryBroker;
 use prereq::transport::{Settle, Source};
 use prereq::{
@@ -36,17 +36,6 @@ use prereq::{
 use proptest::prelude::*;
 use tokio::sync::Notify;
 use tokio::time::Instant;
-
-#[derive(serde::Deserialize)]
-struct Msg {
-    id: u32,
-    key: u8,
-}
-
-#[derive(serde::Deserialize)]
-struct Reg {
-    key: u8,
-}
 
 #[derive(Clone, Debug)]
 enum Step {
@@ -241,12 +230,12 @@ async fn run_async(case: Case) -> Outcome {
                 tokio::time::sleep(Duration::from_millis(wait)).await;
                 match step {
                     Step::Publish { key } => {
-                        broker.publish(format!(r#"{{"id":{n},"key":{key}}}"#));
+                        broker.publish(msg(n, key));
                         n += 1;
                     }
                     Step::Register { key } => {
                         registered.lock().unwrap().insert(key);
-                        broker.register(format!(r#"{{"key":{key}}}"#));
+                        broker.register(reg(key));
                     }
                 }
             }

@@ -19,26 +19,18 @@
 //!   at the stop reaches the next consumer, which does not know it, and copies can come back
 //!   out of order, see the check.) Without the wait it fails at once ("[1, 2, 0]").
 
+mod common;
+
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use common::{Msg, Reg, msg, reg};
 use prereq::memory::MemoryBroker;
 use prereq::{
     Backoff, Decision, DeferCause, DependentConsumer, Event, HandlerError, HoldBudget, MemoryKeys,
 };
 use proptest::prelude::*;
-
-#[derive(serde::Deserialize)]
-struct Msg {
-    id: u32,
-    key: u8,
-}
-
-#[derive(serde::Deserialize)]
-struct Reg {
-    key: u8,
-}
 
 const KEYS: u8 = 3;
 
@@ -185,7 +177,7 @@ fn run(case: &Case) -> Outcome {
             async move {
                 for (at, id, key) in schedule {
                     tokio::time::sleep_until(t0 + at).await;
-                    broker.publish(format!(r#"{{"id":{id},"key":{key}}}"#));
+                    broker.publish(msg(id, key));
                 }
             }
         });
@@ -201,7 +193,7 @@ fn run(case: &Case) -> Outcome {
             async move {
                 for (at, key) in regs {
                     tokio::time::sleep_until(t0 + Duration::from_millis(at)).await;
-                    broker.register(format!(r#"{{"key":{key}}}"#));
+                    broker.register(reg(key));
                 }
             }
         });
@@ -221,7 +213,7 @@ fn run(case: &Case) -> Outcome {
         let register_late = async move {
             tokio::time::sleep(Duration::from_secs(1)).await;
             for key in late {
-                registrar.register(format!(r#"{{"key":{key}}}"#));
+                registrar.register(reg(key));
             }
         };
         let expected = published.len();

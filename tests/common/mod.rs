@@ -48,6 +48,29 @@ pub struct Client {
     pub id: u64,
 }
 
+/// A property test's message: an id and one of a few small keys.
+#[derive(serde::Deserialize)]
+pub struct Msg {
+    pub id: u32,
+    pub key: u8,
+}
+
+/// A property test's registration of a key.
+#[derive(serde::Deserialize)]
+pub struct Reg {
+    pub key: u8,
+}
+
+/// The body of [`Msg`] `id` for `key`.
+pub fn msg(id: u32, key: u8) -> String {
+    format!(r#"{{"id":{id},"key":{key}}}"#)
+}
+
+/// The body of [`Reg`] for `key`.
+pub fn reg(key: u8) -> String {
+    format!(r#"{{"key":{key}}}"#)
+}
+
 /// The JSON body of a payment.
 pub fn payment(id: u64, client: u64) -> Vec<u8> {
     serde_json::to_vec(&Payment { id, client }).unwrap()

@@ -394,6 +394,25 @@ pub async fn get_one(
     }
 }
 
+/// How many messages the queue `name` holds ready; `None` while it does not exist. (A passive
+/// declare on a channel of its own: a miss closes the channel.)
+pub async fn ready_if_exists(conn: &lapin::Connection, name: &str) -> Option<u32> {
+    let ch = conn.create_channel().await.ok()?;
+    let q = ch
+        .queue_declare(
+            name.into(),
+            lapin::options::QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .ok()?;
+    let _ = ch.close(200, "counted".into()).await;
+    Some(q.message_count())
+}
+
 /// How many ready messages a queue holds.
 pub async fn ready_count(ch: &Channel, queue: &str) -> u32 {
     ch.queue_declare(
